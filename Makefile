@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` and `make test`. Each installs what it needs first.
+PYTHON ?= python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test bench build-demo-model
+
+# torch first: with torch already present, the package's `torch>=2.4` installs nothing more.
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==$(TORCH_VERSION)
+	$(PYTHON) -m pip install -e ".[test]"
+
+demo: install
+	$(PYTHON) launch/train.py --model tiny-mixtral --method sieve --sieve-fraction 0.25 \
+		--data demo:arithmetic --output-dir out/sieve-demo
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) benchmarks/step_time.py
+
+build-demo-model: install
+	$(PYTHON) launch/build_demo_model.py

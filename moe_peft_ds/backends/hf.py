@@ -1,0 +1,280 @@
+"""Hugging Face transformers (5.x) MoE families: the registry, and adapter injection.
+
+A family is data: which attribute of the MoE block holds the router, which the fused
+experts, how the expert tensors are laid out, and which attributes hold shared experts.
+Adding a family is one ``MoEFamily`` entry in ``FAMILIES``.
+
+All families route the same way at the experts' boundary: the router returns
+``(logits, top_k_weights [T, k], top_k_index [T, k])`` and the experts module is called as
+``experts(hidden [T, H], top_k_index, top_k_weights)``. ``FusedExpertsWithLoRA`` replaces
+the experts module behind that same call, computes every expert from the frozen fused
+tensors, and adds LoRA only for the selected experts on the tokens routed to them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ATTENTION_TARGETS, AdapterConfig
+from ..lora import ExpertLoRA, LoRALinear
+
+EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+
+
+def chunked_glu(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """Mixtral/Qwen/OLMoE/DeepSeek: ``[gate; up]`` halves, ``act(gate) * up``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+def gpt_oss_glu(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS: interleaved gate/up with clamping; the base module owns the exact formula."""
+    return experts._apply_gate(gate_up)
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """How one transformers MoE family lays out its block, router and experts."""
+
+    name: str
+    model_types: tuple[str, ...]
+    router: str = "gate"  # attribute of the MoE block holding the router
+    experts: str = "experts"  # attribute of the MoE block holding the fused experts
+    transposed: bool = False  # expert tensors stored [E, in, out] instead of [E, out, in]
+    has_bias: bool = False  # gate_up_proj_bias / down_proj_bias exist
+    glu: Callable[[nn.Module, torch.Tensor], torch.Tensor] = chunked_glu
+    shared: tuple[str, ...] = ()  # attributes holding shared experts (plain MLPs)
+
+
+FAMILIES = (
+    MoEFamily("mixtral", ("mixtral",)),
+    MoEFamily("qwen2_moe", ("qwen2_moe",), shared=("shared_expert",)),
+    MoEFamily("qwen3_moe", ("qwen3_moe",)),
+    MoEFamily("olmoe", ("olmoe",)),
+    # Sigmoid router with correction bias and grouped top-k; shared experts. GLM4-MoE matches.
+    MoEFamily("deepseek_v3", ("deepseek_v3", "glm4_moe"), shared=("shared_experts",)),
+    MoEFamily("gpt_oss", ("gpt_oss",), router="router", transposed=True, has_bias=True, glu=gpt_oss_glu),
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not in the registry."""
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for fam in FAMILIES for t in fam.model_types)
+
+
+def family_of(model: nn.Module) -> MoEFamily:
+    """The registry entry for ``model.config.model_type``, or a clear error."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    raise UnsupportedModelError(
+        f"model_type={model_type!r} is not a supported MoE family; supported: {supported_model_types()}. "
+        "Add a MoEFamily entry in moe_peft_ds/backends/hf.py to support another layout."
+    )
+
+
+@dataclass
+class MoEBlock:
+    """One MoE block found in a model: its decoder-layer index and the module."""
+
+    layer: int
+    name: str
+    module: nn.Module
+
+    def router(self, fam: MoEFamily) -> nn.Module:
+        return getattr(self.module, fam.router)
+
+    def experts(self, fam: MoEFamily) -> nn.Module:
+        return getattr(self.module, fam.experts)
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def find_moe_blocks(model: nn.Module, fam: MoEFamily | None = None) -> list[MoEBlock]:
+    """Every MoE block of ``model`` in layer order (dense layers are skipped)."""
+    fam = fam or family_of(model)
+    blocks = []
+    for name, module in model.named_modules():
+        experts = getattr(module, fam.experts, None)
+        if experts is None or not hasattr(module, fam.router):
+            continue
+        if not hasattr(experts, "gate_up_proj") and not isinstance(experts, FusedExpertsWithLoRA):
+            continue
+        match = _LAYER_INDEX.search(name + ".")
+        if match is None:
+            raise UnsupportedModelError(f"MoE block {name!r} is not under a 'layers.N.' path")
+        blocks.append(MoEBlock(int(match.group(1)), name, module))
+    if not blocks:
+        raise UnsupportedModelError(f"no MoE blocks with fused experts found in this {fam.name} model")
+    return sorted(blocks, key=lambda b: b.layer)
+
+
+def base_experts(experts: nn.Module) -> nn.Module:
+    """The frozen fused experts module, whether or not it is wrapped."""
+    return experts.base if isinstance(experts, FusedExpertsWithLoRA) else experts
+
+
+def weight_out_in(experts: nn.Module, tensor: str, transposed: bool) -> torch.Tensor:
+    """An expert tensor as ``[E, out, in]`` (a view for transposed layouts)."""
+    w = getattr(experts, tensor)
+    return w.transpose(1, 2) if transposed else w
+
+
+class FusedExpertsWithLoRA(nn.Module):
+    """A fused experts module whose selected experts carry LoRA (or DoRA).
+
+    Called exactly like the module it wraps. Tokens are grouped by expert once per call
+    (a stable sort of the flattened top-k assignments), every hit expert runs on its
+    contiguous slice, and only selected experts add their LoRA update.
+    """
+
+    def __init__(self, base: nn.Module, fam: MoEFamily, expert_ids: list[int], cfg: AdapterConfig):
+        super().__init__()
+        self.base = base
+        self.family = fam
+        self.num_experts = base.gate_up_proj.shape[0]
+        self.adapters = nn.ModuleDict({
+            t: ExpertLoRA(expert_ids, weight_out_in(base, t, fam.transposed), cfg) for t in cfg.expert_targets
+        })
+        base.requires_grad_(False)
+
+    @property
+    def expert_ids(self) -> list[int]:
+        return next(iter(self.adapters.values())).expert_ids
+
+    def _project(self, tensor: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        w = weight_out_in(self.base, tensor, self.family.transposed)[expert]
+        bias = getattr(self.base, f"{tensor}_bias")[expert] if self.family.has_bias else None
+        if tensor in self.adapters:
+            return self.adapters[tensor].project(expert, x, w, bias)
+        y = x @ w.t()
+        return y if bias is None else y + bias
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's FFN on its routed rows ``x [t, H]`` -> ``[t, H]``."""
+        h = self.family.glu(self.base, self._project("gate_up_proj", expert, x))
+        return self._project("down_proj", expert, h)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        T, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)  # [T*k]
+        order = torch.argsort(flat, stable=True)
+        # Index E (one past the last expert) marks a masked slot in transformers; it sorts last and is dropped.
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts + 1].tolist()
+        token = order // k  # [T*k] token of each sorted assignment
+        weight = top_k_weights.reshape(-1)[order]
+        out = torch.zeros_like(hidden_states)
+        start = 0
+        for expert, count in enumerate(counts[: self.num_experts]):
+            if count:
+                rows = token[start : start + count]
+                y = self.expert_forward(expert, hidden_states[rows])
+                out.index_add_(0, rows, (y * weight[start : start + count, None]).to(out.dtype))
+            start += count
+        return out
+
+    @torch.no_grad()
+    def merge_into_base(self) -> nn.Module:
+        """Fold every adapter into the fused tensors and return the plain experts module."""
+        for tensor, adapter in self.adapters.items():
+            w = weight_out_in(self.base, tensor, self.family.transposed)
+            for e in adapter.expert_ids:
+                w[e].copy_(adapter.merged_weight(e, w[e]))
+        return self.base
+
+
+def _wrap_linears(parent: nn.Module, names: tuple[str, ...], cfg: AdapterConfig) -> int:
+    """Replace ``parent.<name>`` nn.Linear children by LoRALinear; returns how many."""
+    n = 0
+    for name in names:
+        child = getattr(parent, name, None)
+        if isinstance(child, nn.Linear):
+            setattr(parent, name, LoRALinear(child, cfg))
+            n += 1
+    return n
+
+
+def inject_attention_lora(model: nn.Module, cfg: AdapterConfig) -> int:
+    """Plain LoRA on the attention projections named in ``cfg.attention_targets``."""
+    targets = tuple(t for t in ATTENTION_TARGETS if t in cfg.attention_targets)
+    return sum(_wrap_linears(m, targets, cfg) for n, m in model.named_modules() if n.endswith("self_attn"))
+
+
+def check_selection(model: nn.Module, selection: dict[int, list[int]]) -> list[MoEBlock]:
+    """Raise if ``selection`` names layers or experts the model does not have; changes nothing."""
+    fam = family_of(model)
+    blocks = find_moe_blocks(model, fam)
+    layers = {b.layer for b in blocks}
+    unknown = sorted(set(selection) - layers)
+    if unknown:
+        raise ValueError(f"selection names layers {unknown} that are not MoE layers of this model; MoE layers: {sorted(layers)}")
+    num_experts = base_experts(blocks[0].experts(fam)).gate_up_proj.shape[0]
+    for layer, ids in selection.items():
+        bad = [e for e in ids if not 0 <= e < num_experts]
+        if bad:
+            raise ValueError(f"selection for layer {layer} has expert ids {bad} outside [0, {num_experts})")
+    return blocks
+
+
+def inject_expert_lora(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig) -> None:
+    """Wrap the experts of every selected layer; layers with no selected expert stay untouched."""
+    fam = family_of(model)
+    blocks = check_selection(model, selection)
+    for block in blocks:
+        ids = selection.get(block.layer, [])
+        if ids:
+            setattr(block.module, fam.experts, FusedExpertsWithLoRA(block.experts(fam), fam, sorted(ids), cfg))
+        if cfg.shared_expert_lora:
+            for attr in fam.shared:
+                _wrap_linears(getattr(block.module, attr), ("gate_proj", "up_proj", "down_proj"), cfg)
+
+
+def describe_model(model: nn.Module) -> dict:
+    """Facts about an MoE model that an adapter must match."""
+    fam = family_of(model)
+    blocks = find_moe_blocks(model, fam)
+    experts = base_experts(blocks[0].experts(fam))
+    return {
+        "model_type": model.config.model_type,
+        "num_experts": experts.gate_up_proj.shape[0],
+        "hidden_size": model.config.hidden_size,
+        "moe_layers": [b.layer for b in blocks],
+    }
+
+
+def all_experts_selection(model: nn.Module) -> dict[int, list[int]]:
+    """Every expert of every MoE layer: the "LoRA on all experts" baseline."""
+    info = describe_model(model)
+    return {layer: list(range(info["num_experts"])) for layer in info["moe_layers"]}
+
+
+def apply_sieve_lora(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig | None = None) -> nn.Module:
+    """Freeze ``model`` and add LoRA to the selected experts (and optional attention/shared LoRA).
+
+    ``selection`` maps MoE layer index to global expert ids. Everything is checked before the
+    model is changed. The filled-in config is attached as ``model.moe_peft_config``.
+    """
+    cfg = cfg or AdapterConfig()
+    info = describe_model(model)  # raises for unsupported models before anything changes
+    if getattr(model, "moe_peft_config", None) is not None:
+        raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
+    selection = {int(k): sorted(int(e) for e in v) for k, v in selection.items()}
+    check_selection(model, selection)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inject_expert_lora(model, selection, cfg)
+    inject_attention_lora(model, cfg)
+    cfg.selection = {k: v for k, v in sorted(selection.items()) if v}
+    cfg.model_type, cfg.num_experts, cfg.hidden_size = info["model_type"], info["num_experts"], info["hidden_size"]
+    cfg.base_model = cfg.base_model or str(getattr(model.config, "_name_or_path", "") or "")
+    model.moe_peft_config = cfg
+    return model

@@ -1,0 +1,166 @@
+"""Adapter-only checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Expert adapters are stored one tensor per selected expert, keyed by MoE layer and *global*
+expert id (``layers.{L}.experts.{e}.{gate_up_proj|down_proj}.{lora_A|lora_B|magnitude}``),
+so the file holds only the adapters that exist and does not depend on how experts are
+stacked or sharded in memory. Plain LoRA layers (attention, shared experts) are keyed by
+their module path (``model.layers.0.self_attn.q_proj.lora_A``).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backends.hf import FusedExpertsWithLoRA, apply_sieve_lora, describe_model
+from .config import AdapterConfig, ConfigError
+from .lora import LoRALinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LORA_PARAMS = ("lora_A", "lora_B", "magnitude")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter does not fit the model it is loaded onto."""
+
+
+def adapter_modules(model: nn.Module):
+    """``(name, module)`` of every adapter-carrying module in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, (FusedExpertsWithLoRA, LoRALinear)):
+            yield name, module
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of ``model`` under its checkpoint key (see the module docstring)."""
+    state = {}
+    for name, module in adapter_modules(model):
+        if isinstance(module, LoRALinear):
+            for p in LORA_PARAMS:
+                if getattr(module, p) is not None:
+                    state[f"{name}.{p}"] = getattr(module, p).detach()
+            continue
+        layer = int(_LAYER.search(name + ".").group(1))
+        for tensor, adapter in module.adapters.items():
+            for slot, e in enumerate(adapter.expert_ids):
+                for p in LORA_PARAMS:
+                    if getattr(adapter, p) is not None:
+                        state[f"layers.{layer}.experts.{e}.{tensor}.{p}"] = getattr(adapter, p)[slot].detach()
+    return state
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the adapters of ``model``; keys and shapes must match exactly."""
+    own = adapter_state_dict(model)  # views into the live parameters
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise AdapterMismatchError(
+            f"adapter tensors do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    bad = [k for k in own if own[k].shape != state[k].shape]
+    if bad:
+        k = bad[0]
+        raise AdapterMismatchError(f"{len(bad)} adapter tensors have the wrong shape, e.g. {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k])
+
+
+def save_adapter(model: nn.Module, output_dir: str | Path) -> Path:
+    """Write the adapter of ``model`` (and only it) to ``output_dir``."""
+    cfg = getattr(model, "moe_peft_config", None)
+    if cfg is None:
+        raise ValueError("this model carries no moe_peft_ds adapter; call apply_sieve_lora first")
+    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "moe_peft_ds"})
+    cfg.to_json(out / CONFIG_NAME)
+    return out
+
+
+def read_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Read and validate an adapter directory without touching any model."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{path} is not an adapter directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    cfg = AdapterConfig.from_json(path / CONFIG_NAME)
+    try:
+        state = load_file(str(path / WEIGHTS_NAME))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterMismatchError(f"{path / WEIGHTS_NAME} is corrupt or truncated: {err}") from err
+    return cfg, state
+
+
+def check_compatible(model: nn.Module, cfg: AdapterConfig) -> None:
+    """Raise if the adapter was made for another architecture, width or expert count."""
+    info = describe_model(model)
+    for key in ("model_type", "num_experts", "hidden_size"):
+        if getattr(cfg, key) != info[key]:
+            raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, but the model has {key}={info[key]!r}")
+    extra = sorted(set(cfg.selection) - set(info["moe_layers"]))
+    if extra:
+        raise AdapterMismatchError(f"adapter has layers {extra} that are not MoE layers of this model ({info['moe_layers']})")
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Inject the adapter saved in ``path`` into a fresh base ``model`` and load its weights.
+
+    On any mismatch the model is left exactly as it was.
+    """
+    cfg, state = read_adapter(path)
+    check_compatible(model, cfg)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    apply_sieve_lora(model, cfg.selection, cfg)
+    try:
+        _assign(model, state)
+    except AdapterMismatchError:
+        remove_adapter(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        raise
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def remove_adapter(model: nn.Module) -> nn.Module:
+    """Take every adapter out of ``model`` without merging (the base model is restored)."""
+    for name, module in list(adapter_modules(model)):
+        _replace(model, name, module.base)
+    model.moe_peft_config = None
+    return model
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every adapter into the base weights; the result is a plain transformers model
+    that ``save_pretrained`` writes with its original keys."""
+    if getattr(model, "moe_peft_config", None) is None:
+        raise ValueError("this model carries no moe_peft_ds adapter to merge")
+    for name, module in list(adapter_modules(model)):
+        if isinstance(module, LoRALinear):
+            module.base.weight.copy_(module.merged_weight())
+            _replace(model, name, module.base)
+        else:
+            _replace(model, name, module.merge_into_base())
+    model.moe_peft_config = None
+    return model
+
+
+def adapter_nbytes(model: nn.Module) -> int:
+    """Bytes of adapter tensors, as stored in the checkpoint."""
+    return sum(t.numel() * t.element_size() for t in adapter_state_dict(model).values())
+
+
+__all__ = ["save_adapter", "load_adapter", "merge_adapter", "remove_adapter", "read_adapter", "AdapterMismatchError", "ConfigError"]

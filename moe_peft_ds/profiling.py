@@ -1,0 +1,192 @@
+"""Routing profiler: how many tokens each expert of each MoE layer receives on a calibration set.
+
+Forward hooks on every router read its ``(logits, top_k_weights [T, k], top_k_index [T, k])``
+output and count, per layer and per expert, the top-k assignments and the summed gate
+weight of non-padding tokens. With ``torch.distributed`` initialised the counts are summed
+over ranks, so every data-parallel rank selects the same experts.
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .backends.hf import family_of, find_moe_blocks
+
+
+@dataclass
+class RoutingProfile:
+    """Per-layer, per-expert routing statistics of one model on one calibration set."""
+
+    counts: dict[int, list[int]]  # layer -> [E] routed top-k assignments
+    gate_sums: dict[int, list[float]]  # layer -> [E] summed gate weights
+    tokens: int  # non-padding tokens seen (each makes top_k assignments per layer)
+    samples: int  # calibration samples seen
+    num_experts: int
+    top_k: int
+    model_id: str = ""
+    data_id: str = ""
+
+    def __post_init__(self):
+        self.counts = {int(k): [int(c) for c in v] for k, v in self.counts.items()}
+        self.gate_sums = {int(k): [float(g) for g in v] for k, v in self.gate_sums.items()}
+        bad = [layer for layer, c in self.counts.items() if len(c) != self.num_experts]
+        if bad:
+            raise ValueError(f"routing profile layers {bad} do not have num_experts={self.num_experts} counts")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RoutingProfile":
+        try:
+            raw = json.loads(Path(path).read_text())
+            return cls(**raw)
+        except (OSError, json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{path} is not a routing profile written by profile_routing: {err}") from err
+
+    def shares(self, layer: int) -> torch.Tensor:
+        """``[E]`` share of this layer's routed assignments that each expert received."""
+        c = torch.tensor(self.counts[layer], dtype=torch.float64)
+        return c / c.sum().clamp_min(1)
+
+    def skew(self, fraction: float = 0.25) -> dict[int, dict[str, float]]:
+        """Per layer: share covered by the top ``fraction`` of experts, and normalised entropy.
+
+        Uniform routing gives ``coverage == fraction`` and ``entropy == 1``.
+        """
+        n_top = max(1, math.ceil(fraction * self.num_experts - 1e-9))
+        stats = {}
+        for layer in sorted(self.counts):
+            p = self.shares(layer)
+            entropy = -(p[p > 0] * p[p > 0].log()).sum().item() / math.log(self.num_experts)
+            stats[layer] = {"top_coverage": p.sort(descending=True).values[:n_top].sum().item(), "entropy": entropy}
+        return stats
+
+
+class _RouterCounter:
+    """Forward hooks that accumulate routing counts while a token mask is set."""
+
+    def __init__(self, model: nn.Module):
+        fam = family_of(model)
+        self.blocks = find_moe_blocks(model, fam)
+        router = self.blocks[0].router(fam)
+        self.num_experts, self.top_k = router.num_experts, router.top_k
+        device = next(model.parameters()).device
+        L, E = len(self.blocks), self.num_experts
+        self.counts = torch.zeros(L, E, dtype=torch.int64, device=device)
+        self.gate_sums = torch.zeros(L, E, dtype=torch.float64, device=device)
+        self.mask: torch.Tensor | None = None  # [T] True for real (non-padding) tokens
+        self.handles = [b.router(fam).register_forward_hook(self._hook(i)) for i, b in enumerate(self.blocks)]
+
+    def _hook(self, row: int):
+        def hook(module, args, output):
+            _, weights, index = output  # [T, k], [T, k]
+            if self.mask is not None:
+                weights, index = weights[self.mask], index[self.mask]
+            index = index.reshape(-1)
+            keep = index < self.num_experts  # transformers marks masked slots with index E
+            self.counts[row] += torch.bincount(index[keep], minlength=self.num_experts)
+            self.gate_sums[row].index_add_(0, index[keep], weights.reshape(-1)[keep].to(torch.float64))
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def profile_routing(
+    model: nn.Module,
+    batches: Iterable[dict],
+    max_samples: int | None = None,
+    model_id: str = "",
+    data_id: str = "",
+    progress: bool = True,
+) -> RoutingProfile:
+    """Run ``model`` over ``batches`` (dicts with ``input_ids`` and optional ``attention_mask``)
+    and count routed tokens per layer and expert, ignoring padding.
+
+    ``max_samples`` caps the calibration samples (rows) used on this rank. Counts are summed
+    over all ranks when ``torch.distributed`` is initialised.
+    """
+    counter = _RouterCounter(model)
+    samples = tokens = 0
+    try:
+        with _eval_mode(model):
+            for batch in tqdm(batches, desc="profiling routing", disable=not progress, unit="batch"):
+                ids = batch["input_ids"]
+                mask = batch.get("attention_mask")
+                if max_samples is not None:
+                    room = max_samples - samples
+                    if room <= 0:
+                        break
+                    ids, mask = ids[:room], None if mask is None else mask[:room]
+                mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+                counter.mask = mask.reshape(-1).to(counter.counts.device)
+                model(input_ids=ids.to(counter.counts.device), attention_mask=mask.long().to(counter.counts.device))
+                samples += ids.shape[0]
+                tokens += int(mask.sum())
+    finally:
+        counter.remove()
+    totals = torch.tensor([samples, tokens], dtype=torch.int64, device=counter.counts.device)
+    if dist.is_available() and dist.is_initialized():
+        for t in (counter.counts, counter.gate_sums, totals):
+            dist.all_reduce(t)
+    samples, tokens = totals.tolist()
+    if tokens == 0:
+        raise ValueError("the calibration set is empty (no non-padding tokens were seen); give --calibration-samples > 0 and non-empty data")
+    layers = [b.layer for b in counter.blocks]
+    return RoutingProfile(
+        counts={l: c for l, c in zip(layers, counter.counts.tolist())},
+        gate_sums={l: g for l, g in zip(layers, counter.gate_sums.tolist())},
+        tokens=tokens, samples=samples, num_experts=counter.num_experts, top_k=counter.top_k,
+        model_id=model_id, data_id=data_id,
+    )
+
+
+def plot_heatmap(profile: RoutingProfile, path: str | Path) -> None:
+    """Layer x expert heatmap of routed-token shares, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(profile.counts)
+    grid = torch.stack([profile.shares(layer) for layer in layers]).numpy()
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * profile.num_experts + 2), max(2.5, 0.4 * len(layers) + 1.5)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_title(f"routed-token share per expert ({profile.tokens} tokens)")
+    fig.colorbar(im, ax=ax, label="share of layer's assignments")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_skew(profile: RoutingProfile, fraction: float = 0.25) -> str:
+    """A short table of per-layer skew, for logs."""
+    rows = [f"layer  top-{fraction:.0%} coverage  entropy"]
+    for layer, s in profile.skew(fraction).items():
+        rows.append(f"{layer:>5}  {s['top_coverage']:>16.3f}  {s['entropy']:.3f}")
+    return "\n".join(rows)
