@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Fine-tune an MoE model with the sieve (LoRA on the most-routed experts) or LoRA/DoRA on all experts.
+
+The recipe, top to bottom: load model and data -> profile routing on a calibration set ->
+select experts -> inject adapters -> train -> save the adapter (and the routing profile).
+
+    python launch/train.py --model tiny-mixtral --method sieve --sieve-fraction 0.25 \
+        --data demo:arithmetic --output-dir out/sieve-demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moe_peft_ds import AdapterConfig, SieveConfig, apply_sieve_lora, profile_routing, save_adapter, select_experts  # noqa: E402
+from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, all_experts_selection, describe_model  # noqa: E402
+from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
+from moe_peft_ds.config import ATTENTION_TARGETS, POLICIES, ConfigError  # noqa: E402
+from moe_peft_ds.data import load_examples, make_loader  # noqa: E402
+from moe_peft_ds.models import DTYPES, PRESETS, load_model  # noqa: E402
+from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
+from moe_peft_ds.train import count_trainable, train  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("model, data, output")
+    io.add_argument("--model", required=True, help=f"Hugging Face model id or local path, or a preset: {', '.join(PRESETS)}")
+    io.add_argument("--data", required=True, help="demo:<task> (bundled: demo:arithmetic, demo:code), or a JSON/JSONL file or directory "
+                    "with prompt/response or text records")
+    io.add_argument("--output-dir", required=True, help="where the adapter, routing profile and training log are written")
+    io.add_argument("--overwrite", action="store_true", help="allow writing into an output dir that already holds an adapter")
+    io.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the base model (default fp32)")
+    m = p.add_argument_group("method")
+    m.add_argument("--method", default="sieve", choices=["sieve", "lora", "dora"],
+                   help="sieve: LoRA on the selected experts only; lora/dora: on all experts (the full-LoRA baseline)")
+    m.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    m.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    m.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
+    m.add_argument("--use-rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
+    m.add_argument("--use-dora", action="store_true", help="DoRA magnitudes on the adapted experts (implied by --method dora)")
+    m.add_argument("--attention-lora", nargs="*", default=[], choices=ATTENTION_TARGETS, metavar="PROJ",
+                   help=f"plain LoRA on these attention projections too, any of {ATTENTION_TARGETS} (default none)")
+    m.add_argument("--shared-expert-lora", action="store_true", help="plain LoRA on shared experts (Qwen2-MoE, DeepSeek)")
+    s = p.add_argument_group("sieve: routing profile and expert selection")
+    s.add_argument("--selection-policy", default="topk", choices=POLICIES,
+                   help="topk: most-routed per layer; coverage: smallest set reaching --sieve-coverage; random: ablation "
+                        "at the topk budget; greedy: one total budget spread by marginal coverage; all: every expert")
+    s.add_argument("--sieve-fraction", type=float, default=None, help="share of experts per layer, in (0, 1] (default 0.25)")
+    s.add_argument("--sieve-k", type=int, default=None, help="experts per layer (overrides --sieve-fraction)")
+    s.add_argument("--sieve-coverage", type=float, default=None, help="routed-token share for --selection-policy coverage")
+    s.add_argument("--calibration-samples", type=int, default=256, help="samples of --data used to profile routing (default 256)")
+    t = p.add_argument_group("training")
+    t.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default 300)")
+    t.add_argument("--batch-size", type=int, default=16, help="samples per step (default 16)")
+    t.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default 128)")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, warmup then cosine (default 2e-3)")
+    t.add_argument("--seed", type=int, default=0, help="seed for adapter init, shuffling and the random policy")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    return p.parse_args(argv)
+
+
+def build_configs(args) -> tuple[AdapterConfig, SieveConfig]:
+    """Validate every flag before any model or data is loaded."""
+    if args.calibration_samples <= 0:
+        raise ConfigError(f"--calibration-samples={args.calibration_samples} must be > 0")
+    if args.max_steps <= 0 or args.batch_size <= 0:
+        raise ConfigError("--max-steps and --batch-size must be > 0")
+    fraction = args.sieve_fraction if args.sieve_fraction is not None else (None if args.sieve_k else 0.25)
+    sieve = SieveConfig(policy=args.selection_policy if args.method == "sieve" else "all",
+                        fraction=fraction, k=args.sieve_k, coverage=args.sieve_coverage, seed=args.seed)
+    adapter = AdapterConfig(method=args.method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                            use_rslora=args.use_rslora, use_dora=args.use_dora or args.method == "dora",
+                            attention_targets=list(args.attention_lora), shared_expert_lora=args.shared_expert_lora)
+    out = Path(args.output_dir)
+    if (out / CONFIG_NAME).exists() and not args.overwrite:
+        raise ConfigError(f"{out} already holds an adapter; pass --overwrite or choose another --output-dir")
+    return adapter, sieve
+
+
+def size_report(model, selection_all: dict[int, list[int]]) -> dict:
+    """Trainable parameters and adapter bytes of this run, and what LoRA on all experts would take."""
+    trainable, nbytes = count_trainable(model), adapter_nbytes(model)
+    experts = [m for m in model.modules() if isinstance(m, FusedExpertsWithLoRA)]
+    per_expert = sum(p.numel() for m in experts for p in m.adapters.parameters()) / sum(len(m.expert_ids) for m in experts)
+    n_selected = sum(len(m.expert_ids) for m in experts)
+    n_all = sum(len(v) for v in selection_all.values())
+    extra = trainable - per_expert * n_selected  # attention / shared-expert adapters
+    all_trainable = int(extra + per_expert * n_all)
+    bytes_per_param = nbytes / trainable
+    return {"trainable_params": trainable, "adapter_bytes": nbytes, "selected_experts": n_selected,
+            "all_experts": n_all, "all_experts_trainable_params": all_trainable,
+            "all_experts_adapter_bytes": int(all_trainable * bytes_per_param),
+            "param_ratio": trainable / all_trainable}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        adapter_cfg, sieve_cfg = build_configs(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    progress = not args.no_progress
+    out = Path(args.output_dir)
+
+    model, tokenizer = load_model(args.model, args.dtype)
+    info = describe_model(model)
+    examples = load_examples(args.data, tokenizer, args.max_length)
+    adapter_cfg.base_model = args.model
+
+    profile = None
+    if args.method == "sieve":
+        calib = make_loader(examples[: args.calibration_samples], tokenizer, args.batch_size, shuffle=False)
+        profile = profile_routing(model, calib, model_id=args.model, data_id=args.data, progress=progress)
+        print(f"routing profile: {profile.tokens} tokens from {profile.samples} samples\n{format_skew(profile)}")
+        selection = select_experts(profile, sieve_cfg)
+    else:
+        selection = all_experts_selection(model)
+    apply_sieve_lora(model, selection, adapter_cfg)
+    sizes = size_report(model, all_experts_selection(model))
+    print(f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts "
+          f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)")
+
+    start = time.perf_counter()
+    losses = train(model, make_loader(examples, tokenizer, args.batch_size, shuffle=True, seed=args.seed),
+                   args.max_steps, args.lr, progress=progress)
+    elapsed = time.perf_counter() - start
+
+    save_adapter(model, out)
+    if profile is not None:
+        profile.save(out / "routing_profile.json")
+        plot_heatmap(profile, out / "routing_heatmap.png")
+    log = {"losses": losses, "seconds": elapsed, "sizes": sizes, "args": vars(args)}
+    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+
+    head, tail = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
+    print(f"loss {head:.3f} -> {tail:.3f} over {len(losses)} steps ({elapsed:.1f} s)")
+    print(f"trainable parameters: {sizes['trainable_params']:,} (LoRA on all experts: {sizes['all_experts_trainable_params']:,}, "
+          f"ratio {sizes['param_ratio']:.3f})")
+    print(f"adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB (all experts: {sizes['all_experts_adapter_bytes'] / 1e6:.2f} MB)")
+    print(f"saved to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Adapter checkpoints: round trip, merge, and loads that must fail without changing anything."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_peft_ds import AdapterConfig, apply_sieve_lora, load_adapter, merge_adapter, save_adapter
+from moe_peft_ds.checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterMismatchError
+from moe_peft_ds.config import ConfigError
+from conftest import randomize_adapters
+from tiny_models import CONFIGS, tiny_model
+
+
+def trained_adapter(family, tmp_path, dora=False, attention=()):
+    model = tiny_model(family)
+    layers = sorted({0, 1})
+    apply_sieve_lora(model, {layers[0]: [2, 5], layers[1]: [0]},
+                     AdapterConfig(use_dora=dora, attention_targets=list(attention), use_rslora=True))
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()], \
+        [p.requires_grad for p in model.parameters()]
+
+
+def assert_unchanged(model, snap):
+    state, types, flags = snap
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert [type(m) for m in model.modules()] == types
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert getattr(model, "moe_peft_config", None) is None
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_round_trip_is_bit_identical(family, batch, tmp_path, dora):
+    model, path = trained_adapter(family, tmp_path, dora=dora, attention=("v_proj",) if family != "deepseek_v3" else ())
+    fresh = load_adapter(tiny_model(family), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+
+
+def test_file_holds_only_selected_experts_with_global_ids(tmp_path):
+    _, path = trained_adapter("mixtral", tmp_path, dora=True)
+    keys = load_file(str(path / WEIGHTS_NAME)).keys()
+    experts = {(int(k.split(".")[1]), int(k.split(".")[3])) for k in keys if ".experts." in k}
+    assert experts == {(0, 2), (0, 5), (1, 0)}
+    assert {k.rsplit(".", 1)[1] for k in keys} == {"lora_A", "lora_B", "magnitude"}
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    assert cfg["selection"] == {"0": [2, 5], "1": [0]} and cfg["model_type"] == "mixtral" and cfg["num_experts"] == 8
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_matches_adapter_and_saves_pretrained(family, batch, tmp_path, dora):
+    model, _ = trained_adapter(family, tmp_path, dora=dora, attention=("q_proj",) if family != "deepseek_v3" else ())
+    with torch.no_grad():
+        ref = model(**batch).logits
+        merge_adapter(model)
+        torch.testing.assert_close(model(**batch).logits, ref, rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path / "merged")
+    import transformers as tf
+
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    reloaded.config._attn_implementation = "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_load_onto_other_architecture_fails_and_changes_nothing(tmp_path):
+    _, path = trained_adapter("mixtral", tmp_path)
+    other = tiny_model("olmoe")
+    snap = snapshot(other)
+    with pytest.raises(AdapterMismatchError, match="model_type"):
+        load_adapter(other, path)
+    assert_unchanged(other, snap)
+
+
+def test_load_onto_other_expert_count_fails(tmp_path):
+    _, path = trained_adapter("mixtral", tmp_path)
+    cfg = CONFIGS["mixtral"]()
+    cfg.num_local_experts = 4
+    import transformers as tf
+
+    other = tf.MixtralForCausalLM(cfg)
+    snap = snapshot(other)
+    with pytest.raises(AdapterMismatchError, match="num_experts"):
+        load_adapter(other, path)
+    assert_unchanged(other, snap)
+
+
+def test_load_onto_other_shape_fails(tmp_path):
+    _, path = trained_adapter("mixtral", tmp_path)
+    cfg = CONFIGS["mixtral"]()
+    cfg.intermediate_size = 16  # same hidden size and expert count, other expert width
+    import transformers as tf
+
+    other = tf.MixtralForCausalLM(cfg)
+    snap = snapshot(other)
+    with pytest.raises(AdapterMismatchError, match="wrong shape"):
+        load_adapter(other, path)
+    assert_unchanged(other, snap)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors_fails_clearly(tmp_path, damage):
+    _, path = trained_adapter("mixtral", tmp_path)
+    f = path / WEIGHTS_NAME
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64)
+    model = tiny_model("mixtral")
+    snap = snapshot(model)
+    with pytest.raises(AdapterMismatchError, match="corrupt or truncated"):
+        load_adapter(model, path)
+    assert_unchanged(model, snap)
+
+
+def test_missing_tensor_fails_and_rolls_back(tmp_path):
+    _, path = trained_adapter("mixtral", tmp_path)
+    state = load_file(str(path / WEIGHTS_NAME))
+    state.pop(next(k for k in state if k.endswith("lora_B")))
+    from safetensors.torch import save_file
+
+    save_file(state, str(path / WEIGHTS_NAME))
+    model = tiny_model("mixtral")
+    snap = snapshot(model)
+    with pytest.raises(AdapterMismatchError, match="missing"):
+        load_adapter(model, path)
+    assert_unchanged(model, snap)
+
+
+def test_missing_config_keys_fail(tmp_path):
+    _, path = trained_adapter("mixtral", tmp_path)
+    raw = json.loads((path / CONFIG_NAME).read_text())
+    del raw["selection"]
+    (path / CONFIG_NAME).write_text(json.dumps(raw))
+    model = tiny_model("mixtral")
+    snap = snapshot(model)
+    with pytest.raises(ConfigError, match="selection"):
+        load_adapter(model, path)
+    assert_unchanged(model, snap)
+
+
+def test_missing_adapter_directory_fails(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(tiny_model("mixtral"), tmp_path / "nothing")
+
+
+def test_save_without_adapter_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="no moe_peft_ds adapter"):
+        save_adapter(tiny_model("mixtral"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_loading_twice_is_refused(tmp_path):
+    _, path = trained_adapter("mixtral", tmp_path)
+    model = load_adapter(tiny_model("mixtral"), path)
+    with pytest.raises(ValueError, match="already carries"):
+        load_adapter(model, path)
