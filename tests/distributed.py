@@ -1,0 +1,28 @@
+"""One small helper for multi-process tests: spawn N gloo ranks on CPU and run a function."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int = 2, args: tuple = ()) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; any rank's exception fails the call."""
+    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
