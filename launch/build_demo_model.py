@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_peft_ds.demo import DEFAULT_STEPS, DEMO_DATA_DIR, DEMO_MODEL_DIR, build_demo  # noqa: E402
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune an MoE model with the sieve (LoRA on the most-routed experts) or LoRA/DoRA on all experts.
+r"""Fine-tune an MoE model with the sieve (LoRA on the most-routed experts) or LoRA/DoRA on all experts.
 
 The recipe, top to bottom: load model and data -> profile routing on a calibration set ->
 select experts -> inject adapters -> train -> save the adapter (and the routing profile).
@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_peft_ds import AdapterConfig, SieveConfig, apply_sieve_lora, profile_routing, save_adapter, select_experts  # noqa: E402
 from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, all_experts_selection, describe_model  # noqa: E402
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
+from moe_peft_ds.cli import add_model_data_args, check_positive, run_cli  # noqa: E402
 from moe_peft_ds.config import ATTENTION_TARGETS, POLICIES, ConfigError  # noqa: E402
-from moe_peft_ds.data import load_examples, make_loader  # noqa: E402
-from moe_peft_ds.models import DTYPES, PRESETS, load_model  # noqa: E402
+from moe_peft_ds.data import load_examples, make_loader, resolve_data  # noqa: E402
+from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
 from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
 from moe_peft_ds.train import count_trainable, train  # noqa: E402
 
@@ -32,10 +33,7 @@ from moe_peft_ds.train import count_trainable, train  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("model, data, output")
-    io.add_argument("--model", required=True, help=f"Hugging Face model id or local path, or a preset: {', '.join(PRESETS)}")
-    io.add_argument("--data", required=True, help="demo:<task> (bundled: demo:arithmetic, demo:code), or a JSON/JSONL file or directory "
-                    "with prompt/response or text records")
-    io.add_argument("--output-dir", required=True, help="where the adapter, routing profile and training log are written")
+    add_model_data_args(io)
     io.add_argument("--overwrite", action="store_true", help="allow writing into an output dir that already holds an adapter")
     io.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the base model (default fp32)")
     m = p.add_argument_group("method")
@@ -69,16 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_configs(args) -> tuple[AdapterConfig, SieveConfig]:
     """Validate every flag before any model or data is loaded."""
-    if args.calibration_samples <= 0:
-        raise ConfigError(f"--calibration-samples={args.calibration_samples} must be > 0")
-    if args.max_steps <= 0 or args.batch_size <= 0:
-        raise ConfigError("--max-steps and --batch-size must be > 0")
+    check_positive(calibration_samples=args.calibration_samples, max_steps=args.max_steps,
+                   batch_size=args.batch_size, max_length=args.max_length)
     fraction = args.sieve_fraction if args.sieve_fraction is not None else (None if args.sieve_k else 0.25)
     sieve = SieveConfig(policy=args.selection_policy if args.method == "sieve" else "all",
                         fraction=fraction, k=args.sieve_k, coverage=args.sieve_coverage, seed=args.seed)
     adapter = AdapterConfig(method=args.method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                             use_rslora=args.use_rslora, use_dora=args.use_dora or args.method == "dora",
                             attention_targets=list(args.attention_lora), shared_expert_lora=args.shared_expert_lora)
+    resolve_data(args.data)  # a missing file fails now, before the model is loaded
     out = Path(args.output_dir)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise ConfigError(f"{out} already holds an adapter; pass --overwrite or choose another --output-dir")
@@ -102,12 +99,11 @@ def size_report(model, selection_all: dict[int, list[int]]) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        adapter_cfg, sieve_cfg = build_configs(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(run, parse_args(argv))
+
+
+def run(args) -> int:
+    adapter_cfg, sieve_cfg = build_configs(args)
     torch.manual_seed(args.seed)
     progress = not args.no_progress
     out = Path(args.output_dir)

@@ -15,6 +15,10 @@ from torch.utils.data import DataLoader
 IGNORE_INDEX = -100
 
 
+class DataError(ValueError):
+    """The data given to ``--data`` cannot be used; the message says why."""
+
+
 def resolve_data(spec: str, split: str = "train") -> Path:
     """The file behind ``--data``: ``demo:<task>`` or a path to a JSON/JSONL file or directory."""
     if spec.startswith("demo:"):
@@ -40,12 +44,17 @@ def load_records(path: Path) -> list[dict]:
     """Records of a JSON/JSONL file, read through Hugging Face ``datasets``."""
     import datasets
 
-    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    if not path.read_text().strip():  # datasets fails on an empty file with a bare StopIteration
+        raise DataError(f"{path} holds no records")
+    try:
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as err:  # malformed JSON surfaces as several arrow/datasets error types
+        raise DataError(f"{path} is not readable as JSON/JSONL records: {err}") from err
     if len(ds) == 0:
-        raise ValueError(f"{path} holds no records")
+        raise DataError(f"{path} holds no records")
     cols = set(ds.column_names)
     if not ({"prompt", "response"} <= cols or "text" in cols):
-        raise ValueError(f"{path} has columns {sorted(cols)}; expected prompt+response or text")
+        raise DataError(f"{path} has columns {sorted(cols)}; expected prompt+response or text")
     return list(ds)
 
 
