@@ -11,7 +11,7 @@ install:
 
 demo: install
 	$(PYTHON) launch/train.py --model tiny-mixtral --method sieve --sieve-fraction 0.25 \
-		--data demo:arithmetic --output-dir out/sieve-demo
+		--data demo:arithmetic --output-dir out/sieve-demo --overwrite
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 
 DEFAULTS = dict(layers=4, hidden=256, intermediate=512, experts=16, top_k=2, heads=4, vocab=1024,
-                batch=4, seq=256, steps=8, warmup=2, calib_batches=4)
+                batch=4, seq=256, steps=20, warmup=3, calib_batches=4)
 QUICK = dict(layers=2, hidden=64, intermediate=128, experts=8, top_k=2, heads=4, vocab=256,
              batch=2, seq=64, steps=3, warmup=1, calib_batches=2)
 
