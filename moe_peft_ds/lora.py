@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers.integrations.moe import _grouped_mm as _transformers_grouped_mm
+
 from .config import AdapterConfig
 
 
@@ -22,13 +24,23 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
 
 
 def dora_scale(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's per-output factor ``m / ||W + s B A||_row`` (``[out]``).
+    """DoRA's per-output factor ``m / ||W + s B A||_row`` (``[out]``, or ``[n, out]`` for stacked experts).
 
     The norm is detached, as in the DoRA paper's practical variant and PEFT, so the
     magnitude learns the length and LoRA the direction.
     """
     merged = weight.to(A.dtype) + scaling * (B @ A)  # [out, in]
-    return magnitude / merged.norm(dim=1).detach()
+    return magnitude / merged.norm(dim=-1).detach()
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x [S, in]`` (rows grouped by expert) times ``weight [E, in, out]`` -> ``[S, out]``.
+
+    ``offsets [E]`` (int32) are the cumulative row counts. Delegates to transformers'
+    dispatcher, which uses torch's grouped GEMM kernel where the device supports it and
+    a per-expert loop with its own backward elsewhere, the same path the base experts take.
+    """
+    return _transformers_grouped_mm(x, weight, offsets)
 
 
 def init_lora_pair(A: torch.Tensor, B: torch.Tensor) -> None:
@@ -82,7 +94,7 @@ class ExpertLoRA(nn.Module):
     Parameters are stacked over the selected experts only: ``lora_A [n, r, in]``,
     ``lora_B [n, out, r]`` and, with DoRA, ``magnitude [n, out]``, where ``n`` is the number
     of selected experts, so memory grows with ``n``, not with ``E``. ``expert_ids`` holds the
-    global expert id of each slot.
+    global expert id of each slot, in ascending order.
     """
 
     def __init__(self, expert_ids: list[int], weight_out_in: torch.Tensor, cfg: AdapterConfig):
@@ -90,31 +102,50 @@ class ExpertLoRA(nn.Module):
         super().__init__()
         if not expert_ids:
             raise ValueError("ExpertLoRA needs at least one selected expert")
-        n, (out_f, in_f) = len(expert_ids), weight_out_in.shape[1:]
-        self.expert_ids = list(expert_ids)
+        num_experts, out_f, in_f = weight_out_in.shape
+        # Ascending ids: the rows of the selected experts, sorted by expert, then line up with the slots.
+        self.expert_ids = sorted(expert_ids)
         self.slot = {e: i for i, e in enumerate(self.expert_ids)}
         self.scaling = cfg.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         kw = dict(dtype=weight_out_in.dtype, device=weight_out_in.device)
-        self.lora_A = nn.Parameter(torch.empty(n, cfg.r, in_f, **kw))
-        self.lora_B = nn.Parameter(torch.empty(n, out_f, cfg.r, **kw))
+        self.lora_A = nn.Parameter(torch.empty(len(expert_ids), cfg.r, in_f, **kw))
+        self.lora_B = nn.Parameter(torch.empty(len(expert_ids), out_f, cfg.r, **kw))
         init_lora_pair(self.lora_A, self.lora_B)
         self.magnitude = None
         if cfg.use_dora:
             norms = weight_out_in[self.expert_ids].detach().norm(dim=2)  # [n, out]
             self.magnitude = nn.Parameter(norms.clone())
+        ids = torch.tensor(self.expert_ids, device=weight_out_in.device)
+        slot_of = torch.full((num_experts,), -1, dtype=torch.long, device=weight_out_in.device)
+        slot_of[ids] = torch.arange(len(ids), device=ids.device)
+        # Index helpers, derived from expert_ids: not saved, but moved with the module.
+        self.register_buffer("ids", ids, persistent=False)
+        self.register_buffer("slot_of", slot_of, persistent=False)
 
-    def project(self, expert: int, x: torch.Tensor, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x @ W_e.T (+ LoRA) (+ bias)`` for the rows ``x [t, in]`` routed to ``expert``."""
-        base = x @ weight_out_in.t()
-        i = self.slot.get(expert)
-        if i is not None:
-            delta = lora_delta(self.dropout(x), self.lora_A[i], self.lora_B[i], self.scaling).to(x.dtype)
-            base = base + delta
-            if self.magnitude is not None:
-                scale = dora_scale(weight_out_in, self.lora_A[i], self.lora_B[i], self.scaling, self.magnitude[i])
-                base = base * scale.to(x.dtype)
-        return base if bias is None else base + bias
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, expert_of_row: torch.Tensor,
+                counts: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
+        """Add the update of the selected experts to ``base_out`` on the rows routed to them.
+
+        ``x [S, in]`` and ``base_out [S, out]`` (``x @ W_e.T``, no bias) hold the routed rows
+        sorted by expert, ``expert_of_row [S]`` the expert of each row and ``counts [E]`` the
+        rows per expert. Updates ``base_out`` in place and returns it; rows of unselected
+        experts are left as they are.
+        """
+        all_rows = len(self.expert_ids) == self.slot_of.numel()
+        rows = None if all_rows else (self.slot_of[expert_of_row] >= 0).nonzero().squeeze(1)
+        xs = x if all_rows else x[rows]
+        offsets = counts[self.ids].cumsum(0).to(torch.int32)
+        delta = grouped_mm(grouped_mm(self.dropout(xs).to(self.lora_A.dtype), self.lora_A.transpose(1, 2).contiguous(), offsets),
+                           self.lora_B.transpose(1, 2).contiguous(), offsets) * self.scaling
+        if self.magnitude is None:  # in place: grouped_mm keeps its inputs for backward, not its output
+            delta = delta.to(base_out.dtype)
+            return base_out.add_(delta) if all_rows else base_out.index_add_(0, rows, delta)
+        scale = dora_scale(weight_out_in[self.ids], self.lora_A, self.lora_B, self.scaling, self.magnitude)  # [n, out]
+        slots = self.slot_of[expert_of_row if all_rows else expert_of_row[rows]]
+        ys = base_out if all_rows else base_out[rows]
+        ys = (ys + delta.to(ys.dtype)) * scale.to(ys.dtype)[slots]
+        return ys if all_rows else base_out.index_copy_(0, rows, ys)
 
     @torch.no_grad()
     def merged_weight(self, expert: int, weight_out_in: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,35 @@ def test_gradient_isolation_per_expert(family):
     assert hidden.grad[[0, 1, 3, 4, 5]].abs().sum() == 0
 
 
+def _wrapped_block(family, expert_ids, dora=False):
+    model = tiny_model(family)
+    fam = family_of(model)
+    wrapped = FusedExpertsWithLoRA(find_moe_blocks(model)[0].experts(fam), fam, expert_ids, AdapterConfig(use_dora=dora))
+    randomize_adapters(wrapped)
+    return wrapped, model.config.hidden_size
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_no_token_on_a_selected_expert_gives_the_base_output(family, dora):
+    wrapped, H = _wrapped_block(family, [6, 7], dora)
+    hidden = torch.randn(4, H)
+    index, weights = torch.tensor([[0, 1], [2, 3], [1, 2], [0, 3]]), torch.full((4, 2), 0.5)
+    torch.testing.assert_close(wrapped(hidden, index, weights), wrapped.base(hidden, index, weights), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_masked_slots_are_dropped(family, dora):
+    """transformers marks a dropped top-k slot with expert index E; it must contribute nothing."""
+    wrapped, H = _wrapped_block(family, [1, 2], dora)
+    E = wrapped.num_experts
+    hidden = torch.randn(5, H)
+    index = torch.tensor([[0, 1], [2, E], [1, 2], [E, 3], [1, 0]])
+    weights = torch.rand(5, 2)
+    kept = torch.where(index == E, torch.zeros_like(index), index)  # any real expert, with weight 0
+    ref = wrapped(hidden, kept, torch.where(index == E, torch.zeros_like(weights), weights))
+    torch.testing.assert_close(wrapped(hidden, index, weights), ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_parameter_count_is_selected_experts_times_expert_size(family, dora):
     model = tiny_model(family)

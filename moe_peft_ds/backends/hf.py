@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ATTENTION_TARGETS, AdapterConfig
-from ..lora import ExpertLoRA, LoRALinear
+from ..lora import ExpertLoRA, LoRALinear, grouped_mm
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
@@ -133,8 +133,9 @@ class FusedExpertsWithLoRA(nn.Module):
     """A fused experts module whose selected experts carry LoRA (or DoRA).
 
     Called exactly like the module it wraps. Tokens are grouped by expert once per call
-    (a stable sort of the flattened top-k assignments), every hit expert runs on its
-    contiguous slice, and only selected experts add their LoRA update.
+    (a stable sort of the flattened top-k assignments); the frozen experts run as one
+    grouped GEMM per tensor, as in transformers, and only the rows routed to selected
+    experts get the LoRA update (two more grouped GEMMs over the selected experts).
     """
 
     def __init__(self, base: nn.Module, fam: MoEFamily, expert_ids: list[int], cfg: AdapterConfig):
@@ -151,36 +152,28 @@ class FusedExpertsWithLoRA(nn.Module):
     def expert_ids(self) -> list[int]:
         return next(iter(self.adapters.values())).expert_ids
 
-    def _project(self, tensor: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        w = weight_out_in(self.base, tensor, self.family.transposed)[expert]
-        bias = getattr(self.base, f"{tensor}_bias")[expert] if self.family.has_bias else None
+    def _project(self, tensor: str, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``x [S, in]`` (rows sorted by expert) through each row's expert of ``tensor``, plus LoRA."""
+        w = weight_out_in(self.base, tensor, self.family.transposed)  # [E, out, in]
+        y = grouped_mm(x, w.transpose(1, 2), counts.cumsum(0).to(torch.int32))
         if tensor in self.adapters:
-            return self.adapters[tensor].project(expert, x, w, bias)
-        y = x @ w.t()
-        return y if bias is None else y + bias
-
-    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert's FFN on its routed rows ``x [t, H]`` -> ``[t, H]``."""
-        h = self.family.glu(self.base, self._project("gate_up_proj", expert, x))
-        return self._project("down_proj", expert, h)
+            y = self.adapters[tensor](x, y, expert_of_row, counts, w)
+        if self.family.has_bias:
+            y = y + getattr(self.base, f"{tensor}_bias")[expert_of_row]
+        return y
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        T, k = top_k_index.shape
+        k = top_k_index.shape[1]
         flat = top_k_index.reshape(-1)  # [T*k]
-        order = torch.argsort(flat, stable=True)
-        # Index E (one past the last expert) marks a masked slot in transformers; it sorts last and is dropped.
-        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts + 1].tolist()
-        token = order // k  # [T*k] token of each sorted assignment
-        weight = top_k_weights.reshape(-1)[order]
-        out = torch.zeros_like(hidden_states)
-        start = 0
-        for expert, count in enumerate(counts[: self.num_experts]):
-            if count:
-                rows = token[start : start + count]
-                y = self.expert_forward(expert, hidden_states[rows])
-                out.index_add_(0, rows, (y * weight[start : start + count, None]).to(out.dtype))
-            start += count
-        return out
+        expert_of_row, order = torch.sort(flat, stable=True)
+        # Index E (one past the last expert) marks a masked slot in transformers: it sorts last and is dropped.
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts]
+        n_rows = int(counts.sum())  # the one host sync of the call
+        order, expert_of_row = order[:n_rows], expert_of_row[:n_rows]
+        token = order // k  # [S] token of each sorted assignment
+        h = self.family.glu(self.base, self._project("gate_up_proj", hidden_states[token], expert_of_row, counts))
+        y = self._project("down_proj", h, expert_of_row, counts) * top_k_weights.reshape(-1)[order, None]
+        return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
 
     @torch.no_grad()
     def merge_into_base(self) -> nn.Module:
