@@ -70,36 +70,33 @@ INFO_RATIOS = {  # reported, no target
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = DEFAULTS
-    p.add_argument("--experts", type=int, default=None, help=f"experts per MoE layer (default {d['experts']}; --quick: {QUICK['experts']})")
-    p.add_argument("--top-k", type=int, default=None, help=f"experts routed per token (default {d['top_k']}; --quick: {QUICK['top_k']})")
-    p.add_argument("--layers", type=int, default=None, help=f"decoder layers, all MoE (default {d['layers']}; --quick: {QUICK['layers']})")
-    p.add_argument("--hidden", type=int, default=None, help=f"hidden size (default {d['hidden']}; --quick: {QUICK['hidden']})")
-    p.add_argument("--intermediate", type=int, default=None, help=f"expert FFN intermediate size (default {d['intermediate']}; --quick: {QUICK['intermediate']})")
-    p.add_argument("--heads", type=int, default=None, help=f"attention heads, also used as KV heads (default {d['heads']}; --quick: {QUICK['heads']})")
-    p.add_argument("--vocab", type=int, default=None, help=f"vocabulary size (default {d['vocab']}; --quick: {QUICK['vocab']})")
-    p.add_argument("--batch", type=int, default=None, help=f"sequences per training batch (default {d['batch']}; --quick: {QUICK['batch']})")
-    p.add_argument("--seq", type=int, default=None, help=f"tokens per sequence (default {d['seq']}; --quick: {QUICK['seq']})")
-    p.add_argument("--steps", type=int, default=None, help=f"timed rounds; each round runs one step of every variant (default {d['steps']}; --quick: {QUICK['steps']})")
-    p.add_argument("--warmup", type=int, default=None, help=f"untimed warm-up rounds before the timed ones (default {d['warmup']}; --quick: {QUICK['warmup']})")
-    p.add_argument("--calib-batches", type=int, default=None, help=f"random calibration batches for the sieve's routing profile (default {d['calib_batches']}; --quick: {QUICK['calib_batches']})")
-    p.add_argument("--fraction", type=float, default=0.25, help="share of experts per layer the sieve selects (topk policy)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r for every adapter variant")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha for every adapter variant")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate for the adapter variants")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the whole run")
-    p.add_argument("--seed", type=int, default=0, help="seed of the base weights (identical for every variant) and of the data")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sizes = {"experts": "experts per MoE layer", "top_k": "experts routed per token", "layers": "decoder layers, all MoE",
+             "hidden": "hidden size", "intermediate": "expert FFN intermediate size",
+             "heads": "attention heads, also used as KV heads", "vocab": "vocabulary size",
+             "batch": "sequences per training batch", "seq": "tokens per sequence",
+             "steps": "timed rounds; each round runs one step of every variant",
+             "warmup": "untimed warm-up rounds before the timed ones",
+             "calib_batches": "random calibration batches for the sieve's routing profile"}
+    for key, meaning in sizes.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
+                       help=f"{meaning} (default {DEFAULTS[key]}; --quick: {QUICK[key]})")
+    p.add_argument("--fraction", type=float, default=0.25, help="share of experts per layer the sieve selects (topk policy) (default %(default)s)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r for every adapter variant (default %(default)s)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha for every adapter variant (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate for the adapter variants (default %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the whole run (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base weights (identical for every variant) and of the data (default %(default)s)")
     p.add_argument("--experts-implementation", default=None, choices=["eager", "grouped_mm", "batched_mm"],
                    help="transformers experts kernel for the unwrapped fused experts (frozen_base, peft_all); "
                         "default: what transformers picks (grouped_mm on torch>=2.9). moe_peft_ds replaces the "
                         "experts module, so it does not use this setting")
     p.add_argument("--variants", default="sieve25,ours_all,peft_all,frozen_base",
-                   help="comma-separated subset of variants to run (ratios need their two variants)")
+                   help="comma-separated subset of variants to run (ratios need their two variants) (default %(default)s)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-RSS measurement step")
     p.add_argument("--quick", action="store_true", help="much smaller model and few steps (a smoke run, < 1 minute); explicit flags still win")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "step_time.json"),
-                   help="JSON result path; the Markdown table goes next to it with a .md suffix")
+                   help="JSON result path; the Markdown table goes next to it with a .md suffix (default %(default)s)")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else DEFAULTS
     for key, value in preset.items():

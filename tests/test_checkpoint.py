@@ -70,39 +70,31 @@ def test_merge_matches_adapter_and_saves_pretrained(family, batch, tmp_path, dor
         torch.testing.assert_close(reloaded(**batch).logits, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_load_onto_other_architecture_fails_and_changes_nothing(tmp_path):
-    _, path = trained_adapter("mixtral", tmp_path)
-    other = tiny_model("olmoe")
-    snap = snapshot(other)
-    with pytest.raises(AdapterMismatchError, match="model_type"):
-        load_adapter(other, path)
-    assert_unchanged(other, snap)
+def assert_load_fails(model, path, error, match):
+    """``load_adapter`` raises ``error`` and leaves every parameter of ``model`` as it was."""
+    snap = snapshot(model)
+    with pytest.raises(error, match=match):
+        load_adapter(model, path)
+    assert_unchanged(model, snap)
 
 
-def test_load_onto_other_expert_count_fails(tmp_path):
-    _, path = trained_adapter("mixtral", tmp_path)
-    cfg = CONFIGS["mixtral"]()
-    cfg.num_local_experts = 4
+def mixtral_with(**overrides):
     import transformers as tf
 
-    other = tf.MixtralForCausalLM(cfg)
-    snap = snapshot(other)
-    with pytest.raises(AdapterMismatchError, match="num_experts"):
-        load_adapter(other, path)
-    assert_unchanged(other, snap)
-
-
-def test_load_onto_other_shape_fails(tmp_path):
-    _, path = trained_adapter("mixtral", tmp_path)
     cfg = CONFIGS["mixtral"]()
-    cfg.intermediate_size = 16  # same hidden size and expert count, other expert width
-    import transformers as tf
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return tf.MixtralForCausalLM(cfg)
 
-    other = tf.MixtralForCausalLM(cfg)
-    snap = snapshot(other)
-    with pytest.raises(AdapterMismatchError, match="wrong shape"):
-        load_adapter(other, path)
-    assert_unchanged(other, snap)
+
+@pytest.mark.parametrize("other, match", [
+    (lambda: tiny_model("olmoe"), "model_type"),
+    (lambda: mixtral_with(num_local_experts=4), "num_experts"),
+    (lambda: mixtral_with(intermediate_size=16), "wrong shape"),  # same hidden size and expert count
+])
+def test_load_onto_other_model_fails_and_changes_nothing(tmp_path, other, match):
+    _, path = trained_adapter("mixtral", tmp_path)
+    assert_load_fails(other(), path, AdapterMismatchError, match)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
@@ -111,25 +103,17 @@ def test_corrupt_safetensors_fails_clearly(tmp_path, damage):
     f = path / WEIGHTS_NAME
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64)
-    model = tiny_model("mixtral")
-    snap = snapshot(model)
-    with pytest.raises(AdapterMismatchError, match="corrupt or truncated"):
-        load_adapter(model, path)
-    assert_unchanged(model, snap)
+    assert_load_fails(tiny_model("mixtral"), path, AdapterMismatchError, "corrupt or truncated")
 
 
 def test_missing_tensor_fails_and_rolls_back(tmp_path):
+    from safetensors.torch import save_file
+
     _, path = trained_adapter("mixtral", tmp_path)
     state = load_file(str(path / WEIGHTS_NAME))
     state.pop(next(k for k in state if k.endswith("lora_B")))
-    from safetensors.torch import save_file
-
     save_file(state, str(path / WEIGHTS_NAME))
-    model = tiny_model("mixtral")
-    snap = snapshot(model)
-    with pytest.raises(AdapterMismatchError, match="missing"):
-        load_adapter(model, path)
-    assert_unchanged(model, snap)
+    assert_load_fails(tiny_model("mixtral"), path, AdapterMismatchError, "missing")
 
 
 def test_missing_config_keys_fail(tmp_path):
@@ -137,11 +121,7 @@ def test_missing_config_keys_fail(tmp_path):
     raw = json.loads((path / CONFIG_NAME).read_text())
     del raw["selection"]
     (path / CONFIG_NAME).write_text(json.dumps(raw))
-    model = tiny_model("mixtral")
-    snap = snapshot(model)
-    with pytest.raises(ConfigError, match="selection"):
-        load_adapter(model, path)
-    assert_unchanged(model, snap)
+    assert_load_fails(tiny_model("mixtral"), path, ConfigError, "selection")
 
 
 def test_missing_adapter_directory_fails(tmp_path):

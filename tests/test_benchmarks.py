@@ -1,0 +1,21 @@
+"""The benchmarks run and write well-formed results (a smoke run; speed is not asserted)."""
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_step_time_quick_run_writes_results(tmp_path):
+    main = runpy.run_path(str(ROOT / "benchmarks" / "step_time.py"), run_name="not_main")["main"]
+    out = tmp_path / "step_time.json"
+    assert main(["--quick", "--steps", "2", "--warmup", "0", "--no-memory", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"sieve25", "ours_all", "peft_all", "frozen_base"}
+    assert result["checks"] == {"identical_first_loss": True, "ours_all_params_equal_peft_all": True}
+    assert result["ratios"]["trainable_params sieve25/ours_all"]["value"] == pytest.approx(0.25)
+    assert all(len(v["step_times_s"]) == 2 for v in result["variants"].values())
+    assert "| ratio |" in out.with_suffix(".md").read_text()
