@@ -95,14 +95,19 @@ class ExpertLoRA(nn.Module):
     ``lora_B [n, out, r]`` and, with DoRA, ``magnitude [n, out]``, where ``n`` is the number
     of selected experts, so memory grows with ``n``, not with ``E``. ``expert_ids`` holds the
     global expert id of each slot, in ascending order.
+
+    Under expert parallelism the base tensor holds only this rank's experts, global ids
+    ``first_expert .. first_expert + E_local - 1``; ``expert_ids`` stay global.
     """
 
-    def __init__(self, expert_ids: list[int], weight_out_in: torch.Tensor, cfg: AdapterConfig):
-        """``weight_out_in``: the base tensor as ``[E, out, in]`` (a view is fine)."""
+    def __init__(self, expert_ids: list[int], weight_out_in: torch.Tensor, cfg: AdapterConfig, first_expert: int = 0):
+        """``weight_out_in``: the (local) base tensor as ``[E, out, in]`` (a view is fine)."""
         super().__init__()
+        num_experts, out_f, in_f = weight_out_in.shape
         if not expert_ids:
             raise ValueError("ExpertLoRA needs at least one selected expert")
-        num_experts, out_f, in_f = weight_out_in.shape
+        if not all(first_expert <= e < first_expert + num_experts for e in expert_ids):
+            raise ValueError(f"expert ids {expert_ids} are not all in [{first_expert}, {first_expert + num_experts})")
         # Ascending ids: the rows of the selected experts, sorted by expert, then line up with the slots.
         self.expert_ids = sorted(expert_ids)
         self.slot = {e: i for i, e in enumerate(self.expert_ids)}
@@ -113,10 +118,10 @@ class ExpertLoRA(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(len(expert_ids), out_f, cfg.r, **kw))
         init_lora_pair(self.lora_A, self.lora_B)
         self.magnitude = None
+        ids = torch.tensor(self.expert_ids, device=weight_out_in.device) - first_expert  # local indices
         if cfg.use_dora:
-            norms = weight_out_in[self.expert_ids].detach().norm(dim=2)  # [n, out]
+            norms = weight_out_in[ids].detach().norm(dim=2)  # [n, out]
             self.magnitude = nn.Parameter(norms.clone())
-        ids = torch.tensor(self.expert_ids, device=weight_out_in.device)
         slot_of = torch.full((num_experts,), -1, dtype=torch.long, device=weight_out_in.device)
         slot_of[ids] = torch.arange(len(ids), device=ids.device)
         # Index helpers, derived from expert_ids: not saved, but moved with the module.
@@ -149,7 +154,7 @@ class ExpertLoRA(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self, expert: int, weight_out_in: torch.Tensor) -> torch.Tensor:
-        """Expert ``expert``'s ``[out, in]`` weight with its adapter folded in."""
+        """Expert ``expert``'s (global id) ``[out, in]`` weight with its adapter folded in."""
         i = self.slot[expert]
         A, B = self.lora_A[i], self.lora_B[i]
         merged = weight_out_in + (self.scaling * (B @ A)).to(weight_out_in.dtype)

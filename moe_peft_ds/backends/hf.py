@@ -107,7 +107,7 @@ def find_moe_blocks(model: nn.Module, fam: MoEFamily | None = None) -> list[MoEB
         experts = getattr(module, fam.experts, None)
         if experts is None or not hasattr(module, fam.router):
             continue
-        if not hasattr(experts, "gate_up_proj") and not isinstance(experts, FusedExpertsWithLoRA):
+        if not hasattr(base_experts(experts), "gate_up_proj"):
             continue
         match = _LAYER_INDEX.search(name + ".")
         if match is None:
@@ -119,7 +119,8 @@ def find_moe_blocks(model: nn.Module, fam: MoEFamily | None = None) -> list[MoEB
 
 
 def base_experts(experts: nn.Module) -> nn.Module:
-    """The frozen fused experts module, whether or not it is wrapped."""
+    """The frozen fused experts module, whether or not it is wrapped (adapters, expert parallelism)."""
+    experts = getattr(experts, "local", experts)  # parallel.ExpertParallelExperts holds the local experts
     return experts.base if isinstance(experts, FusedExpertsWithLoRA) else experts
 
 
@@ -138,19 +139,23 @@ class FusedExpertsWithLoRA(nn.Module):
     experts get the LoRA update (two more grouped GEMMs over the selected experts).
     """
 
-    def __init__(self, base: nn.Module, fam: MoEFamily, expert_ids: list[int], cfg: AdapterConfig):
+    def __init__(self, base: nn.Module, fam: MoEFamily, expert_ids: list[int], cfg: AdapterConfig, first_expert: int = 0):
+        """``base`` holds experts ``first_expert ..`` (all of them unless expert-parallel);
+        ``expert_ids`` are global ids among those, possibly none (a rank without adapters)."""
         super().__init__()
         self.base = base
         self.family = fam
-        self.num_experts = base.gate_up_proj.shape[0]
+        self.num_experts = base.gate_up_proj.shape[0]  # local experts
+        self.first_expert = first_expert
         self.adapters = nn.ModuleDict({
-            t: ExpertLoRA(expert_ids, weight_out_in(base, t, fam.transposed), cfg) for t in cfg.expert_targets
-        })
+            t: ExpertLoRA(expert_ids, weight_out_in(base, t, fam.transposed), cfg, first_expert) for t in cfg.expert_targets
+        } if expert_ids else {})
         base.requires_grad_(False)
 
     @property
     def expert_ids(self) -> list[int]:
-        return next(iter(self.adapters.values())).expert_ids
+        """Global ids of the experts that carry adapters."""
+        return next(iter(self.adapters.values())).expert_ids if self.adapters else []
 
     def _project(self, tensor: str, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x [S, in]`` (rows sorted by expert) through each row's expert of ``tensor``, plus LoRA."""
@@ -162,6 +167,11 @@ class FusedExpertsWithLoRA(nn.Module):
             y = y + getattr(self.base, f"{tensor}_bias")[expert_of_row]
         return y
 
+    def expert_rows(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The expert FFN on rows ``x [S, H]`` sorted by (local) expert; ``counts [E]`` rows per expert."""
+        h = self.family.glu(self.base, self._project("gate_up_proj", x, expert_of_row, counts))
+        return self._project("down_proj", h, expert_of_row, counts)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         k = top_k_index.shape[1]
         flat = top_k_index.reshape(-1)  # [T*k]
@@ -171,8 +181,7 @@ class FusedExpertsWithLoRA(nn.Module):
         n_rows = int(counts.sum())  # the one host sync of the call
         order, expert_of_row = order[:n_rows], expert_of_row[:n_rows]
         token = order // k  # [S] token of each sorted assignment
-        h = self.family.glu(self.base, self._project("gate_up_proj", hidden_states[token], expert_of_row, counts))
-        y = self._project("down_proj", h, expert_of_row, counts) * top_k_weights.reshape(-1)[order, None]
+        y = self.expert_rows(hidden_states[token], expert_of_row, counts) * top_k_weights.reshape(-1)[order, None]
         return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
 
     @torch.no_grad()
@@ -181,7 +190,8 @@ class FusedExpertsWithLoRA(nn.Module):
         for tensor, adapter in self.adapters.items():
             w = weight_out_in(self.base, tensor, self.family.transposed)
             for e in adapter.expert_ids:
-                w[e].copy_(adapter.merged_weight(e, w[e]))
+                local = e - self.first_expert
+                w[local].copy_(adapter.merged_weight(e, w[local]))
         return self.base
 
 

@@ -1,0 +1,141 @@
+"""Expert parallelism for Hugging Face MoE blocks: dropless all-to-all dispatch, expert
+sharding and the parameter tags DeepSpeed reads.
+
+With ``ep_size`` N, every rank of an expert-parallel group keeps E/N experts of each MoE
+layer (base weights and adapters); the router and everything else stay replicated. Each
+rank routes its own tokens, sends every (token, expert) assignment to the rank that owns
+the expert through one all-to-all with uneven split sizes (no capacity, no padding, no
+dropped tokens), the owner runs its experts, and a second all-to-all brings the outputs
+back for the weighted combine. Both all-to-alls are differentiable.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .backends.hf import FusedExpertsWithLoRA, base_experts, family_of, find_moe_blocks
+from .config import AdapterConfig
+
+EXPERT_TENSORS_AND_BIASES = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+
+class _AllToAllV(torch.autograd.Function):
+    """All-to-all of rows with per-rank split sizes; backward sends gradients the reverse way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return _exchange(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _exchange(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out
+
+
+def all_to_all_v(x: torch.Tensor, send: list[int], recv: list[int], group=None) -> torch.Tensor:
+    """Send ``x``'s rows ``[sum(send), ...]`` split by ``send`` to the ranks of ``group``;
+    returns the ``[sum(recv), ...]`` rows received, ordered by source rank."""
+    return _AllToAllV.apply(x, send, recv, group)
+
+
+class ExpertParallelExperts(nn.Module):
+    """The experts of one MoE block under expert parallelism; called like the module it replaces.
+
+    ``local`` computes this rank's experts (global ids ``local.first_expert ..``) on rows
+    sorted by local expert; this module routes rows to and from the owning ranks.
+    """
+
+    def __init__(self, local: FusedExpertsWithLoRA, group, num_experts: int):
+        super().__init__()
+        self.local = local
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.num_experts = num_experts  # global
+        self.sent_rows = 0  # rows this rank sent by all-to-all since the last reset (for benchmarks)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        k, n_local = top_k_index.shape[1], self.local.num_experts
+        flat = top_k_index.reshape(-1)
+        expert_of_row, order = torch.sort(flat, stable=True)
+        # Index E marks a masked top-k slot in transformers: it sorts last and is not sent.
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts]
+        order = order[: int(counts.sum())]
+        token = order // k
+        send_counts = counts.view(self.ep_size, n_local)  # [destination rank, its local expert]
+        recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send, recv = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        x = all_to_all_v(hidden_states[token], send, recv, self.group)  # grouped by source, then expert
+        # Regroup the received rows by local expert (stable: sources stay in rank order).
+        local_expert = torch.arange(n_local, device=x.device).repeat(self.ep_size)
+        local_of_row, perm = torch.sort(torch.repeat_interleave(local_expert, recv_counts.reshape(-1)), stable=True)
+        y = self.local.expert_rows(x[perm], local_of_row, recv_counts.sum(0))
+        y = all_to_all_v(y[torch.argsort(perm)], recv, send, self.group)  # back in the order sent
+        self.sent_rows += sum(send) + sum(recv)
+        y = y * top_k_weights.reshape(-1)[order, None]
+        return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+
+
+def ep_group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the expert-parallel group of this size (its MoE layers use it too)."""
+    return f"ep_size_{ep_size}"
+
+
+def _slice_experts(base: nn.Module, lo: int, hi: int) -> None:
+    """Keep only experts ``lo..hi-1`` of a fused experts module; the full tensors are released."""
+    for name in EXPERT_TENSORS_AND_BIASES:
+        p = getattr(base, name, None)
+        if isinstance(p, nn.Parameter):
+            setattr(base, name, nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=False))
+    base.num_experts = hi - lo
+
+
+def _shard_block(experts: nn.Module, fam, cfg: AdapterConfig, lo: int, hi: int) -> FusedExpertsWithLoRA:
+    """This rank's share of one block's experts, adapters included (copied, so the
+    initialisation matches the unsharded model exactly)."""
+    full = experts if isinstance(experts, FusedExpertsWithLoRA) else None
+    base = full.base if full else experts
+    local_ids = [e for e in (full.expert_ids if full else []) if lo <= e < hi]
+    _slice_experts(base, lo, hi)
+    local = FusedExpertsWithLoRA(base, fam, local_ids, cfg, first_expert=lo)
+    with torch.no_grad():
+        for tensor, adapter in local.adapters.items():
+            src = full.adapters[tensor]
+            slots = [src.slot[e] for e in adapter.expert_ids]
+            for name, p in adapter.named_parameters():
+                p.copy_(getattr(src, name)[slots])
+    return local
+
+
+def shard_experts(model: nn.Module, group=None) -> nn.Module:
+    """Make every MoE block of ``model`` (with its adapter already applied) expert-parallel
+    over ``group``: each rank keeps E/N experts per layer, tagged for DeepSpeed.
+
+    Call on every rank with identical models (same seed / same checkpoint).
+    """
+    cfg = getattr(model, "moe_peft_config", None)
+    if cfg is None:
+        raise ValueError("apply_sieve_lora (or load_adapter) first; expert parallelism shards the adapted model")
+    ep_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    fam = family_of(model)
+    for block in find_moe_blocks(model, fam):
+        experts = block.experts(fam)
+        if isinstance(experts, ExpertParallelExperts):
+            raise ValueError("this model is already expert-parallel")
+        num_experts = base_experts(experts).gate_up_proj.shape[0]
+        if num_experts % ep_size:
+            raise ValueError(f"{num_experts} experts per layer cannot be split over ep_size={ep_size}")
+        per_rank = num_experts // ep_size
+        local = _shard_block(experts, fam, cfg, rank * per_rank, (rank + 1) * per_rank)
+        for p in local.adapters.parameters():  # expert-local: reduced over the expert-data-parallel group only
+            p.allreduce = False
+            p.group_name = ep_group_name(ep_size)
+        setattr(block.module, fam.experts, ExpertParallelExperts(local, group, num_experts))
+    return model

@@ -1,0 +1,110 @@
+"""Expert parallelism on 2 gloo ranks: the all-to-all, and EP=2 equal to one process."""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_peft_ds import AdapterConfig, apply_sieve_lora
+from moe_peft_ds.backends.hf import base_experts, family_of, find_moe_blocks
+from moe_peft_ds.parallel import ExpertParallelExperts, all_to_all_v, ep_group_name, shard_experts
+from conftest import randomize_adapters
+from distributed import run_ranks
+from tiny_models import tiny_model
+
+
+def _all_to_all_on_rank(rank, world, out_dir):
+    send = [[2, 0], [1, 3]][rank]  # uneven, with an empty split
+    recv = [[2, 1], [0, 3]][rank]
+    x = (torch.arange(sum(send) * 3, dtype=torch.float32).view(-1, 3) + 100 * rank).requires_grad_(True)
+    y = all_to_all_v(x, send, recv)
+    (y * torch.arange(1, y.shape[0] + 1)[:, None]).sum().backward()
+    torch.save({"x": x.detach(), "y": y.detach(), "grad": x.grad}, f"{out_dir}/rank{rank}.pt")
+
+
+def test_all_to_all_v_moves_rows_and_gradients(tmp_path):
+    run_ranks(_all_to_all_on_rank, world=2, args=(str(tmp_path),))
+    r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    torch.testing.assert_close(r[0]["y"], torch.cat([r[0]["x"][:2], r[1]["x"][:1]]), rtol=0, atol=0)
+    torch.testing.assert_close(r[1]["y"], r[1]["x"][1:], rtol=0, atol=0)
+    # rank 0's first rows went to rank 0 (weights 1, 2); rank 1's row 0 went to rank 0 (weight 3)
+    torch.testing.assert_close(r[0]["grad"][:, 0], torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(r[1]["grad"][:, 0], torch.tensor([3.0, 1.0, 2.0, 3.0]))
+
+
+SELECTION = [1, 2, 5, 6]  # two experts on each rank of EP=2 (8 experts, 4 per rank)
+
+
+def _batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _adapted(family):
+    model = tiny_model(family)
+    layers = {b.layer for b in find_moe_blocks(model)}
+    apply_sieve_lora(model, {layer: SELECTION for layer in layers}, AdapterConfig(attention_targets=["q_proj"]))
+    randomize_adapters(model)
+    return model
+
+
+def _ep_on_rank(rank, world, family, out_dir):
+    model = _adapted(family)
+    reference = copy.deepcopy(model)
+    ref_losses = [reference(**_batch(10 + r)).loss for r in range(world)]
+    sum(ref_losses).backward()  # one process over both ranks' batches
+    shard_experts(model, dist.group.WORLD)
+    loss = model(**_batch(10 + rank)).loss
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "allreduce", True):  # replicated: data-parallel sum
+            dist.all_reduce(p.grad)
+        grads[name] = p.grad
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    fam = family_of(model)
+    local_bytes = sum(p.numel() for b in find_moe_blocks(model, fam) for p in base_experts(b.experts(fam)).parameters())
+    full_bytes = sum(p.numel() for b in find_moe_blocks(reference, fam) for p in base_experts(b.experts(fam)).parameters())
+    torch.save({"loss": loss.detach(), "ref_loss": ref_losses[rank].detach(), "grads": grads, "ref_grads": ref_grads,
+                "tags": {n: (getattr(p, "allreduce", True), getattr(p, "group_name", None))
+                         for n, p in model.named_parameters() if p.requires_grad},
+                "expert_weights": (local_bytes, full_bytes)}, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_ep2_equals_one_process(tmp_path, family):
+    run_ranks(_ep_on_rank, world=2, args=(family, str(tmp_path)))
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(r["loss"], r["ref_loss"], rtol=1e-6, atol=1e-6)
+        local, full = r["expert_weights"]
+        assert local * 2 == full  # each rank holds half of every layer's experts
+        mine = [e for e in SELECTION if rank * 4 <= e < (rank + 1) * 4]
+        for name, g in r["grads"].items():
+            if ".local.adapters." not in name:  # replicated adapter (attention LoRA)
+                torch.testing.assert_close(g, r["ref_grads"][name], rtol=1e-5, atol=1e-6)
+                assert r["tags"][name] == (True, None)
+                continue
+            ref_name = name.replace(".local.adapters.", ".adapters.")
+            slots = [SELECTION.index(e) for e in mine]  # rows of the full adapter that this rank owns
+            torch.testing.assert_close(g, r["ref_grads"][ref_name][slots], rtol=1e-5, atol=1e-6)
+            assert r["tags"][name] == (False, ep_group_name(2))
+
+
+def test_shard_needs_an_adapter_and_divisible_experts(tmp_path):
+    run_ranks(_shard_errors_on_rank, world=2, args=())
+
+
+def _shard_errors_on_rank(rank, world):
+    with pytest.raises(ValueError, match="apply_sieve_lora"):
+        shard_experts(tiny_model("mixtral"), dist.group.WORLD)
+    model = _adapted("mixtral")
+    shard_experts(model, dist.group.WORLD)
+    assert all(isinstance(b.experts(family_of(model)), ExpertParallelExperts) for b in find_moe_blocks(model))
+    with pytest.raises(ValueError, match="already expert-parallel"):
+        shard_experts(model, dist.group.WORLD)
