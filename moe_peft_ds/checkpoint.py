@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -73,13 +74,36 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             t.copy_(state[k])
 
 
+def _expert_parallel_group(model: nn.Module):
+    """The expert-parallel process group of ``model``, or None when its experts are not sharded."""
+    return next((m.group for m in model.modules() if hasattr(m, "local") and hasattr(m, "group")), None)
+
+
+def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole adapter on CPU; under expert parallelism every rank of the group must call
+    this, and each gets the experts of all ranks (keys are global, so shards just merge)."""
+    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    group = _expert_parallel_group(model)
+    if group is None:
+        return state
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, state, group=group)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def save_adapter(model: nn.Module, output_dir: str | Path) -> Path:
-    """Write the adapter of ``model`` (and only it) to ``output_dir``."""
+    """Write the adapter of ``model`` (and only it) to ``output_dir``.
+
+    Expert-parallel models: call on every rank; the shards are gathered and global rank 0
+    writes the same files a single process would.
+    """
     cfg = getattr(model, "moe_peft_config", None)
     if cfg is None:
         raise ValueError("this model carries no moe_peft_ds adapter; call apply_sieve_lora first")
-    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    state = gathered_adapter_state(model)
     out = Path(output_dir)
+    if _expert_parallel_group(model) is not None and dist.get_rank() != 0:
+        return out
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "moe_peft_ds"})
     cfg.to_json(out / CONFIG_NAME)

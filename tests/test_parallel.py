@@ -108,3 +108,34 @@ def _shard_errors_on_rank(rank, world):
     assert all(isinstance(b.experts(family_of(model)), ExpertParallelExperts) for b in find_moe_blocks(model))
     with pytest.raises(ValueError, match="already expert-parallel"):
         shard_experts(model, dist.group.WORLD)
+
+
+def _checkpoint_on_rank(rank, world, out_dir):
+    from moe_peft_ds import load_adapter, save_adapter
+
+    model = _adapted("mixtral")
+    if rank == 0:
+        save_adapter(model, f"{out_dir}/single")  # one process, nothing sharded
+    shard_experts(model, dist.group.WORLD)
+    save_adapter(model, f"{out_dir}/ep2")  # every rank calls; rank 0 writes
+    dist.barrier()
+    batch = _batch(20 + rank)
+    with torch.no_grad():
+        ref = model(**batch).logits
+        single = load_adapter(tiny_model("mixtral"), f"{out_dir}/ep2")  # reload at EP=1
+        resharded = shard_experts(load_adapter(tiny_model("mixtral"), f"{out_dir}/ep2"), dist.group.WORLD)  # and at EP=2
+        torch.testing.assert_close(resharded(**batch).logits, ref, rtol=0, atol=0)  # same layout: bit-identical
+        torch.testing.assert_close(single(**batch).logits, ref, rtol=1e-5, atol=1e-6)  # summation order differs
+
+
+def test_ep2_checkpoint_equals_single_process_and_reloads(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    run_ranks(_checkpoint_on_rank, world=2, args=(str(tmp_path),))
+    single, ep2 = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("single", "ep2"))
+    assert single.keys() == ep2.keys()
+    assert all(torch.equal(single[k], ep2[k]) for k in single)
+    assert json.loads((tmp_path / "single" / "adapter_config.json").read_text()) == \
+        json.loads((tmp_path / "ep2" / "adapter_config.json").read_text())

@@ -245,10 +245,12 @@ def describe_model(model: nn.Module) -> dict:
     """Facts about an MoE model that an adapter must match."""
     fam = family_of(model)
     blocks = find_moe_blocks(model, fam)
-    experts = base_experts(blocks[0].experts(fam))
+    experts = blocks[0].experts(fam)
+    # Expert-parallel blocks hold E/N experts; their wrapper knows the global count.
+    num_experts = experts.num_experts if hasattr(experts, "local") else base_experts(experts).gate_up_proj.shape[0]
     return {
         "model_type": model.config.model_type,
-        "num_experts": experts.gate_up_proj.shape[0],
+        "num_experts": num_experts,
         "hidden_size": model.config.hidden_size,
         "moe_layers": [b.layer for b in blocks],
     }
