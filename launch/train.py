@@ -2,10 +2,13 @@
 r"""Fine-tune an MoE model with the sieve (LoRA on the most-routed experts) or LoRA/DoRA on all experts.
 
 The recipe, top to bottom: load model and data -> profile routing on a calibration set ->
-select experts -> inject adapters -> train -> save the adapter (and the routing profile).
+select experts -> inject adapters -> (shard experts) -> train -> save the adapter (and the
+routing profile).
 
     python launch/train.py --model tiny-mixtral --method sieve --sieve-fraction 0.25 \
         --data demo:arithmetic --output-dir out/sieve-demo
+    deepspeed --num_gpus 2 launch/train.py --model tiny-mixtral --data demo:arithmetic \
+        --output-dir out/sieve-ep2 --deepspeed_config ds_configs/zero2_fp32.json --ep-size 2
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from moe_peft_ds.config import ATTENTION_TARGETS, POLICIES, ConfigError  # noqa:
 from moe_peft_ds.data import load_examples, make_loader, resolve_data  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
 from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
-from moe_peft_ds.train import count_trainable, train  # noqa: E402
+from moe_peft_ds.parallel import deepspeed_expert_group, shard_experts  # noqa: E402
+from moe_peft_ds.train import count_trainable, deepspeed_config, train, train_deepspeed  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, warmup then cosine (default 2e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed for adapter init, shuffling and the random policy")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    d = p.add_argument_group("distributed (under the deepspeed launcher)")
+    d.add_argument("--deepspeed_config", default=None,
+                   help="a DeepSpeed JSON preset from ds_configs/; trains with deepspeed.initialize "
+                        "(--batch-size becomes the per-rank micro batch)")
+    d.add_argument("--ep-size", type=int, default=1,
+                   help="expert parallelism: each MoE layer's experts are split over this many ranks, tokens reach "
+                        "them by all-to-all (default 1; needs --deepspeed_config; ZeRO-0/1/2 only)")
+    d.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself")
     return p.parse_args(argv)
 
 
@@ -75,11 +87,31 @@ def build_configs(args) -> tuple[AdapterConfig, SieveConfig]:
     adapter = AdapterConfig(method=args.method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                             use_rslora=args.use_rslora, use_dora=args.use_dora or args.method == "dora",
                             attention_targets=list(args.attention_lora), shared_expert_lora=args.shared_expert_lora)
+    check_distributed(args)
     resolve_data(args.data)  # a missing file fails now, before the model is loaded
     out = Path(args.output_dir)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise ConfigError(f"{out} already holds an adapter; pass --overwrite or choose another --output-dir")
     return adapter, sieve
+
+
+def check_distributed(args) -> None:
+    """Reject flag combinations DeepSpeed cannot run, before any process group is created."""
+    check_positive(ep_size=args.ep_size)
+    if args.deepspeed_config is None:
+        if args.ep_size > 1:
+            raise ConfigError("--ep-size > 1 needs --deepspeed_config (run under the deepspeed launcher)")
+        return
+    path = Path(args.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"--deepspeed_config {path} does not exist; presets are in ds_configs/")
+    try:
+        stage = json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {err}") from err
+    if stage == 3 and args.ep_size > 1:
+        raise ConfigError("ZeRO-3 cannot shard expert-parallel experts (DeepSpeed MoE rejects it); "
+                          "use a ZeRO-0/1/2 preset with --ep-size > 1, or --ep-size 1 with ZeRO-3")
 
 
 def size_report(model, selection_all: dict[int, list[int]]) -> dict:
@@ -102,10 +134,23 @@ def main(argv=None) -> int:
     return run_cli(run, parse_args(argv))
 
 
+def init_distributed(args) -> tuple[int, int]:
+    """``(rank, world)``; under the deepspeed launcher this creates the process group."""
+    if args.deepspeed_config is None:
+        return 0, 1
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed()  # NCCL on GPUs, gloo on the CPU accelerator
+    return dist.get_rank(), dist.get_world_size()
+
+
 def run(args) -> int:
     adapter_cfg, sieve_cfg = build_configs(args)
-    torch.manual_seed(args.seed)
-    progress = not args.no_progress
+    rank, world = init_distributed(args)
+    torch.manual_seed(args.seed)  # same seed everywhere: identical base and adapter init on every rank
+    progress = not args.no_progress and rank == 0
+    log = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.output_dir)
 
     model, tokenizer = load_model(args.model, args.dtype)
@@ -114,32 +159,40 @@ def run(args) -> int:
     adapter_cfg.base_model = args.model
 
     profile = None
-    if args.method == "sieve":
-        calib = make_loader(examples[: args.calibration_samples], tokenizer, args.batch_size, shuffle=False)
+    if args.method == "sieve":  # each rank profiles its share; counts are all-reduced
+        calib = make_loader(examples[: args.calibration_samples][rank::world], tokenizer, args.batch_size, shuffle=False)
         profile = profile_routing(model, calib, model_id=args.model, data_id=args.data, progress=progress)
-        print(f"routing profile: {profile.tokens} tokens from {profile.samples} samples\n{format_skew(profile)}")
+        log(f"routing profile: {profile.tokens} tokens from {profile.samples} samples\n{format_skew(profile)}")
         selection = select_experts(profile, sieve_cfg)
     else:
         selection = all_experts_selection(model)
     apply_sieve_lora(model, selection, adapter_cfg)
     sizes = size_report(model, all_experts_selection(model))
-    print(f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts "
-          f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)")
+    log(f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts "
+        f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)")
 
+    loader = make_loader(examples[rank::world], tokenizer, args.batch_size, shuffle=True, seed=args.seed)
     start = time.perf_counter()
-    losses = train(model, make_loader(examples, tokenizer, args.batch_size, shuffle=True, seed=args.seed),
-                   args.max_steps, args.lr, progress=progress)
+    if args.deepspeed_config is None:
+        losses = train(model, loader, args.max_steps, args.lr, progress=progress)
+    else:
+        if args.ep_size > 1:
+            shard_experts(model, deepspeed_expert_group(args.ep_size))
+        losses = train_deepspeed(model, loader, args.max_steps, args.lr,
+                                 deepspeed_config(args.deepspeed_config, args.batch_size), progress=progress)
     elapsed = time.perf_counter() - start
 
-    save_adapter(model, out)
+    save_adapter(model, out)  # expert-parallel: every rank takes part, rank 0 writes
+    if rank != 0:
+        return 0
     if profile is not None:
         profile.save(out / "routing_profile.json")
         plot_heatmap(profile, out / "routing_heatmap.png")
-    log = {"losses": losses, "seconds": elapsed, "sizes": sizes, "args": vars(args)}
-    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    record = {"losses": losses, "seconds": elapsed, "sizes": sizes, "world_size": world, "args": vars(args)}
+    (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
 
     head, tail = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
-    print(f"loss {head:.3f} -> {tail:.3f} over {len(losses)} steps ({elapsed:.1f} s)")
+    print(f"loss {head:.3f} -> {tail:.3f} over {len(losses)} steps ({elapsed:.1f} s, {world} rank(s))")
     print(f"trainable parameters: {sizes['trainable_params']:,} (LoRA on all experts: {sizes['all_experts_trainable_params']:,}, "
           f"ratio {sizes['param_ratio']:.3f})")
     print(f"adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB (all experts: {sizes['all_experts_adapter_bytes'] / 1e6:.2f} MB)")

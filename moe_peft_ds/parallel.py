@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from deepspeed.moe.layer import MoE
 from torch import nn
 
 from .backends.hf import FusedExpertsWithLoRA, base_experts, family_of, find_moe_blocks
@@ -45,20 +46,30 @@ def all_to_all_v(x: torch.Tensor, send: list[int], recv: list[int], group=None) 
     return _AllToAllV.apply(x, send, recv, group)
 
 
-class ExpertParallelExperts(nn.Module):
+class ExpertParallelExperts(MoE):
     """The experts of one MoE block under expert parallelism; called like the module it replaces.
 
     ``local`` computes this rank's experts (global ids ``local.first_expert ..``) on rows
     sorted by local expert; this module routes rows to and from the owning ranks.
+
+    It subclasses DeepSpeed's ``MoE`` only so that ``deepspeed.initialize`` sees an MoE model
+    and reduces expert-local gradients over the expert-data-parallel group; DeepSpeed's own
+    gate and capacity-padded dispatch are not used (``MoE.__init__`` is not called).
     """
 
     def __init__(self, local: FusedExpertsWithLoRA, group, num_experts: int):
-        super().__init__()
+        nn.Module.__init__(self)
         self.local = local
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.num_experts = num_experts  # global
+        self.num_local_experts = num_experts // self.ep_size
+        self.expert_group_name = ep_group_name(self.ep_size)
+        self.enable_expert_tensor_parallelism = False
         self.sent_rows = 0  # rows this rank sent by all-to-all since the last reset (for benchmarks)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by ``deepspeed.initialize``: the groups exist already (``deepspeed_expert_group``)."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         k, n_local = top_k_index.shape[1], self.local.num_experts
@@ -134,8 +145,25 @@ def shard_experts(model: nn.Module, group=None) -> nn.Module:
             raise ValueError(f"{num_experts} experts per layer cannot be split over ep_size={ep_size}")
         per_rank = num_experts // ep_size
         local = _shard_block(experts, fam, cfg, rank * per_rank, (rank + 1) * per_rank)
-        for p in local.adapters.parameters():  # expert-local: reduced over the expert-data-parallel group only
+        # Expert-local, frozen base included: DeepSpeed must neither average these gradients over
+        # all ranks nor broadcast rank 0's experts over the others at initialize.
+        for p in local.parameters():
             p.allreduce = False
             p.group_name = ep_group_name(ep_size)
         setattr(block.module, fam.experts, ExpertParallelExperts(local, group, num_experts))
     return model
+
+
+def deepspeed_expert_group(ep_size: int):
+    """Create (once) DeepSpeed's expert-parallel and expert-data-parallel groups for
+    ``ep_size`` and return the expert-parallel group of this rank, so that our dispatch and
+    DeepSpeed's gradient reduction use the same layout."""
+    from deepspeed.utils import groups
+
+    world = dist.get_world_size()
+    if ep_size < 1 or world % ep_size:
+        raise ValueError(f"--ep-size {ep_size} must divide the number of ranks ({world})")
+    name = ep_group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name)

@@ -3,6 +3,8 @@ gradient clipping, a progress bar. Components know nothing of the launcher."""
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,16 +40,63 @@ def train_step(model: nn.Module, batch: dict, optimizer, scheduler, clip: float)
     return loss.item()
 
 
-def train(model: nn.Module, loader, steps: int, lr: float, warmup: int = 10, clip: float = 1.0,
-          progress: bool = True) -> list[float]:
-    """Train for ``steps`` optimizer steps, cycling over ``loader``; returns the loss per step."""
-    optimizer = build_optimizer(model, lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
-    model.train()
+def _run_steps(step, loader, steps: int, progress: bool) -> list[float]:
+    """Call ``step(batch) -> loss`` ``steps`` times, cycling over ``loader``, with a progress bar."""
     losses = []
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     bar = tqdm(range(steps), desc="training", disable=not progress)
     for _ in bar:
-        losses.append(train_step(model, next(batches), optimizer, scheduler, clip))
+        losses.append(step(next(batches)))
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     return losses
+
+
+def train(model: nn.Module, loader, steps: int, lr: float, warmup: int = 10, clip: float = 1.0,
+          progress: bool = True) -> list[float]:
+    """Train for ``steps`` optimizer steps in one process; returns the loss per step."""
+    optimizer = build_optimizer(model, lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
+    model.train()
+    return _run_steps(lambda batch: train_step(model, batch, optimizer, scheduler, clip), loader, steps, progress)
+
+
+def deepspeed_config(path: str | Path, micro_batch_size: int) -> dict:
+    """A preset from ``ds_configs/`` with the launcher's per-rank batch size filled in."""
+    cfg = json.loads(Path(path).read_text())
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x ranks
+    return cfg
+
+
+def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dict, warmup: int = 10,
+                    progress: bool = True) -> list[float]:
+    """Train under ``deepspeed.initialize``; returns the loss per step, averaged over ranks.
+
+    Adapter parameters go into optimizer groups split by DeepSpeed's MoE helper, so that
+    expert-local ones (tagged ``allreduce=False``) are reduced and ZeRO-sharded over the
+    expert-data-parallel group; clipping follows the config's ``gradient_clipping``.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters; inject an adapter first")
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "adapters"})
+    groups = [g for g in groups if g["params"]]  # e.g. no replicated adapters at all under expert parallelism
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    # A factory: the schedule must drive the optimizer DeepSpeed hands back (ZeRO wraps it).
+    schedule = lambda opt: get_cosine_schedule_with_warmup(opt, min(warmup, steps), steps)  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    engine.train()
+
+    def step(batch: dict) -> float:
+        loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        return mean.item() / dist.get_world_size()
+
+    return _run_steps(step, loader, steps, progress and dist.get_rank() == 0)
