@@ -111,7 +111,10 @@ def check_distributed(args) -> None:
         raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {err}") from err
     if stage == 3 and args.ep_size > 1:
         raise ConfigError("ZeRO-3 cannot shard expert-parallel experts (DeepSpeed MoE rejects it); "
-                          "use a ZeRO-0/1/2 preset with --ep-size > 1, or --ep-size 1 with ZeRO-3")
+                          "use a ZeRO-0/1/2 preset with --ep-size > 1")
+    if stage == 3:  # forward works (the base tensors are registered with ZeRO-3); backward does not yet
+        raise ConfigError("ZeRO-3 is not supported yet for the fused-experts adapters (issue 3); "
+                          "use a ZeRO-0/1/2 preset (ZeRO-2 with CPU optimizer offload saves the most memory)")
 
 
 def size_report(model, selection_all: dict[int, list[int]]) -> dict:

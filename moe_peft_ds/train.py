@@ -85,7 +85,13 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
         raise ValueError("the model has no trainable parameters; inject an adapter first")
     groups = split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "adapters"})
     groups = [g for g in groups if g["params"]]  # e.g. no replicated adapters at all under expert parallelism
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    if offload:  # DeepSpeed's vectorised CPU Adam (AdamW mode); DeepSpeed refuses torch's with offload
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=lr, weight_decay=0.0, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     # A factory: the schedule must drive the optimizer DeepSpeed hands back (ZeRO wraps it).
     schedule = lambda opt: get_cosine_schedule_with_warmup(opt, min(warmup, steps), steps)  # noqa: E731
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)

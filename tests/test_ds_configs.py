@@ -20,3 +20,5 @@ def test_preset_parses_and_clips_explicitly(path):
     stage = int(path.name.split("_")[0].removeprefix("zero"))
     assert cfg.zero_optimization_stage == stage
     assert cfg.bfloat16_config.enabled == ("bf16" in path.name)
+    offload = cfg.zero_config.offload_optimizer
+    assert (offload is not None and offload.device == "cpu") == ("offload" in path.name)

@@ -151,6 +151,11 @@ class FusedExpertsWithLoRA(nn.Module):
             t: ExpertLoRA(expert_ids, weight_out_in(base, t, fam.transposed), cfg, first_expert) for t in cfg.expert_targets
         } if expert_ids else {})
         base.requires_grad_(False)
+        # The base tensors are read here, not in base.forward: ZeRO-3 must gather them for this module.
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for p in base.parameters():
+            register_external_parameter(self, p)
 
     @property
     def expert_ids(self) -> list[int]:
