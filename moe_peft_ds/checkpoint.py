@@ -8,6 +8,7 @@ their module path (``model.layers.0.self_attn.q_proj.lora_A``).
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -105,8 +106,19 @@ def save_adapter(model: nn.Module, output_dir: str | Path) -> Path:
     if _expert_parallel_group(model) is not None and dist.get_rank() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "moe_peft_ds"})
-    cfg.to_json(out / CONFIG_NAME)
+    weights_tmp, config_tmp = out / f".{WEIGHTS_NAME}.tmp", out / f".{CONFIG_NAME}.tmp"
+    try:
+        save_file(state, str(weights_tmp), metadata={"format": "pt", "library": "moe_peft_ds"})
+        cfg.to_json(config_tmp)
+    except BaseException:
+        weights_tmp.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
+        raise
+    # The config goes first and comes back last: a kill in between leaves no loadable
+    # adapter (load_adapter needs both files), never old config with new weights.
+    (out / CONFIG_NAME).unlink(missing_ok=True)
+    os.replace(weights_tmp, out / WEIGHTS_NAME)
+    os.replace(config_tmp, out / CONFIG_NAME)
     return out
 
 

@@ -1,5 +1,6 @@
 """Adapter checkpoints: round trip, merge, and loads that must fail without changing anything."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,23 @@ def test_loading_twice_is_refused(tmp_path):
     model = load_adapter(tiny_model("mixtral"), path)
     with pytest.raises(ValueError, match="already carries"):
         load_adapter(model, path)
+
+
+def _failing_save_file(state, path, metadata=None):
+    """Write half a file, then fail: what a kill or a full disk does in the middle of a save."""
+    Path(path).write_bytes(b"\x00" * 100)
+    raise OSError("disk full")
+
+
+def test_failed_save_leaves_no_half_written_adapter(tmp_path, monkeypatch):
+    import moe_peft_ds.checkpoint as ckpt
+
+    model, old = trained_adapter("mixtral", tmp_path)  # an adapter already in place
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(ckpt, "save_file", _failing_save_file)
+    for target in (old, fresh):
+        with pytest.raises(OSError, match="disk full"):
+            save_adapter(model, target)
+    assert sorted(p.name for p in fresh.iterdir()) == []  # nothing that could be loaded
+    monkeypatch.undo()
+    load_adapter(tiny_model("mixtral"), old)  # the earlier adapter is intact

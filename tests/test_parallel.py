@@ -139,3 +139,26 @@ def test_ep2_checkpoint_equals_single_process_and_reloads(tmp_path):
     assert all(torch.equal(single[k], ep2[k]) for k in single)
     assert json.loads((tmp_path / "single" / "adapter_config.json").read_text()) == \
         json.loads((tmp_path / "ep2" / "adapter_config.json").read_text())
+
+
+def _ep4_on_rank(rank, world, out_dir):
+    from moe_peft_ds import load_adapter, save_adapter
+
+    batch = _batch(30 + rank)
+    single = load_adapter(tiny_model("mixtral"), f"{out_dir}/single")
+    sharded = shard_experts(load_adapter(tiny_model("mixtral"), f"{out_dir}/single"), dist.group.WORLD)
+    assert sharded.model.layers[0].mlp.experts.local.num_experts == 2  # 8 experts over 4 ranks
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(**batch).logits, single(**batch).logits, rtol=1e-5, atol=1e-6)
+    save_adapter(sharded, f"{out_dir}/ep4")
+
+
+def test_adapter_moves_between_ep1_and_ep4(tmp_path):
+    from safetensors.torch import load_file
+
+    from moe_peft_ds import save_adapter
+
+    save_adapter(_adapted("mixtral"), tmp_path / "single")
+    run_ranks(_ep4_on_rank, world=4, args=(str(tmp_path),))
+    single, ep4 = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("single", "ep4"))
+    assert single.keys() == ep4.keys() and all(torch.equal(single[k], ep4[k]) for k in single)
