@@ -31,7 +31,8 @@ from moe_peft_ds.data import load_examples, make_loader, resolve_data  # noqa: E
 from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
 from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
 from moe_peft_ds.parallel import deepspeed_expert_group, shard_experts  # noqa: E402
-from moe_peft_ds.train import count_trainable, deepspeed_config, train, train_deepspeed  # noqa: E402
+from moe_peft_ds.resume import resolve_resume  # noqa: E402
+from moe_peft_ds.train import Checkpointing, count_trainable, deepspeed_config, train, train_deepspeed  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default 128)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, warmup then cosine (default 2e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed for adapter init, shuffling and the random policy")
+    t.add_argument("--save-every", type=int, default=0,
+                   help="write training state (adapters, optimizer, scheduler, step) to <output-dir>/checkpoints/step_N "
+                        "every N steps, for --resume (default 0: never)")
+    t.add_argument("--resume", default=None,
+                   help="continue from a training state: a checkpoints/step_N directory, or a checkpoints directory "
+                        "(its latest step); same flags and number of ranks as the saved run")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     d = p.add_argument_group("distributed (under the deepspeed launcher)")
     d.add_argument("--deepspeed_config", default=None,
@@ -88,6 +95,10 @@ def build_configs(args) -> tuple[AdapterConfig, SieveConfig]:
                             use_rslora=args.use_rslora, use_dora=args.use_dora or args.method == "dora",
                             attention_targets=list(args.attention_lora), shared_expert_lora=args.shared_expert_lora)
     check_distributed(args)
+    if args.save_every < 0:
+        raise ConfigError(f"--save-every={args.save_every} must be >= 0")
+    if args.resume is not None:
+        resolve_resume(args.resume)  # fails now if there is nothing to resume from
     resolve_data(args.data)  # a missing file fails now, before the model is loaded
     out = Path(args.output_dir)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
@@ -175,14 +186,15 @@ def run(args) -> int:
         f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)")
 
     loader = make_loader(examples[rank::world], tokenizer, args.batch_size, shuffle=True, seed=args.seed)
+    ckpt = Checkpointing(out / "checkpoints", args.save_every, Path(args.resume) if args.resume else None)
     start = time.perf_counter()
     if args.deepspeed_config is None:
-        losses = train(model, loader, args.max_steps, args.lr, progress=progress)
+        losses = train(model, loader, args.max_steps, args.lr, progress=progress, ckpt=ckpt)
     else:
         if args.ep_size > 1:
             shard_experts(model, deepspeed_expert_group(args.ep_size))
         losses = train_deepspeed(model, loader, args.max_steps, args.lr,
-                                 deepspeed_config(args.deepspeed_config, args.batch_size), progress=progress)
+                                 deepspeed_config(args.deepspeed_config, args.batch_size), progress=progress, ckpt=ckpt)
     elapsed = time.perf_counter() - start
 
     save_adapter(model, out)  # expert-parallel: every rank takes part, rank 0 writes
@@ -191,7 +203,7 @@ def run(args) -> int:
     if profile is not None:
         profile.save(out / "routing_profile.json")
         plot_heatmap(profile, out / "routing_heatmap.png")
-    record = {"losses": losses, "seconds": elapsed, "sizes": sizes, "world_size": world, "args": vars(args)}
+    record = {"losses": losses, "first_step": args.max_steps - len(losses), "seconds": elapsed, "sizes": sizes, "world_size": world, "args": vars(args)}
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
 
     head, tail = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+
+from .resume import load_training_state, save_training_state
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -40,24 +43,42 @@ def train_step(model: nn.Module, batch: dict, optimizer, scheduler, clip: float)
     return loss.item()
 
 
-def _run_steps(step, loader, steps: int, progress: bool) -> list[float]:
-    """Call ``step(batch) -> loss`` ``steps`` times, cycling over ``loader``, with a progress bar."""
-    losses = []
+@dataclass
+class Checkpointing:
+    """``--save-every`` / ``--resume``: where training state goes, how often, where to resume from."""
+
+    directory: Path | None = None
+    every: int = 0
+    resume: Path | None = None
+
+
+def _run_steps(step, loader, steps: int, progress: bool, model, optimizer, scheduler,
+               ckpt: Checkpointing | None) -> list[float]:
+    """Call ``step(batch) -> loss`` until ``steps`` optimizer steps, cycling over ``loader``,
+    with a progress bar; resumes and saves training state as ``ckpt`` asks."""
+    ckpt = ckpt or Checkpointing()
+    start = load_training_state(ckpt.resume, model, optimizer, scheduler) if ckpt.resume else 0
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    bar = tqdm(range(steps), desc="training", disable=not progress)
-    for _ in bar:
+    for _ in range(start):  # the data position: the same shuffled order as an uninterrupted run
+        next(batches)
+    losses = []
+    bar = tqdm(range(start, steps), desc="training", disable=not progress, initial=start, total=steps)
+    for i in bar:
         losses.append(step(next(batches)))
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if ckpt.every and (i + 1) % ckpt.every == 0 and i + 1 < steps:
+            save_training_state(ckpt.directory, model, optimizer, scheduler, i + 1)
     return losses
 
 
 def train(model: nn.Module, loader, steps: int, lr: float, warmup: int = 10, clip: float = 1.0,
-          progress: bool = True) -> list[float]:
-    """Train for ``steps`` optimizer steps in one process; returns the loss per step."""
+          progress: bool = True, ckpt: Checkpointing | None = None) -> list[float]:
+    """Train for ``steps`` optimizer steps in one process; returns the loss of every step run."""
     optimizer = build_optimizer(model, lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
     model.train()
-    return _run_steps(lambda batch: train_step(model, batch, optimizer, scheduler, clip), loader, steps, progress)
+    return _run_steps(lambda batch: train_step(model, batch, optimizer, scheduler, clip), loader, steps, progress,
+                      model, optimizer, scheduler, ckpt)
 
 
 def deepspeed_config(path: str | Path, micro_batch_size: int) -> dict:
@@ -69,7 +90,7 @@ def deepspeed_config(path: str | Path, micro_batch_size: int) -> dict:
 
 
 def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dict, warmup: int = 10,
-                    progress: bool = True) -> list[float]:
+                    progress: bool = True, ckpt: Checkpointing | None = None) -> list[float]:
     """Train under ``deepspeed.initialize``; returns the loss per step, averaged over ranks.
 
     Adapter parameters go into optimizer groups split by DeepSpeed's MoE helper, so that
@@ -94,7 +115,7 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     # A factory: the schedule must drive the optimizer DeepSpeed hands back (ZeRO wraps it).
     schedule = lambda opt: get_cosine_schedule_with_warmup(opt, min(warmup, steps), steps)  # noqa: E731
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
     engine.train()
 
     def step(batch: dict) -> float:
@@ -105,4 +126,4 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
         dist.all_reduce(mean)
         return mean.item() / dist.get_world_size()
 
-    return _run_steps(step, loader, steps, progress and dist.get_rank() == 0)
+    return _run_steps(step, loader, steps, progress and dist.get_rank() == 0, model, ds_optimizer, ds_scheduler, ckpt)

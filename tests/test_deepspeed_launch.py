@@ -14,14 +14,15 @@ COMMON = ["--model", "tiny-mixtral", "--data", "demo:arithmetic", "--max-steps",
           "--calibration-samples", "64", "--no-progress"]
 
 
-def launch(out: Path, config: Path, ep_size: int, port: int) -> dict:
+def launch(out: Path, config: Path, ep_size: int, port: int, *extra: str) -> dict:
     """Run the launcher on 2 ranks; returns the adapter config, tensors and training log."""
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch" / "train.py"), *COMMON,
-           "--output-dir", str(out), "--deepspeed_config", str(config), "--ep-size", str(ep_size)]
+           "--output-dir", str(out), "--deepspeed_config", str(config), "--ep-size", str(ep_size), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"config": json.loads((out / "adapter_config.json").read_text()),
             "weights": load_file(str(out / "adapter_model.safetensors")),
+            "log": json.loads((out / "train_log.json").read_text()),
             "losses": json.loads((out / "train_log.json").read_text())["losses"]}
 
 
@@ -46,6 +47,18 @@ def test_expert_parallel_zero_presets_train_the_same_adapter_as_data_parallel(tm
         for key, w in ref["weights"].items():
             torch.testing.assert_close(run["weights"][key], w, rtol=1e-4, atol=1e-5, msg=f"{preset}: {key}")
         assert run["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_under_expert_parallel_zero2_reproduces_the_uninterrupted_run(tmp_path):
+    config = ROOT / "ds_configs" / "zero2_fp32.json"
+    full = launch(tmp_path / "full", config, 2, 29531, "--save-every", "4")
+    assert (tmp_path / "full" / "checkpoints" / "step_4" / "rank1.pt").is_file()
+    resumed = launch(tmp_path / "resumed", config, 2, 29532, "--resume", str(tmp_path / "full" / "checkpoints" / "step_4"))
+    assert resumed["log"]["first_step"] == 4
+    assert resumed["losses"] == pytest.approx(full["losses"][4:], rel=1e-5)
+    for key, w in full["weights"].items():
+        torch.testing.assert_close(resumed["weights"][key], w, rtol=1e-5, atol=1e-6)
 
 
 def test_invalid_combinations_are_rejected_before_any_work(tmp_path):

@@ -100,3 +100,22 @@ def test_malformed_json_fails_clearly(tmp_path, capsys):
     bad.write_text('{"prompt": "a", "response"\n')
     rc = train_main(["--model", "tiny-mixtral", "--data", str(bad), "--output-dir", str(tmp_path / "run")])
     assert rc == 2 and "not readable" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_with_the_uninterrupted_losses(tmp_path):
+    flags = BASE + ["--max-steps", "8", "--batch-size", "4", "--calibration-samples", "32"]
+    assert train_main(flags + ["--output-dir", str(tmp_path / "full"), "--save-every", "4"]) == 0
+    assert (tmp_path / "full" / "checkpoints" / "step_4" / "rank0.pt").is_file()
+    assert train_main(flags + ["--output-dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "full" / "checkpoints")]) == 0
+    full, resumed = (json.loads((tmp_path / d / "train_log.json").read_text()) for d in ("full", "resumed"))
+    assert resumed["first_step"] == 4 and resumed["losses"] == pytest.approx(full["losses"][4:], rel=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("full", "resumed"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
+
+
+def test_resume_from_nothing_fails_clearly(tmp_path, capsys):
+    assert train_main(BASE + ["--output-dir", str(tmp_path / "run"), "--resume", str(tmp_path)]) == 2
+    assert "no step_N" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -1,0 +1,78 @@
+"""Training-state checkpoints for ``--save-every`` / ``--resume``: adapters, optimizer and
+scheduler state, RNG and the step count, one file per rank.
+
+DeepSpeed's own ``save_checkpoint`` is not used: it writes every frozen expert weight into
+its per-expert files (``exclude_frozen_parameters`` does not reach them), its loader needs
+all of them, and it crashes on module names that contain ``expert`` outside its own MoE
+layer. The adapter that users keep is written separately by ``save_adapter``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _is_zero_optimizer(optimizer) -> bool:
+    """DeepSpeed's ZeRO-1/2 optimizer: its state is a per-rank partition, loaded from a list."""
+    return hasattr(optimizer, "elastic_checkpoint")
+
+
+def save_training_state(directory: str | Path, model: nn.Module, optimizer, scheduler, step: int) -> Path:
+    """Write ``directory/step_{step}/rank{r}.pt`` for this rank (atomically); returns the step directory."""
+    rank, world = _rank_world()
+    out = Path(directory) / f"step_{step}"
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step, "world_size": world,
+        "adapter": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+    }
+    tmp = out / f".rank{rank}.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / f"rank{rank}.pt")
+    return out
+
+
+def resolve_resume(path: str | Path) -> Path:
+    """A ``step_N`` directory, or the latest complete one under a checkpoints directory."""
+    path = Path(path)
+    if (path / "rank0.pt").is_file():
+        return path
+    steps = sorted((p for p in path.glob("step_*") if (p / "rank0.pt").is_file()), key=lambda p: int(p.name[5:]))
+    if not steps:
+        raise FileNotFoundError(f"--resume {path}: no step_N/rank0.pt training state there")
+    return steps[-1]
+
+
+def load_training_state(path: str | Path, model: nn.Module, optimizer, scheduler) -> int:
+    """Restore what ``save_training_state`` wrote; returns the step to continue from.
+
+    The run must use the same number of ranks (and expert-parallel size) as the one saved.
+    """
+    rank, world = _rank_world()
+    path = resolve_resume(path)
+    state = torch.load(path / f"rank{rank}.pt", weights_only=False)
+    if state["world_size"] != world:
+        raise ValueError(f"{path} was saved by {state['world_size']} ranks; resume with the same number, not {world}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != state["adapter"].keys():
+        raise ValueError(f"{path} holds other adapter parameters than this model (different method, selection or --ep-size?)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["adapter"][name])
+    if _is_zero_optimizer(optimizer):  # each rank reads its own partition out of the list, fp32 masters included
+        states = [torch.load(path / f"rank{r}.pt", weights_only=False)["optimizer"] for r in range(world)]
+        optimizer.load_state_dict(states, load_from_fp32_weights=True)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
