@@ -13,6 +13,7 @@ routing profile).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 import time
@@ -80,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--ep-size", type=int, default=1,
                    help="expert parallelism: each MoE layer's experts are split over this many ranks, tokens reach "
                         "them by all-to-all (default 1; needs --deepspeed_config; ZeRO-0/1/2 only)")
+    d.add_argument("--dist-timeout", type=int, default=1800,
+                   help="seconds a collective may wait for the other ranks before the run fails with an error "
+                        "(a dead or hung rank ends the run instead of hanging it; default 1800)")
     d.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself")
     return p.parse_args(argv)
 
@@ -108,7 +112,7 @@ def build_configs(args) -> tuple[AdapterConfig, SieveConfig]:
 
 def check_distributed(args) -> None:
     """Reject flag combinations DeepSpeed cannot run, before any process group is created."""
-    check_positive(ep_size=args.ep_size)
+    check_positive(ep_size=args.ep_size, dist_timeout=args.dist_timeout)
     if args.deepspeed_config is None:
         if args.ep_size > 1:
             raise ConfigError("--ep-size > 1 needs --deepspeed_config (run under the deepspeed launcher)")
@@ -155,7 +159,8 @@ def init_distributed(args) -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed()  # NCCL on GPUs, gloo on the CPU accelerator
+    # NCCL on GPUs, gloo on the CPU accelerator; the timeout turns a dead peer into an error.
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=args.dist_timeout))
     return dist.get_rank(), dist.get_world_size()
 
 

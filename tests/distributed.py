@@ -1,6 +1,7 @@
 """One small helper for multi-process tests: spawn N gloo ranks on CPU and run a function."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -14,15 +15,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, args):
+def _entry(rank, world, port, fn, args, timeout_s):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int = 2, args: tuple = ()) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; any rank's exception fails the call."""
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+def run_ranks(fn, world: int = 2, args: tuple = (), timeout_s: float = 300) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; any rank's exception fails the call.
+    Collectives that wait longer than ``timeout_s`` raise."""
+    mp.spawn(_entry, args=(world, _free_port(), fn, args, timeout_s), nprocs=world, join=True)

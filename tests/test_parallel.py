@@ -162,3 +162,22 @@ def test_adapter_moves_between_ep1_and_ep4(tmp_path):
     run_ranks(_ep4_on_rank, world=4, args=(str(tmp_path),))
     single, ep4 = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("single", "ep4"))
     assert single.keys() == ep4.keys() and all(torch.equal(single[k], ep4[k]) for k in single)
+
+
+def _one_rank_gone(rank, world, out_dir):
+    if rank == 1:
+        return  # this rank never joins the all-to-all: as if it had died
+    try:
+        all_to_all_v(torch.ones(2, 3), [1, 1], [1, 1])
+    except RuntimeError as err:
+        torch.save({"error": str(err)}, f"{out_dir}/rank0.pt")
+
+
+def test_a_missing_rank_ends_the_collective_with_an_error_not_a_hang(tmp_path):
+    try:
+        run_ranks(_one_rank_gone, world=2, args=(str(tmp_path),), timeout_s=5)
+    except Exception:
+        pass  # the process group's teardown may complain too; what matters is rank 0's error below
+    error = torch.load(tmp_path / "rank0.pt")["error"]  # reaching this line at all: no hang
+    print(error)
+    assert error
