@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,9 @@ def init_distributed(args) -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    if "RANK" not in os.environ:  # plain `python launch/train.py --deepspeed_config ...`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
     # NCCL on GPUs, gloo on the CPU accelerator; the timeout turns a dead peer into an error.
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=args.dist_timeout))
     return dist.get_rank(), dist.get_world_size()
@@ -174,6 +178,9 @@ def run(args) -> int:
 
     model, tokenizer = load_model(args.model, args.dtype)
     info = describe_model(model)
+    if info["num_experts"] % args.ep_size or world % args.ep_size:
+        raise ConfigError(f"--ep-size {args.ep_size} must divide both the experts per layer ({info['num_experts']}) "
+                          f"and the number of ranks ({world})")
     examples = load_examples(args.data, tokenizer, args.max_length)
     adapter_cfg.base_model = args.model
 

@@ -69,7 +69,9 @@ def test_invalid_combinations_are_rejected_before_any_work(tmp_path):
                          (["--deepspeed_config", str(zero3)], "ZeRO-3 is not supported yet"),
                          (["--ep-size", "2"], "needs --deepspeed_config"),
                          (["--deepspeed_config", str(tmp_path / "missing.json")], "does not exist"),
-                         (["--ep-size", "0"], "ep-size")):
+                         (["--ep-size", "0"], "ep-size"),
+                         (["--deepspeed_config", str(ROOT / "ds_configs" / "zero0_fp32.json"), "--ep-size", "3"],
+                          "must divide")):
         proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *COMMON,
                                "--output-dir", str(tmp_path / "out"), *extra], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2 and match in proc.stderr, (extra, proc.stderr[-2000:])
