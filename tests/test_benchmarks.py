@@ -19,3 +19,14 @@ def test_step_time_quick_run_writes_results(tmp_path):
     assert result["ratios"]["trainable_params sieve25/ours_all"]["value"] == pytest.approx(0.25)
     assert all(len(v["step_times_s"]) == 2 for v in result["variants"].values())
     assert "| ratio |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_ep_dispatch_quick_run_moves_exactly_the_routed_rows(tmp_path):
+    main = runpy.run_path(str(ROOT / "benchmarks" / "ep_dispatch.py"), run_name="not_main")["main"]
+    out = tmp_path / "ep.json"
+    assert main(["--quick", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["ours"]["bytes_ratio_to_minimum"] == 1.0  # dropless, no padding
+    assert result["expert_memory_ratio_ep2_over_ep1"] == 0.5
+    assert [d["capacity_factor"] for d in result["deepspeed_native_per_layer"]] == [1.0, 2.0]
