@@ -18,6 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .backends.deepspeed_moe import (apply_sieve_lora_ds, describe_ds_moe, ds_adapter_state, ds_moe_layers, global_ids,
+                                     is_ds_moe_model, local_ds_adapter_state)
 from .backends.hf import FusedExpertsWithLoRA, apply_sieve_lora, describe_model
 from .config import AdapterConfig, ConfigError
 from .lora import LoRALinear
@@ -40,7 +42,9 @@ def adapter_modules(model: nn.Module):
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter tensor of ``model`` under its checkpoint key (see the module docstring)."""
+    """Every adapter tensor of ``model`` on this rank under its checkpoint key (see the module docstring)."""
+    if is_ds_moe_model(model):
+        return local_ds_adapter_state(model)
     state = {}
     for name, module in adapter_modules(model):
         if isinstance(module, LoRALinear):
@@ -60,6 +64,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy ``state`` into the adapters of ``model``; keys and shapes must match exactly."""
     own = adapter_state_dict(model)  # views into the live parameters
+    if is_ds_moe_model(model):  # under expert parallelism this rank loads only the experts it holds
+        held = {f"layers.{layer}.experts.{e}." for layer, moe in enumerate(ds_moe_layers(model)) for e in global_ids(moe)}
+        state = {k: v for k, v in state.items() if any(k.startswith(h) for h in held)}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
         raise AdapterMismatchError(
@@ -83,6 +90,8 @@ def _expert_parallel_group(model: nn.Module):
 def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole adapter on CPU; under expert parallelism every rank of the group must call
     this, and each gets the experts of all ranks (keys are global, so shards just merge)."""
+    if is_ds_moe_model(model):
+        return ds_adapter_state(model)
     state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     group = _expert_parallel_group(model)
     if group is None:
@@ -103,7 +112,8 @@ def save_adapter(model: nn.Module, output_dir: str | Path) -> Path:
         raise ValueError("this model carries no moe_peft_ds adapter; call apply_sieve_lora first")
     state = gathered_adapter_state(model)
     out = Path(output_dir)
-    if _expert_parallel_group(model) is not None and dist.get_rank() != 0:
+    sharded = _expert_parallel_group(model) is not None or is_ds_moe_model(model)
+    if sharded and dist.is_initialized() and dist.get_rank() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
     weights_tmp, config_tmp = out / f".{WEIGHTS_NAME}.tmp", out / f".{CONFIG_NAME}.tmp"
@@ -137,7 +147,7 @@ def read_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
 
 def check_compatible(model: nn.Module, cfg: AdapterConfig) -> None:
     """Raise if the adapter was made for another architecture, width or expert count."""
-    info = describe_model(model)
+    info = describe_ds_moe(model) if is_ds_moe_model(model) else describe_model(model)
     for key in ("model_type", "num_experts", "hidden_size"):
         if getattr(cfg, key) != info[key]:
             raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, but the model has {key}={info[key]!r}")
@@ -154,7 +164,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     cfg, state = read_adapter(path)
     check_compatible(model, cfg)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    apply_sieve_lora(model, cfg.selection, cfg)
+    (apply_sieve_lora_ds if is_ds_moe_model(model) else apply_sieve_lora)(model, cfg.selection, cfg)
     try:
         _assign(model, state)
     except AdapterMismatchError:

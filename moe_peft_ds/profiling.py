@@ -12,13 +12,14 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .backends.deepspeed_moe import GateCounter, is_ds_moe_model
 from .backends.hf import family_of, find_moe_blocks
 
 
@@ -78,6 +79,7 @@ class _RouterCounter:
     def __init__(self, model: nn.Module):
         fam = family_of(model)
         self.blocks = find_moe_blocks(model, fam)
+        self.layers = [b.layer for b in self.blocks]
         router = self.blocks[0].router(fam)
         self.num_experts, self.top_k = router.num_experts, router.top_k
         device = next(model.parameters()).device
@@ -121,14 +123,18 @@ def profile_routing(
     model_id: str = "",
     data_id: str = "",
     progress: bool = True,
+    forward: Callable | None = None,
 ) -> RoutingProfile:
     """Run ``model`` over ``batches`` (dicts with ``input_ids`` and optional ``attention_mask``)
     and count routed tokens per layer and expert, ignoring padding.
 
     ``max_samples`` caps the calibration samples (rows) used on this rank. Counts are summed
-    over all ranks when ``torch.distributed`` is initialised.
+    over all ranks when ``torch.distributed`` is initialised. ``forward(model, input_ids,
+    attention_mask)`` runs one batch (default: the transformers call); models built from
+    DeepSpeed's ``MoE`` layer are counted at their gates.
     """
-    counter = _RouterCounter(model)
+    counter = GateCounter(model) if is_ds_moe_model(model) else _RouterCounter(model)
+    forward = forward or (lambda m, ids, mask: m(input_ids=ids, attention_mask=mask))
     samples = tokens = 0
     try:
         with _eval_mode(model):
@@ -142,7 +148,7 @@ def profile_routing(
                     ids, mask = ids[:room], None if mask is None else mask[:room]
                 mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
                 counter.mask = mask.reshape(-1).to(counter.counts.device)
-                model(input_ids=ids.to(counter.counts.device), attention_mask=mask.long().to(counter.counts.device))
+                forward(model, ids.to(counter.counts.device), mask.long().to(counter.counts.device))
                 samples += ids.shape[0]
                 tokens += int(mask.sum())
     finally:
@@ -154,7 +160,7 @@ def profile_routing(
     samples, tokens = totals.tolist()
     if tokens == 0:
         raise ValueError("the calibration set is empty (no non-padding tokens were seen); give --calibration-samples > 0 and non-empty data")
-    layers = [b.layer for b in counter.blocks]
+    layers = counter.layers
     return RoutingProfile(
         counts={l: c for l, c in zip(layers, counter.counts.tolist())},
         gate_sums={l: g for l, g in zip(layers, counter.gate_sums.tolist())},

@@ -1,0 +1,149 @@
+"""Sieve LoRA for models built from DeepSpeed's own MoE layer (``deepspeed.moe.layer.MoE``).
+
+Such a layer holds this rank's ``num_local_experts`` experts in
+``deepspeed_moe.experts.deepspeed_experts`` (local expert ``i`` is global expert
+``ep_rank * num_local_experts + i``) and routes with a ``TopKGate``. Here:
+
+- routing counts come from the gate's scores (top-k of its softmax, before any capacity
+  dropping, padding excluded) and are all-reduced over all ranks, since each rank routes
+  its own tokens;
+- LoRA goes on every ``nn.Linear`` inside the selected experts, on the ranks that own
+  them, tagged like DeepSpeed tags expert parameters (``allreduce=False`` and the layer's
+  ``group_name``), and named under ``deepspeed_experts.N`` so that DeepSpeed's checkpoint
+  code, which rejects other keys containing ``expert``, accepts them;
+- the adapter state is keyed by MoE layer and *global* expert id, as for the Hugging Face
+  backend, and gathered from the owning ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import AdapterConfig
+from ..lora import LoRALinear
+
+MODEL_TYPE = "deepspeed_moe"
+
+
+def ds_moe_layers(model: nn.Module) -> list:
+    """The ``deepspeed.moe.layer.MoE`` modules of ``model`` in order; their index is the layer id."""
+    from deepspeed.moe.layer import MoE
+
+    from ..parallel import ExpertParallelExperts  # our own EP wrapper subclasses MoE; it is not one of these
+
+    return [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m, ExpertParallelExperts)]
+
+
+def is_ds_moe_model(model: nn.Module) -> bool:
+    return bool(ds_moe_layers(model))
+
+
+def _ep_rank(moe) -> int:
+    if moe.ep_size == 1:
+        return 0
+    return dist.get_rank(group=moe.deepspeed_moe.ep_group)
+
+
+def global_ids(moe) -> list[int]:
+    """Global expert ids of the experts this rank holds in ``moe``."""
+    first = _ep_rank(moe) * moe.num_local_experts
+    return list(range(first, first + moe.num_local_experts))
+
+
+def describe_ds_moe(model: nn.Module) -> dict:
+    layers = ds_moe_layers(model)
+    if not layers:
+        from .hf import UnsupportedModelError
+
+        raise UnsupportedModelError("the model has no deepspeed.moe.layer.MoE layers")
+    return {"model_type": MODEL_TYPE, "num_experts": layers[0].num_experts,
+            "hidden_size": layers[0].deepspeed_moe.gate.wg.in_features, "moe_layers": list(range(len(layers)))}
+
+
+class GateCounter:
+    """Forward hooks on every gate that count the top-k assignments of unmasked tokens
+    (``mask``: ``[tokens]``, set by the profiler per batch). Same interface as the Hugging
+    Face router counter in ``profiling.py``."""
+
+    def __init__(self, model: nn.Module):
+        moes = ds_moe_layers(model)
+        self.layers = list(range(len(moes)))
+        self.num_experts, self.top_k = moes[0].num_experts, moes[0].deepspeed_moe.gate.k
+        device = next(model.parameters()).device
+        self.counts = torch.zeros(len(moes), self.num_experts, dtype=torch.int64, device=device)
+        self.gate_sums = torch.zeros(len(moes), self.num_experts, dtype=torch.float64, device=device)
+        self.mask: torch.Tensor | None = None
+        self.handles = [m.deepspeed_moe.gate.register_forward_hook(self._hook(i)) for i, m in enumerate(moes)]
+
+    def _hook(self, row: int):
+        def hook(module, args, output):
+            x = args[0]  # [S, M]: the layer's tokens, flattened
+            probs = torch.softmax(x.float() @ module.wg.weight.float().t(), dim=-1)
+            weights, index = probs.topk(module.k, dim=-1)  # the router's choice, before capacity limits
+            if self.mask is not None and self.mask.numel() == x.shape[0]:
+                weights, index = weights[self.mask], index[self.mask]
+            self.counts[row] += torch.bincount(index.reshape(-1), minlength=self.num_experts)
+            self.gate_sums[row].index_add_(0, index.reshape(-1), weights.reshape(-1).double())
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _wrap_linears(expert: nn.Module, cfg: AdapterConfig, group_name: str) -> None:
+    """Every nn.Linear inside ``expert`` becomes a LoRALinear with DeepSpeed's expert tags."""
+    for name, child in list(expert.named_modules()):
+        if isinstance(child, nn.Linear):
+            parent = expert.get_submodule(name.rpartition(".")[0]) if "." in name else expert
+            wrapped = LoRALinear(child, cfg)
+            setattr(parent, name.rpartition(".")[2], wrapped)
+            for p in wrapped.parameters():
+                p.allreduce, p.group_name = False, group_name
+
+
+def apply_sieve_lora_ds(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig | None = None) -> nn.Module:
+    """Freeze ``model`` and add LoRA to the selected global experts held by this rank."""
+    cfg = cfg or AdapterConfig()
+    info = describe_ds_moe(model)
+    if getattr(model, "moe_peft_config", None) is not None:
+        raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
+    selection = {int(k): sorted(int(e) for e in v) for k, v in selection.items()}
+    bad = [(layer, e) for layer, ids in selection.items() for e in ids
+           if layer not in info["moe_layers"] or not 0 <= e < info["num_experts"]]
+    if bad:
+        raise ValueError(f"selection names (layer, expert) pairs {bad[:5]} that this model does not have")
+    model.requires_grad_(False)
+    for layer, moe in enumerate(ds_moe_layers(model)):
+        chosen = set(selection.get(layer, []))
+        for expert, e in zip(moe.deepspeed_moe.experts.deepspeed_experts, global_ids(moe)):
+            if e in chosen:
+                _wrap_linears(expert, cfg, moe.expert_group_name)
+    cfg.selection = {k: v for k, v in sorted(selection.items()) if v}
+    cfg.model_type, cfg.num_experts, cfg.hidden_size = MODEL_TYPE, info["num_experts"], info["hidden_size"]
+    model.moe_peft_config = cfg
+    return model
+
+
+def ds_adapter_state(model: nn.Module, gather: bool = True) -> dict[str, torch.Tensor]:
+    """Adapter tensors keyed ``layers.{L}.experts.{global id}.{path in expert}.{lora_A|lora_B|magnitude}``;
+    with ``gather``, merged from every rank of each layer's expert-parallel group."""
+    state = {}
+    for layer, moe in enumerate(ds_moe_layers(model)):
+        for expert, e in zip(moe.deepspeed_moe.experts.deepspeed_experts, global_ids(moe)):
+            for name, p in expert.named_parameters():
+                if "lora_" in name or "magnitude" in name:
+                    state[f"layers.{layer}.experts.{e}.{name}"] = p.detach() if not gather else p.detach().cpu()
+    groups = {moe.deepspeed_moe.ep_group for moe in ds_moe_layers(model) if moe.ep_size > 1}
+    if gather and groups:
+        (group,) = groups  # one expert-parallel size per model
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, state, group=group)
+        state = {k: v for part in parts for k, v in part.items()}
+    return state
+
+
+def local_ds_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's adapter tensors (views into the parameters), under their global keys."""
+    return ds_adapter_state(model, gather=False)
