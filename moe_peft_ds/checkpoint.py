@@ -104,16 +104,15 @@ def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, output_dir: str | Path) -> Path:
     """Write the adapter of ``model`` (and only it) to ``output_dir``.
 
-    Expert-parallel models: call on every rank; the shards are gathered and global rank 0
-    writes the same files a single process would.
+    Under ``torch.distributed`` only global rank 0 writes. Expert-parallel models: call on
+    every rank; the shards are gathered and rank 0 writes the same files a single process would.
     """
     cfg = getattr(model, "moe_peft_config", None)
     if cfg is None:
         raise ValueError("this model carries no moe_peft_ds adapter; call apply_sieve_lora first")
     state = gathered_adapter_state(model)
     out = Path(output_dir)
-    sharded = _expert_parallel_group(model) is not None or is_ds_moe_model(model)
-    if sharded and dist.is_initialized() and dist.get_rank() != 0:
+    if dist.is_initialized() and dist.get_rank() != 0:  # ranks hold the same adapter (gathered above); one writes
         return out
     out.mkdir(parents=True, exist_ok=True)
     weights_tmp, config_tmp = out / f".{WEIGHTS_NAME}.tmp", out / f".{CONFIG_NAME}.tmp"
