@@ -76,3 +76,29 @@ def test_invalid_combinations_are_rejected_before_any_work(tmp_path):
                                "--output-dir", str(tmp_path / "out"), *extra], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2 and match in proc.stderr, (extra, proc.stderr[-2000:])
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_qwen2_moe_with_replicated_adapters_ep2_zero2_equals_data_parallel(tmp_path):
+    """Shared-expert and attention LoRA (replicated, averaged over all ranks) next to expert
+    LoRA (expert-local) in one ZeRO-2 optimizer."""
+    import transformers as tf
+
+    from moe_peft_ds.demo import DEMO_MODEL_DIR
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    torch.manual_seed(0)
+    cfg = tf.Qwen2MoeConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                            shared_expert_intermediate_size=40, intermediate_size=40, decoder_sparse_step=1,
+                            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    tf.Qwen2MoeForCausalLM(cfg).save_pretrained(tmp_path / "qwen2moe")
+    tokenizer.save_pretrained(tmp_path / "qwen2moe")
+    extra = ("--model", str(tmp_path / "qwen2moe"), "--shared-expert-lora", "--attention-lora", "q_proj", "v_proj")
+    ref = launch(tmp_path / "dp", clipped("zero0_fp32.json", tmp_path), 1, 29551, *extra)
+    run = launch(tmp_path / "ep2", clipped("zero2_fp32.json", tmp_path), 2, 29552, *extra)
+    assert any("shared_expert" in k for k in ref["weights"]) and any("q_proj" in k for k in ref["weights"])
+    assert run["weights"].keys() == ref["weights"].keys()
+    for key, w in ref["weights"].items():
+        torch.testing.assert_close(run["weights"][key], w, rtol=1e-4, atol=1e-5, msg=key)
+    assert run["losses"] == pytest.approx(ref["losses"], rel=1e-4)
