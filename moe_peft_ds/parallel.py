@@ -167,3 +167,24 @@ def deepspeed_expert_group(ep_size: int):
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
     return groups._get_expert_parallel_group(name)
+
+
+def expert_parallel_group(model: nn.Module):
+    """The expert-parallel group of ``model``'s sharded experts, or None."""
+    return next((m.group for m in model.modules() if isinstance(m, ExpertParallelExperts)), None)
+
+
+def clip_grad_norm_expert_parallel(params: list[nn.Parameter], max_norm: float, group) -> torch.Tensor:
+    """Clip by one global norm in which every gradient counts exactly once: replicated
+    gradients (identical on every rank after the data-parallel reduction) locally, expert-local
+    ones summed over the expert-parallel group. Returns the norm before clipping."""
+    with_grad = [p for p in params if p.grad is not None]
+    local = [p.grad for p in params if p.grad is not None and not getattr(p, "allreduce", True)]
+    shared = [p.grad for p in params if p.grad is not None and getattr(p, "allreduce", True)]
+    zero = torch.zeros((), device=with_grad[0].device) if with_grad else torch.zeros(())
+    local_sq = torch.nn.utils.get_total_norm(local).double() ** 2 if local else zero.double()
+    dist.all_reduce(local_sq, group=group)
+    shared_sq = torch.nn.utils.get_total_norm(shared).double() ** 2 if shared else zero.double()
+    total = (local_sq + shared_sq).sqrt().float()
+    torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)  # takes parameters, scales their .grad
+    return total

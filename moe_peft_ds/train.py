@@ -101,9 +101,15 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
     import torch.distributed as dist
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    from .parallel import clip_grad_norm_expert_parallel, expert_parallel_group
+
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters; inject an adapter first")
+    ep_group, clip = expert_parallel_group(model), config.get("gradient_clipping", 0.0)
+    own_clipping = ep_group is not None and config.get("zero_optimization", {}).get("stage", 0) == 0 and clip > 0
+    if own_clipping:  # ZeRO-0's clipping norm leaves out the experts of the other ranks; ZeRO-1/2 count them
+        config = {**config, "gradient_clipping": 0.0}
     groups = split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "adapters"})
     groups = [g for g in groups if g["params"]]  # e.g. no replicated adapters at all under expert parallelism
     offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
@@ -120,7 +126,9 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
 
     def step(batch: dict) -> float:
         loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
-        engine.backward(loss)
+        engine.backward(loss)  # gradients are reduced here (data parallel / expert-data parallel)
+        if own_clipping and engine.is_gradient_accumulation_boundary():
+            clip_grad_norm_expert_parallel(params, clip, ep_group)
         engine.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
