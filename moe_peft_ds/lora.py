@@ -43,6 +43,17 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     return _transformers_grouped_mm(x, weight, offsets)
 
 
+def apply_expert_update(base_out: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor,
+                        scale: torch.Tensor | None) -> torch.Tensor:
+    """``base_out [S, out]`` with ``ExpertLoRA``'s update on ``rows``: ``+ delta`` (LoRA) or
+    ``(base + delta) * scale`` (DoRA). In place: grouped_mm keeps its inputs for backward, not its output."""
+    delta = delta.to(base_out.dtype)
+    if scale is None:
+        return base_out.add_(delta) if rows is None else base_out.index_add_(0, rows, delta)
+    updated = ((base_out if rows is None else base_out[rows]) + delta) * scale.to(base_out.dtype)
+    return updated if rows is None else base_out.index_copy_(0, rows, updated)
+
+
 def init_lora_pair(A: torch.Tensor, B: torch.Tensor) -> None:
     """PEFT's default init: A Kaiming-uniform, B zero, so the adapter starts as the identity."""
     with torch.no_grad():
@@ -128,14 +139,16 @@ class ExpertLoRA(nn.Module):
         self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("slot_of", slot_of, persistent=False)
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, expert_of_row: torch.Tensor,
-                counts: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
-        """Add the update of the selected experts to ``base_out`` on the rows routed to them.
+    def forward(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor,
+                weight_out_in: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The update of the selected experts for the rows routed to them: ``(rows, delta, scale)``.
 
-        ``x [S, in]`` and ``base_out [S, out]`` (``x @ W_e.T``, no bias) hold the routed rows
-        sorted by expert, ``expert_of_row [S]`` the expert of each row and ``counts [E]`` the
-        rows per expert. Updates ``base_out`` in place and returns it; rows of unselected
-        experts are left as they are.
+        ``x [S, in]`` holds the routed rows sorted by expert, ``expert_of_row [S]`` the expert
+        of each row and ``counts [E]`` the rows per expert. ``rows`` are the indices of the
+        selected experts' rows (None: all rows), ``delta [len(rows), out]`` their LoRA update and
+        ``scale`` their DoRA factor (None without DoRA); ``apply_expert_update`` combines them
+        with the base output. Only ``x`` enters here with a gradient, so ZeRO-3 keeps this
+        module's parameters gathered until its whole backward has run.
         """
         all_rows = len(self.expert_ids) == self.slot_of.numel()
         rows = None if all_rows else (self.slot_of[expert_of_row] >= 0).nonzero().squeeze(1)
@@ -143,14 +156,10 @@ class ExpertLoRA(nn.Module):
         offsets = counts[self.ids].cumsum(0).to(torch.int32)
         delta = grouped_mm(grouped_mm(self.dropout(xs).to(self.lora_A.dtype), self.lora_A.transpose(1, 2).contiguous(), offsets),
                            self.lora_B.transpose(1, 2).contiguous(), offsets) * self.scaling
-        if self.magnitude is None:  # in place: grouped_mm keeps its inputs for backward, not its output
-            delta = delta.to(base_out.dtype)
-            return base_out.add_(delta) if all_rows else base_out.index_add_(0, rows, delta)
+        if self.magnitude is None:
+            return rows, delta, None
         scale = dora_scale(weight_out_in[self.ids], self.lora_A, self.lora_B, self.scaling, self.magnitude)  # [n, out]
-        slots = self.slot_of[expert_of_row if all_rows else expert_of_row[rows]]
-        ys = base_out if all_rows else base_out[rows]
-        ys = (ys + delta.to(ys.dtype)) * scale.to(ys.dtype)[slots]
-        return ys if all_rows else base_out.index_copy_(0, rows, ys)
+        return rows, delta, scale[self.slot_of[expert_of_row if all_rows else expert_of_row[rows]]]
 
     @torch.no_grad()
     def merged_weight(self, expert: int, weight_out_in: torch.Tensor) -> torch.Tensor:

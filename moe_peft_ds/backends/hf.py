@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ATTENTION_TARGETS, AdapterConfig
-from ..lora import ExpertLoRA, LoRALinear, grouped_mm
+from ..lora import ExpertLoRA, LoRALinear, apply_expert_update, grouped_mm
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
@@ -167,7 +167,7 @@ class FusedExpertsWithLoRA(nn.Module):
         w = weight_out_in(self.base, tensor, self.family.transposed)  # [E, out, in]
         y = grouped_mm(x, w.transpose(1, 2), counts.cumsum(0).to(torch.int32))
         if tensor in self.adapters:
-            y = self.adapters[tensor](x, y, expert_of_row, counts, w)
+            y = apply_expert_update(y, *self.adapters[tensor](x, expert_of_row, counts, w))
         if self.family.has_bias:
             y = y + getattr(self.base, f"{tensor}_bias")[expert_of_row]
         return y
