@@ -23,6 +23,7 @@ from .backends.deepspeed_moe import (apply_sieve_lora_ds, describe_ds_moe, ds_ad
 from .backends.hf import FusedExpertsWithLoRA, apply_sieve_lora, describe_model
 from .config import AdapterConfig, ConfigError
 from .lora import LoRALinear
+from .parallel import expert_parallel_group
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -82,18 +83,13 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             t.copy_(state[k])
 
 
-def _expert_parallel_group(model: nn.Module):
-    """The expert-parallel process group of ``model``, or None when its experts are not sharded."""
-    return next((m.group for m in model.modules() if hasattr(m, "local") and hasattr(m, "group")), None)
-
-
 def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole adapter on CPU; under expert parallelism every rank of the group must call
     this, and each gets the experts of all ranks (keys are global, so shards just merge)."""
     if is_ds_moe_model(model):
         return ds_adapter_state(model)
     state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    group = _expert_parallel_group(model)
+    group = expert_parallel_group(model)
     if group is None:
         return state
     parts = [None] * dist.get_world_size(group)
