@@ -132,6 +132,7 @@ def _rank(rank: int, world: int, port: int, s: dict, out: str) -> None:
     torch.set_num_threads(1)  # 2 ranks on 2 cores
     result = {"ours": ours(s, rank), "deepspeed": [deepspeed_native(s, cf) for cf in (1.0, 2.0)]}
     torch.save(result, f"{out}/rank{rank}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 

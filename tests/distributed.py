@@ -20,6 +20,7 @@ def _entry(rank, world, port, fn, args, timeout_s):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
+        dist.barrier()  # on success, no rank tears gloo down while another still uses it
     finally:
         dist.destroy_process_group()
 
