@@ -273,12 +273,10 @@ def optimizer_state_bytes(opt) -> int:
 
 def _proc_status_kb(key: str) -> int | None:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:  # not Linux
+        return None
+    return next((int(line.split()[1]) for line in lines if line.startswith(key + ":")), None)
 
 
 def _libc():
@@ -387,11 +385,8 @@ def run(args) -> dict:
     timing_s = time.perf_counter() - t_start
 
     libc = _libc()
-    if not args.no_memory and libc is not None:
-        try:
-            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed big tensors leave RSS
-        except AttributeError:
-            pass
+    if not args.no_memory and libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed big tensors leave RSS
 
     per = {}
     for v in variants:

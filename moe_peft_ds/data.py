@@ -44,7 +44,7 @@ def load_records(path: Path) -> list[dict]:
     """Records of a JSON/JSONL file, read through Hugging Face ``datasets``."""
     import datasets
 
-    if not path.read_text().strip():  # datasets fails on an empty file with a bare StopIteration
+    if path.stat().st_size == 0:  # datasets fails on an empty file with a bare StopIteration
         raise DataError(f"{path} holds no records")
     try:
         ds = datasets.load_dataset("json", data_files=str(path), split="train")

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from .backends.hf import FusedExpertsWithLoRA, base_experts, family_of, find_moe_blocks
+from .backends.hf import FusedExpertsWithLoRA, Routes, base_experts, family_of, find_moe_blocks
 from .config import AdapterConfig
 
 EXPERT_TENSORS_AND_BIASES = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -72,26 +72,20 @@ class ExpertParallelExperts(MoE):
         """Called by ``deepspeed.initialize``: the groups exist already (``deepspeed_expert_group``)."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        k, n_local = top_k_index.shape[1], self.local.num_experts
-        flat = top_k_index.reshape(-1)
-        expert_of_row, order = torch.sort(flat, stable=True)
-        # Index E marks a masked top-k slot in transformers: it sorts last and is not sent.
-        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts]
-        order = order[: int(counts.sum())]
-        token = order // k
-        send_counts = counts.view(self.ep_size, n_local)  # [destination rank, its local expert]
+        n_local = self.local.num_experts
+        routes = Routes.of(top_k_index, self.num_experts)
+        send_counts = routes.counts.view(self.ep_size, n_local)  # [destination rank, its local expert]
         recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send, recv = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
-        x = all_to_all_v(hidden_states[token], send, recv, self.group)  # grouped by source, then expert
+        x = all_to_all_v(hidden_states[routes.token], send, recv, self.group)  # grouped by source, then expert
         # Regroup the received rows by local expert (stable: sources stay in rank order).
         local_expert = torch.arange(n_local, device=x.device).repeat(self.ep_size)
         local_of_row, perm = torch.sort(torch.repeat_interleave(local_expert, recv_counts.reshape(-1)), stable=True)
         y = self.local.expert_rows(x[perm], local_of_row, recv_counts.sum(0))
         y = all_to_all_v(y[torch.argsort(perm)], recv, send, self.group)  # back in the order sent
         self.sent_rows += sum(send) + sum(recv)
-        y = y * top_k_weights.reshape(-1)[order, None]
-        return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+        return routes.combine(hidden_states, y, top_k_weights)
 
 
 def ep_group_name(ep_size: int) -> str:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backends.deepspeed_moe import GateCounter, is_ds_moe_model
+from .backends.deepspeed_moe import ds_moe_layers, gate_choice, is_ds_moe_model
 from .backends.hf import family_of, find_moe_blocks
 
 
@@ -73,36 +73,55 @@ class RoutingProfile:
         return stats
 
 
-class _RouterCounter:
-    """Forward hooks that accumulate routing counts while a token mask is set."""
+class _Counter:
+    """Routing counts ``[L, E]`` accumulated by forward hooks while a token mask is set."""
 
-    def __init__(self, model: nn.Module):
-        fam = family_of(model)
-        self.blocks = find_moe_blocks(model, fam)
-        self.layers = [b.layer for b in self.blocks]
-        router = self.blocks[0].router(fam)
-        self.num_experts, self.top_k = router.num_experts, router.top_k
+    def __init__(self, model: nn.Module, layers: list[int], num_experts: int, top_k: int):
+        self.layers, self.num_experts, self.top_k = layers, num_experts, top_k
         device = next(model.parameters()).device
-        L, E = len(self.blocks), self.num_experts
-        self.counts = torch.zeros(L, E, dtype=torch.int64, device=device)
-        self.gate_sums = torch.zeros(L, E, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(len(layers), num_experts, dtype=torch.int64, device=device)
+        self.gate_sums = torch.zeros(len(layers), num_experts, dtype=torch.float64, device=device)
         self.mask: torch.Tensor | None = None  # [T] True for real (non-padding) tokens
-        self.handles = [b.router(fam).register_forward_hook(self._hook(i)) for i, b in enumerate(self.blocks)]
+        self.handles = []
 
-    def _hook(self, row: int):
-        def hook(module, args, output):
-            _, weights, index = output  # [T, k], [T, k]
-            if self.mask is not None:
-                weights, index = weights[self.mask], index[self.mask]
-            index = index.reshape(-1)
-            keep = index < self.num_experts  # transformers marks masked slots with index E
-            self.counts[row] += torch.bincount(index[keep], minlength=self.num_experts)
-            self.gate_sums[row].index_add_(0, index[keep], weights.reshape(-1)[keep].to(torch.float64))
-        return hook
+    def add(self, row: int, weights: torch.Tensor, index: torch.Tensor) -> None:
+        """Count the top-k choices ``[T, k]`` of the unmasked tokens of one layer."""
+        if self.mask is not None and self.mask.numel() == index.shape[0]:
+            weights, index = weights[self.mask], index[self.mask]
+        index, weights = index.reshape(-1), weights.reshape(-1)
+        keep = index < self.num_experts  # transformers marks masked slots with index E
+        self.counts[row] += torch.bincount(index[keep], minlength=self.num_experts)
+        self.gate_sums[row].index_add_(0, index[keep], weights[keep].to(torch.float64))
 
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+class _RouterCounter(_Counter):
+    """Hooks on the routers of a transformers MoE model: they return ``(logits, weights, index)``."""
+
+    def __init__(self, model: nn.Module):
+        fam = family_of(model)
+        blocks = find_moe_blocks(model, fam)
+        router = blocks[0].router(fam)
+        super().__init__(model, [b.layer for b in blocks], router.num_experts, router.top_k)
+        self.handles = [b.router(fam).register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
+
+    def _hook(self, row: int):
+        return lambda module, args, output: self.add(row, output[1], output[2])
+
+
+class _GateCounter(_Counter):
+    """Hooks on the gates of DeepSpeed ``MoE`` layers (the layer index is their order)."""
+
+    def __init__(self, model: nn.Module):
+        moes = ds_moe_layers(model)
+        super().__init__(model, list(range(len(moes))), moes[0].num_experts, moes[0].deepspeed_moe.gate.k)
+        self.handles = [m.deepspeed_moe.gate.register_forward_hook(self._hook(i)) for i, m in enumerate(moes)]
+
+    def _hook(self, row: int):
+        return lambda gate, args, output: self.add(row, *gate_choice(gate, args[0]))
 
 
 @contextmanager
@@ -133,7 +152,7 @@ def profile_routing(
     attention_mask)`` runs one batch (default: the transformers call); models built from
     DeepSpeed's ``MoE`` layer are counted at their gates.
     """
-    counter = GateCounter(model) if is_ds_moe_model(model) else _RouterCounter(model)
+    counter = _GateCounter(model) if is_ds_moe_model(model) else _RouterCounter(model)
     forward = forward or (lambda m, ids, mask: m(input_ids=ids, attention_mask=mask))
     samples = tokens = 0
     try:

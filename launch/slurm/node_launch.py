@@ -31,7 +31,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
         return out.stdout.split()
     except (OSError, subprocess.CalledProcessError):
-        pass
+        pass  # no Slurm tools on this machine: expand by the same rules below
     hosts = []
     for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
         if plain:

@@ -61,35 +61,11 @@ def describe_ds_moe(model: nn.Module) -> dict:
             "hidden_size": layers[0].deepspeed_moe.gate.wg.in_features, "moe_layers": list(range(len(layers)))}
 
 
-class GateCounter:
-    """Forward hooks on every gate that count the top-k assignments of unmasked tokens
-    (``mask``: ``[tokens]``, set by the profiler per batch). Same interface as the Hugging
-    Face router counter in ``profiling.py``."""
-
-    def __init__(self, model: nn.Module):
-        moes = ds_moe_layers(model)
-        self.layers = list(range(len(moes)))
-        self.num_experts, self.top_k = moes[0].num_experts, moes[0].deepspeed_moe.gate.k
-        device = next(model.parameters()).device
-        self.counts = torch.zeros(len(moes), self.num_experts, dtype=torch.int64, device=device)
-        self.gate_sums = torch.zeros(len(moes), self.num_experts, dtype=torch.float64, device=device)
-        self.mask: torch.Tensor | None = None
-        self.handles = [m.deepspeed_moe.gate.register_forward_hook(self._hook(i)) for i, m in enumerate(moes)]
-
-    def _hook(self, row: int):
-        def hook(module, args, output):
-            x = args[0]  # [S, M]: the layer's tokens, flattened
-            probs = torch.softmax(x.float() @ module.wg.weight.float().t(), dim=-1)
-            weights, index = probs.topk(module.k, dim=-1)  # the router's choice, before capacity limits
-            if self.mask is not None and self.mask.numel() == x.shape[0]:
-                weights, index = weights[self.mask], index[self.mask]
-            self.counts[row] += torch.bincount(index.reshape(-1), minlength=self.num_experts)
-            self.gate_sums[row].index_add_(0, index.reshape(-1), weights.reshape(-1).double())
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+def gate_choice(gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights, index)`` ``[S, k]``: a ``TopKGate``'s top-k choice for tokens ``x [S, M]``,
+    from its scores, before any capacity limit drops a token."""
+    probs = torch.softmax(x.float() @ gate.wg.weight.float().t(), dim=-1)
+    return probs.topk(gate.k, dim=-1)
 
 
 def _wrap_linears(expert: nn.Module, cfg: AdapterConfig, group_name: str) -> None:

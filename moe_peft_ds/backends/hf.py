@@ -130,6 +130,31 @@ def weight_out_in(experts: nn.Module, tensor: str, transposed: bool) -> torch.Te
     return w.transpose(1, 2) if transposed else w
 
 
+@dataclass
+class Routes:
+    """The top-k assignments of a batch, grouped by expert once (a stable sort)."""
+
+    order: torch.Tensor  # [S] flat (token, slot) index of each assignment, sorted by expert
+    expert: torch.Tensor  # [S] expert of each sorted assignment
+    token: torch.Tensor  # [S] token of each sorted assignment
+    counts: torch.Tensor  # [E] assignments per expert
+
+    @classmethod
+    def of(cls, top_k_index: torch.Tensor, num_experts: int) -> "Routes":
+        flat = top_k_index.reshape(-1)  # [T*k]
+        expert, order = torch.sort(flat, stable=True)
+        # Index E (one past the last expert) marks a masked slot in transformers: it sorts last and is dropped.
+        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+        n_rows = int(counts.sum())  # the one host sync
+        order, expert = order[:n_rows], expert[:n_rows]
+        return cls(order, expert, order // top_k_index.shape[1], counts)
+
+    def combine(self, hidden_states: torch.Tensor, y: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Weight the expert outputs ``y [S, H]`` (in sorted order) and sum them per token."""
+        y = y * top_k_weights.reshape(-1)[self.order, None]
+        return torch.zeros_like(hidden_states).index_add_(0, self.token, y.to(hidden_states.dtype))
+
+
 class FusedExpertsWithLoRA(nn.Module):
     """A fused experts module whose selected experts carry LoRA (or DoRA).
 
@@ -178,16 +203,9 @@ class FusedExpertsWithLoRA(nn.Module):
         return self._project("down_proj", h, expert_of_row, counts)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        k = top_k_index.shape[1]
-        flat = top_k_index.reshape(-1)  # [T*k]
-        expert_of_row, order = torch.sort(flat, stable=True)
-        # Index E (one past the last expert) marks a masked slot in transformers: it sorts last and is dropped.
-        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts]
-        n_rows = int(counts.sum())  # the one host sync of the call
-        order, expert_of_row = order[:n_rows], expert_of_row[:n_rows]
-        token = order // k  # [S] token of each sorted assignment
-        y = self.expert_rows(hidden_states[token], expert_of_row, counts) * top_k_weights.reshape(-1)[order, None]
-        return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+        routes = Routes.of(top_k_index, self.num_experts)
+        return routes.combine(hidden_states, self.expert_rows(hidden_states[routes.token], routes.expert, routes.counts),
+                              top_k_weights)
 
     @torch.no_grad()
     def merge_into_base(self) -> nn.Module:
