@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for task in TASKS:
         examples = load_examples(f"demo:{task}", tokenizer, 128, limit=args.calibration_samples)
-        profile = profile_routing(model, make_loader(examples, tokenizer, 16, shuffle=False), progress=False)
+        profile = profile_routing(model, make_loader(examples, tokenizer, 16), progress=False)
         plot_heatmap(profile, args.output_dir / f"demo_routing_{task}.png")
         result["tasks"][task] = {"tokens": profile.tokens, "skew": {str(k): v for k, v in profile.skew().items()}}
     (args.output_dir / "demo_routing.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -42,7 +42,7 @@ def run(args) -> int:
     sieve = SieveConfig(policy=args.selection_policy, fraction=args.sieve_fraction, coverage=args.sieve_coverage)
     model, tokenizer = load_model(args.model)
     examples = load_examples(args.data, tokenizer, args.max_length, limit=args.calibration_samples)
-    profile = profile_routing(model, make_loader(examples, tokenizer, args.batch_size, shuffle=False),
+    profile = profile_routing(model, make_loader(examples, tokenizer, args.batch_size),
                               model_id=args.model, data_id=args.data, progress=not args.no_progress)
     selection = select_experts(profile, sieve)  # before writing: a bad policy setting writes nothing
     out = Path(args.output_dir)

@@ -29,7 +29,7 @@ from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, all_experts_selection,
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
 from moe_peft_ds.cli import add_model_data_args, check_positive, run_cli  # noqa: E402
 from moe_peft_ds.config import ATTENTION_TARGETS, POLICIES, ConfigError  # noqa: E402
-from moe_peft_ds.data import load_examples, make_loader, resolve_data  # noqa: E402
+from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
 from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
 from moe_peft_ds.parallel import deepspeed_expert_group, shard_experts  # noqa: E402
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--calibration-samples", type=int, default=256, help="samples of --data used to profile routing (default 256)")
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default 300)")
-    t.add_argument("--batch-size", type=int, default=16, help="samples per step (default 16)")
+    t.add_argument("--batch-size", type=int, default=16, help="samples per step and rank; N ranks see the global batches of one process with N times as many (default 16)")
     t.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default 128)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, warmup then cosine (default 2e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed for adapter init, shuffling and the random policy")
@@ -128,9 +128,6 @@ def check_distributed(args) -> None:
     if stage == 3 and args.ep_size > 1:
         raise ConfigError("ZeRO-3 cannot shard expert-parallel experts (DeepSpeed MoE rejects it); "
                           "use a ZeRO-0/1/2 preset with --ep-size > 1")
-    if stage == 3:  # forward works (the base tensors are registered with ZeRO-3); backward does not yet
-        raise ConfigError("ZeRO-3 is not supported yet for the fused-experts adapters (issue 3); "
-                          "use a ZeRO-0/1/2 preset (ZeRO-2 with CPU optimizer offload saves the most memory)")
 
 
 def size_report(model, selection_all: dict[int, list[int]]) -> dict:
@@ -186,7 +183,7 @@ def run(args) -> int:
 
     profile = None
     if args.method == "sieve":  # each rank profiles its share; counts are all-reduced
-        calib = make_loader(examples[: args.calibration_samples][rank::world], tokenizer, args.batch_size, shuffle=False)
+        calib = make_loader(examples[: args.calibration_samples][rank::world], tokenizer, args.batch_size)
         profile = profile_routing(model, calib, model_id=args.model, data_id=args.data, progress=progress)
         log(f"routing profile: {profile.tokens} tokens from {profile.samples} samples\n{format_skew(profile)}")
         selection = select_experts(profile, sieve_cfg)
@@ -197,7 +194,8 @@ def run(args) -> int:
     log(f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts "
         f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)")
 
-    loader = make_loader(examples[rank::world], tokenizer, args.batch_size, shuffle=True, seed=args.seed)
+    # world ranks with --batch-size B see the global batches of one process with B x world
+    loader = make_train_loader(examples, tokenizer, args.batch_size, args.seed, rank, world)
     ckpt = Checkpointing(out / "checkpoints", args.save_every, Path(args.resume) if args.resume else None)
     start = time.perf_counter()
     if args.deepspeed_config is None:

@@ -83,12 +83,22 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             t.copy_(state[k])
 
 
+def zero3_gathered(model: nn.Module, modifier_rank: int | None = None):
+    """Inside this context the adapter parameters of a ZeRO-3 model are whole on every rank
+    (all ranks must enter it); with ``modifier_rank``, what that rank writes into them is
+    kept everywhere. A no-op without ZeRO-3."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    return GatheredParameters([p for p in model.parameters() if p.requires_grad], modifier_rank=modifier_rank)
+
+
 def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole adapter on CPU; under expert parallelism every rank of the group must call
     this, and each gets the experts of all ranks (keys are global, so shards just merge)."""
     if is_ds_moe_model(model):
         return ds_adapter_state(model)
-    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    with zero3_gathered(model):  # copies: ZeRO-3 frees the gathered tensors at exit
+        state = {k: v.to("cpu", copy=True) for k, v in adapter_state_dict(model).items()}
     group = expert_parallel_group(model)
     if group is None:
         return state

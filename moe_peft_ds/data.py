@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 IGNORE_INDEX = -100
 
@@ -83,10 +83,49 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def make_loader(examples: list[dict], tokenizer, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, generator=generator,
+def make_loader(examples: list[dict], tokenizer, batch_size: int) -> DataLoader:
+    """Batches of ``examples`` in order, the last one possibly short (calibration, evaluation)."""
+    return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+
+
+class GlobalBatches(Sampler[list[int]]):
+    """This rank's share of each global batch of ``batch_size * world`` samples.
+
+    The global batches are the same for any number of ranks: a seeded shuffle per epoch
+    (``seed + epoch``) cut into consecutive global batches, of which rank ``r`` takes rows
+    ``r * batch_size ..``. ``world`` ranks with ``batch_size`` therefore see exactly the
+    batches one process with ``batch_size * world`` sees. The incomplete last global batch
+    of an epoch is dropped, so that every rank always gets ``batch_size`` samples.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
+        if num_samples < batch_size * world:
+            raise DataError(f"{num_samples} training samples are fewer than one global batch "
+                            f"({batch_size} per rank x {world} ranks)")
+        self.num_samples, self.batch_size, self.rank, self.world, self.seed = num_samples, batch_size, rank, world, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_samples // (self.batch_size * self.world)
+
+    def __iter__(self):
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        self.epoch += 1
+        first = self.rank * self.batch_size
+        for start in range(0, len(self) * self.batch_size * self.world, self.batch_size * self.world):
+            yield order[start + first: start + first + self.batch_size].tolist()
+
+
+def make_train_loader(examples: list[dict], tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
+                      world: int = 1) -> DataLoader:
+    """Shuffled training batches of ``batch_size`` per rank (see ``GlobalBatches``)."""
+    return DataLoader(examples, batch_sampler=GlobalBatches(len(examples), batch_size, rank, world, seed),
                       collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens whose next-token label counts in the loss (labels are shifted by one)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 def load_examples(spec: str, tokenizer, max_length: int, split: str = "train", limit: int | None = None) -> list[dict]:

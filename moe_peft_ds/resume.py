@@ -15,13 +15,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import zero3_gathered
+
 
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _is_zero_optimizer(optimizer) -> bool:
-    """DeepSpeed's ZeRO-1/2 optimizer: its state is a per-rank partition, loaded from a list."""
+    """DeepSpeed's ZeRO-1/2/3 optimizer: its state is a per-rank partition, loaded from a list."""
     return hasattr(optimizer, "elastic_checkpoint")
 
 
@@ -30,9 +32,10 @@ def save_training_state(directory: str | Path, model: nn.Module, optimizer, sche
     rank, world = _rank_world()
     out = Path(directory) / f"step_{step}"
     out.mkdir(parents=True, exist_ok=True)
+    with zero3_gathered(model):
+        adapter = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     state = {
-        "step": step, "world_size": world,
-        "adapter": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "step": step, "world_size": world, "adapter": adapter,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
     }
     tmp = out / f".rank{rank}.pt.tmp"
@@ -65,12 +68,14 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer, scheduler
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if params.keys() != state["adapter"].keys():
         raise ValueError(f"{path} holds other adapter parameters than this model (different method, selection or --ep-size?)")
-    with torch.no_grad():
+    with torch.no_grad(), zero3_gathered(model, modifier_rank=0):
         for name, p in params.items():
             p.copy_(state["adapter"][name])
     if _is_zero_optimizer(optimizer):  # each rank reads its own partition out of the list, fp32 masters included
         states = [torch.load(path / f"rank{r}.pt", weights_only=False)["optimizer"] for r in range(world)]
         optimizer.load_state_dict(states, load_from_fp32_weights=True)
+        if hasattr(optimizer, "checkpoint_event_epilogue"):  # ZeRO-3: re-gather the persistent parameters it partitioned
+            optimizer.checkpoint_event_epilogue()
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

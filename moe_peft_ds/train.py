@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .data import target_tokens
 from .resume import load_training_state, save_training_state
 
 
@@ -86,6 +87,14 @@ def deepspeed_config(path: str | Path, micro_batch_size: int) -> dict:
     cfg = json.loads(Path(path).read_text())
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x ranks
+    zero = cfg.get("zero_optimization", {})
+    if zero.get("stage", 0) == 3:
+        # DeepSpeed treats transformers' Mixtral/Qwen MoE blocks as ZeRO-3 leaf modules and reduces
+        # their gradients in the block's full-backward hook. With a frozen model below the block
+        # (PEFT) the block's input needs no gradient, that hook fires before the block's own
+        # backward, and the adapters' gradients then land on partitioned (empty) parameters.
+        # Our adapter modules gather what they read themselves (register_external_parameter).
+        zero["leaf_module"] = {"classes": [], "names": [], "name_suffixes": []}
     return cfg
 
 
@@ -125,13 +134,18 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
     engine.train()
 
     def step(batch: dict) -> float:
-        loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        # Per token over the global batch, as one process would compute it: DeepSpeed averages
+        # the ranks' gradients, so each rank divides its summed loss by (global tokens / ranks).
+        tokens = target_tokens(batch).float()
+        dist.all_reduce(tokens)
+        loss = engine(**batch, num_items_in_batch=tokens / dist.get_world_size()).loss
         engine.backward(loss)  # gradients are reduced here (data parallel / expert-data parallel)
         if own_clipping and engine.is_gradient_accumulation_boundary():
             clip_grad_norm_expert_parallel(params, clip, ep_group)
         engine.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
-        return mean.item() / dist.get_world_size()
+        return mean.item() / dist.get_world_size()  # the global batch's loss per token
 
     return _run_steps(step, loader, steps, progress and dist.get_rank() == 0, model, ds_optimizer, ds_scheduler, ckpt)

@@ -1,5 +1,6 @@
-"""`deepspeed --num_gpus 2 launch/train.py` end to end on 2 CPU ranks (gloo): data parallel
-with ZeRO-0 and expert parallel (EP=2) with ZeRO-2 train the same adapter."""
+"""`deepspeed --num_gpus 2 launch/train.py` end to end on 2 CPU ranks (gloo): expert parallel
+(EP=2) with every ZeRO-0/1/2 preset, data parallel with ZeRO-0 and ZeRO-3, and one process
+with the same global batch all train the same adapter."""
 import json
 import subprocess
 import sys
@@ -14,10 +15,14 @@ COMMON = ["--model", "tiny-mixtral", "--data", "demo:arithmetic", "--max-steps",
           "--calibration-samples", "64", "--no-progress"]
 
 
-def launch(out: Path, config: Path, ep_size: int, port: int, *extra: str) -> dict:
-    """Run the launcher on 2 ranks; returns the adapter config, tensors and training log."""
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch" / "train.py"), *COMMON,
-           "--output-dir", str(out), "--deepspeed_config", str(config), "--ep-size", str(ep_size), *extra]
+def launch(out: Path, config: Path | None, ep_size: int, port: int, *extra: str) -> dict:
+    """Run the launcher on 2 ranks (``config`` None: one plain process); returns the adapter
+    config, tensors and training log."""
+    if config is None:
+        cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *COMMON, "--output-dir", str(out), *extra]
+    else:
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch" / "train.py"), *COMMON,
+               "--output-dir", str(out), "--deepspeed_config", str(config), "--ep-size", str(ep_size), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"config": json.loads((out / "adapter_config.json").read_text()),
@@ -26,14 +31,26 @@ def launch(out: Path, config: Path, ep_size: int, port: int, *extra: str) -> dic
             "losses": json.loads((out / "train_log.json").read_text())["losses"]}
 
 
+def preset_with(preset: str, tmp_path: Path, name: str, **changes) -> Path:
+    """A copy of ``preset`` with top-level ``changes``."""
+    cfg = {**json.loads((ROOT / "ds_configs" / preset).read_text()), **changes}
+    path = tmp_path / f"{name}-{preset}"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 def clipped(preset: str, tmp_path: Path) -> Path:
     """``preset`` with a clipping threshold far below the gradient norm, so every step clips:
     a global norm that counted some expert twice (or missed one) would change the adapter."""
-    cfg = json.loads((ROOT / "ds_configs" / preset).read_text())
-    cfg["gradient_clipping"] = 1e-3
-    path = tmp_path / preset
-    path.write_text(json.dumps(cfg))
-    return path
+    return preset_with(preset, tmp_path, "clipped", gradient_clipping=1e-3)
+
+
+def assert_same_adapter(run: dict, ref: dict, what: str) -> None:
+    assert run["config"]["selection"] == ref["config"]["selection"], what  # all-reduced profile: same experts
+    assert run["weights"].keys() == ref["weights"].keys(), what
+    for key, w in ref["weights"].items():
+        torch.testing.assert_close(run["weights"][key], w, rtol=1e-4, atol=1e-5, msg=f"{what}: {key}")
+    assert run["losses"] == pytest.approx(ref["losses"], rel=1e-4), what
 
 
 @pytest.mark.slow
@@ -41,12 +58,30 @@ def test_expert_parallel_zero_presets_train_the_same_adapter_as_data_parallel(tm
     ref = launch(tmp_path / "dp", clipped("zero0_fp32.json", tmp_path), 1, 29511)
     assert len(ref["weights"]) == 4 * 4 * 2 * 2  # layers x selected experts x tensors x (A, B)
     for i, preset in enumerate(("zero0_fp32.json", "zero1_fp32.json", "zero2_fp32.json", "zero2_offload_fp32.json")):
-        run = launch(tmp_path / f"ep2-{preset}", clipped(preset, tmp_path), 2, 29521 + i)
-        assert run["config"]["selection"] == ref["config"]["selection"]  # all-reduced profile: same experts everywhere
-        assert run["weights"].keys() == ref["weights"].keys()
-        for key, w in ref["weights"].items():
-            torch.testing.assert_close(run["weights"][key], w, rtol=1e-4, atol=1e-5, msg=f"{preset}: {key}")
-        assert run["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+        assert_same_adapter(launch(tmp_path / f"ep2-{preset}", clipped(preset, tmp_path), 2, 29521 + i), ref, preset)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_adapter_of_one_process_with_the_global_batch(tmp_path):
+    """2 ranks x batch 4 == 1 process x batch 8: the same global batches, the loss per token
+    of the global batch (the ranks' samples hold different numbers of tokens). Expert
+    parallel with ZeRO-2, and data parallel with ZeRO-3 partitioning every parameter
+    (no persistence threshold), which also resumes mid-run."""
+    single = launch(tmp_path / "single", None, 1, 0, "--batch-size", "8")
+    per_rank = ("--batch-size", "4")
+    assert_same_adapter(launch(tmp_path / "ep2", ROOT / "ds_configs" / "zero2_fp32.json", 2, 29561, *per_rank),
+                        single, "EP=2 ZeRO-2")
+    zero3 = preset_with("zero3_fp32.json", tmp_path, "partitioned", zero_optimization={
+        **json.loads((ROOT / "ds_configs" / "zero3_fp32.json").read_text())["zero_optimization"],
+        "stage3_param_persistence_threshold": 0})
+    full = launch(tmp_path / "zero3", zero3, 1, 29562, *per_rank, "--save-every", "4")
+    assert_same_adapter(full, single, "ZeRO-3")
+    resumed = launch(tmp_path / "zero3-resumed", zero3, 1, 29563, *per_rank,
+                     "--resume", str(tmp_path / "zero3" / "checkpoints"))
+    assert resumed["log"]["first_step"] == 4
+    assert resumed["losses"] == pytest.approx(full["losses"][4:], rel=1e-5)
+    for key, w in full["weights"].items():
+        torch.testing.assert_close(resumed["weights"][key], w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -66,7 +101,6 @@ def test_invalid_combinations_are_rejected_before_any_work(tmp_path):
     zero3.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0,
                                  "zero_optimization": {"stage": 3}}))
     for extra, match in ((["--deepspeed_config", str(zero3), "--ep-size", "2"], "ZeRO-3 cannot shard"),
-                         (["--deepspeed_config", str(zero3)], "ZeRO-3 is not supported yet"),
                          (["--ep-size", "2"], "needs --deepspeed_config"),
                          (["--deepspeed_config", str(tmp_path / "missing.json")], "does not exist"),
                          (["--ep-size", "0"], "ep-size"),
@@ -98,7 +132,4 @@ def test_qwen2_moe_with_replicated_adapters_ep2_zero2_equals_data_parallel(tmp_p
     ref = launch(tmp_path / "dp", clipped("zero0_fp32.json", tmp_path), 1, 29551, *extra)
     run = launch(tmp_path / "ep2", clipped("zero2_fp32.json", tmp_path), 2, 29552, *extra)
     assert any("shared_expert" in k for k in ref["weights"]) and any("q_proj" in k for k in ref["weights"])
-    assert run["weights"].keys() == ref["weights"].keys()
-    for key, w in ref["weights"].items():
-        torch.testing.assert_close(run["weights"][key], w, rtol=1e-4, atol=1e-5, msg=key)
-    assert run["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    assert_same_adapter(run, ref, "qwen2_moe")
