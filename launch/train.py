@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--batch-size", type=int, default=16, help="samples per step and rank; N ranks see the global batches of one process with N times as many (default 16)")
     t.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default 128)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, warmup then cosine (default 2e-3)")
+    t.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip gradients to this global norm, 0 for none (default: 1.0 in one process; under "
+                        "--deepspeed_config the preset's gradient_clipping, which this flag overrides)")
     t.add_argument("--seed", type=int, default=0, help="seed for adapter init, shuffling and the random policy")
     t.add_argument("--save-every", type=int, default=0,
                    help="write training state (adapters, optimizer, scheduler, step) to <output-dir>/checkpoints/step_N "
@@ -100,6 +103,8 @@ def build_configs(args) -> tuple[AdapterConfig, SieveConfig]:
                             use_rslora=args.use_rslora, use_dora=args.use_dora or args.method == "dora",
                             attention_targets=list(args.attention_lora), shared_expert_lora=args.shared_expert_lora)
     check_distributed(args)
+    if args.max_grad_norm is not None and args.max_grad_norm < 0:
+        raise ConfigError(f"--max-grad-norm={args.max_grad_norm} must be >= 0 (0: no clipping)")
     if args.save_every < 0:
         raise ConfigError(f"--save-every={args.save_every} must be >= 0")
     if args.resume is not None:
@@ -199,12 +204,15 @@ def run(args) -> int:
     ckpt = Checkpointing(out / "checkpoints", args.save_every, Path(args.resume) if args.resume else None)
     start = time.perf_counter()
     if args.deepspeed_config is None:
-        losses = train(model, loader, args.max_steps, args.lr, progress=progress, ckpt=ckpt)
+        clip = 1.0 if args.max_grad_norm is None else args.max_grad_norm
+        losses = train(model, loader, args.max_steps, args.lr, clip=clip, progress=progress, ckpt=ckpt)
     else:
         if args.ep_size > 1:
             shard_experts(model, deepspeed_expert_group(args.ep_size))
-        losses = train_deepspeed(model, loader, args.max_steps, args.lr,
-                                 deepspeed_config(args.deepspeed_config, args.batch_size), progress=progress, ckpt=ckpt)
+        config = deepspeed_config(args.deepspeed_config, args.batch_size)
+        if args.max_grad_norm is not None:
+            config["gradient_clipping"] = args.max_grad_norm
+        losses = train_deepspeed(model, loader, args.max_steps, args.lr, config, progress=progress, ckpt=ckpt)
     elapsed = time.perf_counter() - start
 
     save_adapter(model, out)  # expert-parallel: every rank takes part, rank 0 writes

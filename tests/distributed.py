@@ -16,7 +16,9 @@ def _free_port() -> int:
 
 
 def _entry(rank, world, port, fn, args, timeout_s):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    # LOCAL_RANK as the deepspeed launcher sets it (one host), so deepspeed.initialize runs here too
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)

@@ -16,7 +16,9 @@ SELECTION = {0: [1, 2], 1: [0]}
 class ToyMoE(nn.Module):
     """Embedding, two residual DeepSpeed MoE layers (4 experts, top-2), LM head."""
 
-    def __init__(self, ep_size: int):
+    def __init__(self, ep_size: int, set_groups: bool = True):
+        """``set_groups``: give the layers their expert-parallel groups now (needed to run them
+        before ``deepspeed.initialize``, which sets them itself and refuses to set them twice)."""
         super().__init__()
         from deepspeed.moe.layer import MoE
 
@@ -27,7 +29,7 @@ class ToyMoE(nn.Module):
                                   for _ in range(2))
         self.head = nn.Linear(H, VOCAB)
         for moe in self.moes:
-            if ep_size > 1:
+            if ep_size > 1 and set_groups:
                 moe.set_deepspeed_parallelism()
             for expert, e in zip(moe.deepspeed_moe.experts.deepspeed_experts, global_ids(moe)):
                 torch.manual_seed(100 + e)  # global expert e has the same weights at any EP degree
@@ -41,9 +43,9 @@ class ToyMoE(nn.Module):
         return self.head(x)
 
 
-def toy(ep_size: int) -> ToyMoE:
+def toy(ep_size: int, set_groups: bool = True) -> ToyMoE:
     torch.manual_seed(0)
-    return ToyMoE(ep_size)
+    return ToyMoE(ep_size, set_groups)
 
 
 def tokens(seed):
@@ -97,3 +99,63 @@ def test_deepspeed_moe_profile_inject_save_and_reload_at_ep1(tmp_path):
         saved = torch.load(tmp_path / f"logits{r}.pt")
         with torch.no_grad():
             torch.testing.assert_close(model(saved["ids"]), saved["logits"], rtol=1e-5, atol=1e-6)
+
+
+STEPS, LR = 3, 1e-2
+
+
+def step_batch(step: int, rank: int) -> torch.Tensor:
+    return tokens(30 + 2 * step + rank)
+
+
+def lm_loss(model, ids):
+    logits = model(ids)
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+
+def _train_ep2_on_rank(rank, world, out_dir):
+    """deepspeed.initialize (ZeRO-2) on an EP=2 DeepSpeed-MoE model carrying the sieve adapter."""
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = load_adapter(toy(ep_size=2, set_groups=False), f"{out_dir}/init")  # injected before initialize
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "adapters"})
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=LR)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0, "zero_optimization": {"stage": 2}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    losses = []
+    for step in range(STEPS):
+        loss = lm_loss(engine, step_batch(step, rank))  # equal token counts per rank: the mean of means is the mean
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world)
+    save_adapter(model, f"{out_dir}/ep2-trained")
+    if rank == 0:
+        torch.save(losses, f"{out_dir}/ep2-losses.pt")
+
+
+def test_deepspeed_moe_ep2_under_deepspeed_initialize_trains_the_adapter_of_one_process(tmp_path):
+    reference = apply_sieve_lora(toy(ep_size=1), SELECTION, AdapterConfig(r=2))
+    randomize_adapters(reference)
+    save_adapter(reference, tmp_path / "init")  # both runs start from this adapter
+    optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=LR)
+    losses = []
+    for step in range(STEPS):  # one process, the global batch of both ranks
+        loss = lm_loss(reference, torch.cat([step_batch(step, r) for r in range(2)]))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    run_ranks(_train_ep2_on_rank, world=2, args=(str(tmp_path),))
+    assert torch.load(tmp_path / "ep2-losses.pt") == pytest.approx(losses, rel=1e-5)
+    trained = load_adapter(toy(ep_size=1), tmp_path / "ep2-trained")
+    for (name, p), q in zip(((n, p) for n, p in trained.named_parameters() if p.requires_grad),
+                            (q for q in reference.parameters() if q.requires_grad)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    start = load_adapter(toy(ep_size=1), tmp_path / "init")
+    moved = [(p - q).abs().max() for p, q in zip(trained.parameters(), start.parameters()) if p.requires_grad]
+    assert min(moved) > 1e-3  # every adapter tensor trained

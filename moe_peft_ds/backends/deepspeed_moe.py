@@ -42,7 +42,12 @@ def is_ds_moe_model(model: nn.Module) -> bool:
 def _ep_rank(moe) -> int:
     if moe.ep_size == 1:
         return 0
-    return dist.get_rank(group=moe.deepspeed_moe.ep_group)
+    group = moe.deepspeed_moe.ep_group
+    if group is None:  # deepspeed.initialize sets the layer's group later; the layout is DeepSpeed's either way
+        from ..parallel import deepspeed_expert_group
+
+        group = deepspeed_expert_group(moe.ep_size)
+    return dist.get_rank(group=group)
 
 
 def global_ids(moe) -> list[int]:
