@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-r"""Fine-tune an MoE model with the sieve (LoRA on the most-routed experts) or LoRA/DoRA on all experts.
+r"""Fine-tune an MoE model with the sieve (LoRA on the most-routed experts) or LoRA/DoRA on all
+experts, or a dense model with MixLoRA/MixDoRA (a routed mixture of LoRA experts per FFN).
 
-The recipe, top to bottom: load model and data -> profile routing on a calibration set ->
-select experts -> inject adapters -> (shard experts) -> train -> save the adapter (and the
-routing profile).
+The recipe, top to bottom: load model and data -> (sieve: profile routing on a calibration
+set -> select experts) -> inject adapters -> (shard experts) -> train -> save the adapter
+(and the routing profile).
 
     python launch/train.py --model tiny-mixtral --method sieve --sieve-fraction 0.25 \
         --data demo:arithmetic --output-dir out/sieve-demo
     deepspeed --num_gpus 2 launch/train.py --model tiny-mixtral --data demo:arithmetic \
         --output-dir out/sieve-ep2 --deepspeed_config ds_configs/zero2_fp32.json --ep-size 2
+    python launch/train.py --model <dense llama/mistral/qwen/gemma> --method mixlora --num-experts 8 \
+        --top-k 2 --data demo:arithmetic --output-dir out/mixlora
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from moe_peft_ds import AdapterConfig, SieveConfig, apply_sieve_lora, profile_ro
 from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, all_experts_selection, describe_model  # noqa: E402
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
 from moe_peft_ds.cli import add_model_data_args, check_positive, run_cli  # noqa: E402
-from moe_peft_ds.config import ATTENTION_TARGETS, POLICIES, ConfigError  # noqa: E402
+from moe_peft_ds.config import ATTENTION_TARGETS, MIXLORA_METHODS, POLICIES, ROUTINGS, ConfigError, MixLoRAConfig  # noqa: E402
+from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
 from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
@@ -44,16 +48,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     io.add_argument("--overwrite", action="store_true", help="allow writing into an output dir that already holds an adapter")
     io.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the base model (default fp32)")
     m = p.add_argument_group("method")
-    m.add_argument("--method", default="sieve", choices=["sieve", "lora", "dora"],
-                   help="sieve: LoRA on the selected experts only; lora/dora: on all experts (the full-LoRA baseline)")
+    m.add_argument("--method", default="sieve", choices=["sieve", "lora", "dora", *MIXLORA_METHODS],
+                   help="sieve: LoRA on the selected experts only; lora/dora: on all experts (the full-LoRA baseline); "
+                        "mixlora/mixdora: a dense model's FFNs become routed mixtures of LoRA/DoRA experts")
     m.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     m.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     m.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
     m.add_argument("--use-rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
     m.add_argument("--use-dora", action="store_true", help="DoRA magnitudes on the adapted experts (implied by --method dora)")
-    m.add_argument("--attention-lora", nargs="*", default=[], choices=ATTENTION_TARGETS, metavar="PROJ",
-                   help=f"plain LoRA on these attention projections too, any of {ATTENTION_TARGETS} (default none)")
+    m.add_argument("--attention-lora", nargs="*", default=None, choices=ATTENTION_TARGETS, metavar="PROJ",
+                   help=f"plain LoRA on these attention projections too, any of {ATTENTION_TARGETS}; the flag alone: "
+                        "none (default: none for sieve/lora/dora, all four for mixlora/mixdora)")
     m.add_argument("--shared-expert-lora", action="store_true", help="plain LoRA on shared experts (Qwen2-MoE, DeepSeek)")
+    x = p.add_argument_group("mixlora / mixdora")
+    x.add_argument("--num-experts", type=int, default=8, help="LoRA experts per FFN (default 8)")
+    x.add_argument("--top-k", type=int, default=2, help="experts per token; the most per token with --routing dynamic (default 2)")
+    x.add_argument("--routing", default="topk", choices=ROUTINGS,
+                   help="topk: softmax top-k, renormalised; dynamic: top-p; switch: top-1 with a capacity (default topk)")
+    x.add_argument("--top-p", type=float, default=0.75, help="--routing dynamic: probability mass to reach (default 0.75)")
+    x.add_argument("--capacity-factor", type=float, default=1.0,
+                   help="--routing switch: tokens per expert = ceil(factor x tokens / experts); the rest skip the "
+                        "experts' LoRA (default 1.0)")
+    x.add_argument("--router-aux-loss-coef", type=float, default=0.01, help="load-balancing loss coefficient (default 0.01)")
+    x.add_argument("--router-z-loss-coef", type=float, default=0.0, help="router z-loss coefficient (default 0)")
+    x.add_argument("--router-init-range", type=float, default=0.02, help="std of the router's initialisation (default 0.02)")
+    x.add_argument("--jitter-noise", type=float, default=0.0, help="multiplicative noise on the router input while training")
+    x.add_argument("--expert-r", default="", metavar="E:R,...", help="per-expert ranks, e.g. 0:16,1:4 (default: --lora-r)")
+    x.add_argument("--expert-alpha", default="", metavar="E:A,...", help="per-expert alphas (default: --lora-alpha)")
+    x.add_argument("--reference-path", action="store_true",
+                   help="run every chosen expert's full FFN instead of the fast shared-W1/W3 path (same result, slower)")
     s = p.add_argument_group("sieve: routing profile and expert selection")
     s.add_argument("--selection-policy", default="topk", choices=POLICIES,
                    help="topk: most-routed per layer; coverage: smallest set reaching --sieve-coverage; random: ablation "
@@ -70,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--max-grad-norm", type=float, default=None,
                    help="clip gradients to this global norm, 0 for none (default: 1.0 in one process; under "
                         "--deepspeed_config the preset's gradient_clipping, which this flag overrides)")
+    t.add_argument("--activation-checkpointing", default="none", choices=["none", "reentrant", "non-reentrant"],
+                   help="recompute each decoder layer in backward to save activation memory (default none)")
     t.add_argument("--seed", type=int, default=0, help="seed for adapter init, shuffling and the random policy")
     t.add_argument("--save-every", type=int, default=0,
                    help="write training state (adapters, optimizer, scheduler, step) to <output-dir>/checkpoints/step_N "
@@ -92,17 +117,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_configs(args) -> tuple[AdapterConfig, SieveConfig]:
+def per_expert(flag: str, text: str, cast) -> dict:
+    """``"0:16,3:4"`` -> ``{0: 16, 3: 4}``."""
+    try:
+        return {int(e): cast(v) for e, v in (item.split(":") for item in text.split(",") if item)}
+    except ValueError as err:
+        raise ConfigError(f"{flag} {text!r}: expected EXPERT:VALUE pairs separated by commas, e.g. 0:16,3:4") from err
+
+
+def adapter_config(args) -> AdapterConfig | MixLoRAConfig:
+    lora = dict(method=args.method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                use_rslora=args.use_rslora, use_dora=args.use_dora or args.method in ("dora", "mixdora"))
+    if args.method in MIXLORA_METHODS:
+        attention = ATTENTION_TARGETS if args.attention_lora is None else args.attention_lora
+        return MixLoRAConfig(**lora, attention_targets=list(attention), num_experts=args.num_experts, top_k=args.top_k,
+                             routing=args.routing, top_p=args.top_p, capacity_factor=args.capacity_factor,
+                             router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
+                             router_init_range=args.router_init_range, jitter_noise=args.jitter_noise,
+                             expert_r=per_expert("--expert-r", args.expert_r, int),
+                             expert_alpha=per_expert("--expert-alpha", args.expert_alpha, float))
+    return AdapterConfig(**lora, attention_targets=list(args.attention_lora or []), shared_expert_lora=args.shared_expert_lora)
+
+
+def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
     """Validate every flag before any model or data is loaded."""
     check_positive(calibration_samples=args.calibration_samples, max_steps=args.max_steps,
                    batch_size=args.batch_size, max_length=args.max_length)
     fraction = args.sieve_fraction if args.sieve_fraction is not None else (None if args.sieve_k else 0.25)
     sieve = SieveConfig(policy=args.selection_policy if args.method == "sieve" else "all",
                         fraction=fraction, k=args.sieve_k, coverage=args.sieve_coverage, seed=args.seed)
-    adapter = AdapterConfig(method=args.method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                            use_rslora=args.use_rslora, use_dora=args.use_dora or args.method == "dora",
-                            attention_targets=list(args.attention_lora), shared_expert_lora=args.shared_expert_lora)
+    adapter = adapter_config(args)
     check_distributed(args)
+    if args.method in MIXLORA_METHODS and args.ep_size > 1:
+        raise ConfigError("--ep-size > 1 is not available for MixLoRA yet (issue 4); use data parallelism (--ep-size 1)")
     if args.max_grad_norm is not None and args.max_grad_norm < 0:
         raise ConfigError(f"--max-grad-norm={args.max_grad_norm} must be >= 0 (0: no clipping)")
     if args.save_every < 0:
@@ -170,24 +217,15 @@ def init_distributed(args) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def run(args) -> int:
-    adapter_cfg, sieve_cfg = build_configs(args)
-    rank, world = init_distributed(args)
-    torch.manual_seed(args.seed)  # same seed everywhere: identical base and adapter init on every rank
-    progress = not args.no_progress and rank == 0
-    log = print if rank == 0 else (lambda *a, **k: None)
-    out = Path(args.output_dir)
-
-    model, tokenizer = load_model(args.model, args.dtype)
+def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress):
+    """Profile (sieve: each rank its share, counts all-reduced), select and inject; returns the
+    routing profile (None unless sieve) and the size report."""
     info = describe_model(model)
     if info["num_experts"] % args.ep_size or world % args.ep_size:
         raise ConfigError(f"--ep-size {args.ep_size} must divide both the experts per layer ({info['num_experts']}) "
                           f"and the number of ranks ({world})")
-    examples = load_examples(args.data, tokenizer, args.max_length)
-    adapter_cfg.base_model = args.model
-
     profile = None
-    if args.method == "sieve":  # each rank profiles its share; counts are all-reduced
+    if args.method == "sieve":
         calib = make_loader(examples[: args.calibration_samples][rank::world], tokenizer, args.batch_size)
         profile = profile_routing(model, calib, model_id=args.model, data_id=args.data, progress=progress)
         log(f"routing profile: {profile.tokens} tokens from {profile.samples} samples\n{format_skew(profile)}")
@@ -198,6 +236,32 @@ def run(args) -> int:
     sizes = size_report(model, all_experts_selection(model))
     log(f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts "
         f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)")
+    return profile, sizes
+
+
+def run(args) -> int:
+    adapter_cfg, sieve_cfg = build_configs(args)
+    rank, world = init_distributed(args)
+    torch.manual_seed(args.seed)  # same seed everywhere: identical base and adapter init on every rank
+    progress = not args.no_progress and rank == 0
+    log = print if rank == 0 else (lambda *a, **k: None)
+    out = Path(args.output_dir)
+
+    model, tokenizer = load_model(args.model, args.dtype)
+    examples = load_examples(args.data, tokenizer, args.max_length)
+    adapter_cfg.base_model = args.model
+    profile = None
+    if isinstance(adapter_cfg, MixLoRAConfig):
+        apply_mixlora(model, adapter_cfg, fast=not args.reference_path)
+        sizes = {"trainable_params": count_trainable(model), "adapter_bytes": adapter_nbytes(model)}
+        log(f"{args.method}: {args.num_experts} LoRA experts per FFN, {args.routing} routing, "
+            f"{sizes['trainable_params']:,} trainable parameters")
+    else:
+        profile, sizes = inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress)
+    if args.activation_checkpointing != "none":
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": args.activation_checkpointing == "reentrant"})
+        model.enable_input_require_grads()  # the frozen embeddings give no input with a gradient otherwise
 
     # world ranks with --batch-size B see the global batches of one process with B x world
     loader = make_train_loader(examples, tokenizer, args.batch_size, args.seed, rank, world)
@@ -226,9 +290,12 @@ def run(args) -> int:
 
     head, tail = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
     print(f"loss {head:.3f} -> {tail:.3f} over {len(losses)} steps ({elapsed:.1f} s, {world} rank(s))")
-    print(f"trainable parameters: {sizes['trainable_params']:,} (LoRA on all experts: {sizes['all_experts_trainable_params']:,}, "
-          f"ratio {sizes['param_ratio']:.3f})")
-    print(f"adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB (all experts: {sizes['all_experts_adapter_bytes'] / 1e6:.2f} MB)")
+    if "param_ratio" in sizes:
+        print(f"trainable parameters: {sizes['trainable_params']:,} (LoRA on all experts: "
+              f"{sizes['all_experts_trainable_params']:,}, ratio {sizes['param_ratio']:.3f})")
+        print(f"adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB (all experts: {sizes['all_experts_adapter_bytes'] / 1e6:.2f} MB)")
+    else:
+        print(f"trainable parameters: {sizes['trainable_params']:,}; adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB")
     print(f"saved to {out}")
     return 0
 

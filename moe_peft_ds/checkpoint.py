@@ -4,7 +4,9 @@ Expert adapters are stored one tensor per selected expert, keyed by MoE layer an
 expert id (``layers.{L}.experts.{e}.{gate_up_proj|down_proj}.{lora_A|lora_B|magnitude}``),
 so the file holds only the adapters that exist and does not depend on how experts are
 stacked or sharded in memory. Plain LoRA layers (attention, shared experts) are keyed by
-their module path (``model.layers.0.self_attn.q_proj.lora_A``).
+their module path (``model.layers.0.self_attn.q_proj.lora_A``). MixLoRA layers hold
+``layers.{L}.mixlora.router.weight`` and ``layers.{L}.mixlora.experts.{e}.{gate_proj|up_proj|down_proj}.{...}``,
+each expert's tensors at its own rank.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from torch import nn
 from .backends.deepspeed_moe import (apply_sieve_lora_ds, describe_ds_moe, ds_adapter_state, ds_moe_layers, global_ids,
                                      is_ds_moe_model, local_ds_adapter_state)
 from .backends.hf import FusedExpertsWithLoRA, apply_sieve_lora, describe_model
-from .config import AdapterConfig, ConfigError
+from .config import ConfigError, LoRAConfig, MixLoRAConfig
 from .lora import LoRALinear
+from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, dense_family_of
 from .parallel import expert_parallel_group
 
 CONFIG_NAME = "adapter_config.json"
@@ -38,7 +41,7 @@ class AdapterMismatchError(ValueError):
 def adapter_modules(model: nn.Module):
     """``(name, module)`` of every adapter-carrying module in ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, (FusedExpertsWithLoRA, LoRALinear)):
+        if isinstance(module, (FusedExpertsWithLoRA, LoRALinear, MixLoRAFFN)):
             yield name, module
 
 
@@ -54,11 +57,29 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                     state[f"{name}.{p}"] = getattr(module, p).detach()
             continue
         layer = int(_LAYER.search(name + ".").group(1))
+        if isinstance(module, MixLoRAFFN):
+            state.update(_mixlora_state(layer, module))
+            continue
         for tensor, adapter in module.adapters.items():
             for slot, e in enumerate(adapter.expert_ids):
                 for p in LORA_PARAMS:
                     if getattr(adapter, p) is not None:
                         state[f"layers.{layer}.experts.{e}.{tensor}.{p}"] = getattr(adapter, p)[slot].detach()
+    return state
+
+
+def _mixlora_state(layer: int, module: MixLoRAFFN) -> dict[str, torch.Tensor]:
+    """One MixLoRA layer's router and experts (views, each expert cut to its own rank)."""
+    prefix = f"layers.{layer}.mixlora"
+    state = {f"{prefix}.router.weight": module.adapter.router.weight.detach()}
+    for proj in PROJECTIONS:
+        lora = module.adapter.lora[proj]
+        for slot, (e, r) in enumerate(zip(lora.expert_ids, lora.ranks)):
+            key = f"{prefix}.experts.{e}.{proj}"
+            state[f"{key}.lora_A"] = lora.lora_A[slot, :r].detach()
+            state[f"{key}.lora_B"] = lora.lora_B[slot, :, :r].detach()
+            if lora.magnitude is not None:
+                state[f"{key}.magnitude"] = lora.magnitude[slot].detach()
     return state
 
 
@@ -137,12 +158,12 @@ def save_adapter(model: nn.Module, output_dir: str | Path) -> Path:
     return out
 
 
-def read_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """Read and validate an adapter directory without touching any model."""
     path = Path(path)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{path} is not an adapter directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    cfg = AdapterConfig.from_json(path / CONFIG_NAME)
+    cfg = LoRAConfig.from_json(path / CONFIG_NAME)  # AdapterConfig or MixLoRAConfig, by its method
     try:
         state = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as err:
@@ -150,8 +171,15 @@ def read_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
     return cfg, state
 
 
-def check_compatible(model: nn.Module, cfg: AdapterConfig) -> None:
+def check_compatible(model: nn.Module, cfg: LoRAConfig) -> None:
     """Raise if the adapter was made for another architecture, width or expert count."""
+    if isinstance(cfg, MixLoRAConfig):
+        dense_family_of(model)  # a supported dense family, or a clear error
+        for key in ("model_type", "hidden_size"):
+            if getattr(cfg, key) != getattr(model.config, key):
+                raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, "
+                                           f"but the model has {key}={getattr(model.config, key)!r}")
+        return
     info = describe_ds_moe(model) if is_ds_moe_model(model) else describe_model(model)
     for key in ("model_type", "num_experts", "hidden_size"):
         if getattr(cfg, key) != info[key]:
@@ -169,7 +197,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     cfg, state = read_adapter(path)
     check_compatible(model, cfg)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    (apply_sieve_lora_ds if is_ds_moe_model(model) else apply_sieve_lora)(model, cfg.selection, cfg)
+    if isinstance(cfg, MixLoRAConfig):
+        apply_mixlora(model, cfg)
+    else:
+        (apply_sieve_lora_ds if is_ds_moe_model(model) else apply_sieve_lora)(model, cfg.selection, cfg)
     try:
         _assign(model, state)
     except AdapterMismatchError:
@@ -189,23 +220,37 @@ def remove_adapter(model: nn.Module) -> nn.Module:
     """Take every adapter out of ``model`` without merging (the base model is restored)."""
     for name, module in list(adapter_modules(model)):
         _replace(model, name, module.base)
+    hook = getattr(model, "_mixlora_mask_hook", None)
+    if hook is not None:
+        hook.remove()
+        del model._mixlora_mask_hook
     model.moe_peft_config = None
     return model
 
 
 @torch.no_grad()
-def merge_adapter(model: nn.Module) -> nn.Module:
+def merge_adapter(model: nn.Module, attention_only: bool = False) -> nn.Module:
     """Fold every adapter into the base weights; the result is a plain transformers model
-    that ``save_pretrained`` writes with its original keys."""
-    if getattr(model, "moe_peft_config", None) is None:
+    that ``save_pretrained`` writes with its original keys.
+
+    A MixLoRA mixture is routed per token and cannot be folded into one FFN: it is refused,
+    unless ``attention_only``, which folds the attention LoRA and keeps the mixture."""
+    cfg = getattr(model, "moe_peft_config", None)
+    if cfg is None:
         raise ValueError("this model carries no moe_peft_ds adapter to merge")
+    if isinstance(cfg, MixLoRAConfig) and not attention_only:
+        raise ValueError(f"a {cfg.method} adapter cannot be merged: its FFN is a routed mixture of experts, not one "
+                         "weight update. merge_adapter(model, attention_only=True) folds the attention LoRA alone.")
     for name, module in list(adapter_modules(model)):
         if isinstance(module, LoRALinear):
             module.base.weight.copy_(module.merged_weight())
             _replace(model, name, module.base)
-        else:
+        elif not attention_only:
             _replace(model, name, module.merge_into_base())
-    model.moe_peft_config = None
+    if attention_only and isinstance(cfg, MixLoRAConfig):
+        cfg.attention_targets = []
+    else:
+        model.moe_peft_config = None
     return model
 
 

@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 METHODS = ("lora", "dora", "sieve")
+MIXLORA_METHODS = ("mixlora", "mixdora")
 POLICIES = ("topk", "coverage", "random", "greedy", "all")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ROUTINGS = ("topk", "dynamic", "switch")
 
 
 class ConfigError(ValueError):
@@ -21,61 +23,55 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class AdapterConfig:
-    """LoRA/DoRA settings shared by every method of this project."""
+class LoRAConfig:
+    """The LoRA/DoRA settings every method shares; ``AdapterConfig`` and ``MixLoRAConfig`` add theirs."""
 
-    method: str = field(default="sieve", metadata={"help": f"adapter method, one of {METHODS}"})
+    METHODS = ()  # the ``method`` values a subclass accepts
+    REQUIRED = ("method", "r", "alpha", "model_type")  # keys a saved config must have
+
+    method: str = field(default="", metadata={"help": "adapter method"})
     r: int = field(default=8, metadata={"help": "LoRA rank r (> 0)"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling is alpha/r, or alpha/sqrt(r) with rsLoRA"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input, in [0, 1)"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: train a per-output magnitude vector as well"})
-    expert_targets: list[str] = field(
-        default_factory=lambda: ["gate_up_proj", "down_proj"],
-        metadata={"help": "fused expert tensors that get LoRA: gate_up_proj and/or down_proj"},
-    )
     attention_targets: list[str] = field(
         default_factory=list,
-        metadata={"help": f"attention projections that get plain LoRA, any of {ATTENTION_TARGETS} (off for the sieve)"},
-    )
-    shared_expert_lora: bool = field(
-        default=False, metadata={"help": "plain LoRA on the shared experts' gate/up/down projections"}
+        metadata={"help": f"attention projections that get plain LoRA, any of {ATTENTION_TARGETS}"},
     )
     base_model: str = field(default="", metadata={"help": "name or path of the base model (recorded, checked on load)"})
     model_type: str = field(default="", metadata={"help": "transformers model_type of the base model (filled in)"})
-    selection: dict[int, list[int]] = field(
-        default_factory=dict, metadata={"help": "layer index -> sorted global expert ids that carry LoRA"}
-    )
-    num_experts: int = field(default=0, metadata={"help": "experts per MoE layer of the base model (filled in)"})
     hidden_size: int = field(default=0, metadata={"help": "hidden size of the base model (filled in)"})
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r} is not supported; choose one of {METHODS}")
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r={self.r!r} must be a positive integer")
-        if not self.alpha > 0:
-            raise ConfigError(f"alpha={self.alpha!r} must be > 0")
+        if self.method not in self.METHODS:
+            raise ConfigError(f"method={self.method!r} is not supported by {type(self).__name__}; choose one of {self.METHODS}")
+        check_rank_alpha("", self.r, self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
-        bad = set(self.expert_targets) - {"gate_up_proj", "down_proj"}
-        if bad or not self.expert_targets:
-            raise ConfigError(f"expert_targets={self.expert_targets!r}; allowed: a non-empty subset of gate_up_proj, down_proj")
         bad = set(self.attention_targets) - set(ATTENTION_TARGETS)
         if bad:
             raise ConfigError(f"attention_targets has {sorted(bad)}; allowed: {ATTENTION_TARGETS}")
-        # JSON turns int keys into strings; normalise so a loaded config equals the saved one.
-        self.selection = {int(k): sorted(int(e) for e in v) for k, v in self.selection.items()}
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return self.scaling_for(self.r, self.alpha)
+
+    def scaling_for(self, r: int, alpha: float) -> float:
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    def rank_of(self, expert: int) -> int:
+        """LoRA rank of one expert (the same for all unless a subclass overrides it)."""
+        return self.r
+
+    def scaling_of(self, expert: int) -> float:
+        return self.scaling
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "AdapterConfig":
+    def from_json(cls, path: str | Path) -> "LoRAConfig":
         try:
             raw = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -83,16 +79,115 @@ class AdapterConfig:
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "adapter config") -> "AdapterConfig":
-        known = {f.name for f in fields(cls)}
-        required = {"method", "r", "alpha", "selection", "model_type", "num_experts"}
-        missing = sorted(required - raw.keys())
+    def from_dict(cls, raw: dict, source: str = "adapter config") -> "LoRAConfig":
+        """The config class that ``raw["method"]`` names, built from ``raw``; unknown or missing keys fail."""
+        method = raw.get("method")
+        target = next((c for c in (AdapterConfig, MixLoRAConfig) if method in c.METHODS), None) if cls is LoRAConfig else cls
+        if target is None:
+            raise ConfigError(f"{source} has method={method!r}; known: {METHODS + MIXLORA_METHODS}")
+        known = {f.name for f in fields(target)}
+        missing = sorted(set(target.REQUIRED) - raw.keys())
         if missing:
             raise ConfigError(f"{source} lacks required keys {missing}; it was not written by save_adapter")
         unknown = sorted(raw.keys() - known)
         if unknown:
             raise ConfigError(f"{source} has unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**raw)
+        return target(**raw)
+
+
+def check_rank_alpha(where: str, r, alpha) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ConfigError(f"{where}r={r!r} must be a positive integer")
+    if not alpha > 0:
+        raise ConfigError(f"{where}alpha={alpha!r} must be > 0")
+
+
+@dataclass
+class AdapterConfig(LoRAConfig):
+    """LoRA/DoRA on the experts of an MoE model: the sieve (selected experts) or all experts."""
+
+    METHODS = METHODS
+    REQUIRED = LoRAConfig.REQUIRED + ("selection", "num_experts")
+
+    method: str = field(default="sieve", metadata={"help": f"adapter method, one of {METHODS}"})
+    expert_targets: list[str] = field(
+        default_factory=lambda: ["gate_up_proj", "down_proj"],
+        metadata={"help": "fused expert tensors that get LoRA: gate_up_proj and/or down_proj"},
+    )
+    shared_expert_lora: bool = field(
+        default=False, metadata={"help": "plain LoRA on the shared experts' gate/up/down projections"}
+    )
+    selection: dict[int, list[int]] = field(
+        default_factory=dict, metadata={"help": "layer index -> sorted global expert ids that carry LoRA"}
+    )
+    num_experts: int = field(default=0, metadata={"help": "experts per MoE layer of the base model (filled in)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        bad = set(self.expert_targets) - {"gate_up_proj", "down_proj"}
+        if bad or not self.expert_targets:
+            raise ConfigError(f"expert_targets={self.expert_targets!r}; allowed: a non-empty subset of gate_up_proj, down_proj")
+        # JSON turns int keys into strings; normalise so a loaded config equals the saved one.
+        self.selection = {int(k): sorted(int(e) for e in v) for k, v in self.selection.items()}
+
+
+@dataclass
+class MixLoRAConfig(LoRAConfig):
+    """MixLoRA / MixDoRA on a dense model: each FFN becomes a routed mixture of LoRA experts
+    over the frozen FFN, with plain LoRA on attention."""
+
+    METHODS = MIXLORA_METHODS
+    REQUIRED = LoRAConfig.REQUIRED + ("num_experts", "top_k", "routing")
+
+    method: str = field(default="mixlora", metadata={"help": f"one of {MIXLORA_METHODS} (mixdora: DoRA experts)"})
+    attention_targets: list[str] = field(
+        default_factory=lambda: list(ATTENTION_TARGETS),
+        metadata={"help": f"attention projections with plain LoRA (default all of {ATTENTION_TARGETS}; [] for none)"},
+    )
+    num_experts: int = field(default=8, metadata={"help": "LoRA experts per FFN (>= 1)"})
+    top_k: int = field(default=2, metadata={"help": "experts per token (topk), the most experts per token (dynamic)"})
+    routing: str = field(default="topk", metadata={"help": f"routing strategy, one of {ROUTINGS}: softmax top-k "
+                                                          "renormalised; dynamic: top-p; switch: top-1 with capacity"})
+    top_p: float = field(default=0.75, metadata={"help": "dynamic routing: smallest expert set whose probability reaches this, in (0, 1]"})
+    capacity_factor: float = field(default=1.0, metadata={"help": "switch routing: tokens per expert = ceil(factor x tokens / experts)"})
+    router_init_range: float = field(default=0.02, metadata={"help": "std of the router's N(0, std) initialisation"})
+    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing loss coef x E x sum_e f_e P_e (>= 0)"})
+    router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss coef x mean(logsumexp(logits)^2) (>= 0)"})
+    jitter_noise: float = field(default=0.0, metadata={"help": "training only: router input x U(1-eps, 1+eps), eps in [0, 1)"})
+    expert_r: dict[int, int] = field(default_factory=dict, metadata={"help": "per-expert rank overrides {expert: r}"})
+    expert_alpha: dict[int, float] = field(default_factory=dict, metadata={"help": "per-expert alpha overrides {expert: alpha}"})
+
+    def __post_init__(self):
+        self.use_dora = self.use_dora or self.method == "mixdora"
+        super().__post_init__()
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ConfigError(f"num_experts={self.num_experts!r} must be an integer >= 1")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"top_k={self.top_k!r} must be in [1, num_experts={self.num_experts}]")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"routing={self.routing!r} is unknown; choose one of {ROUTINGS}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if not self.capacity_factor > 0:
+            raise ConfigError(f"capacity_factor={self.capacity_factor!r} must be > 0")
+        for name in ("router_init_range", "router_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if not 0.0 <= self.jitter_noise < 1.0:
+            raise ConfigError(f"jitter_noise={self.jitter_noise!r} must be in [0, 1)")
+        self.expert_r = {int(k): v for k, v in self.expert_r.items()}
+        self.expert_alpha = {int(k): float(v) for k, v in self.expert_alpha.items()}
+        outside = sorted(e for e in {**self.expert_r, **self.expert_alpha} if not 0 <= e < self.num_experts)
+        if outside:
+            raise ConfigError(f"per-expert overrides name experts {outside} outside [0, {self.num_experts})")
+        for e in range(self.num_experts):
+            check_rank_alpha(f"expert {e}: ", self.rank_of(e), self.expert_alpha.get(e, self.alpha))
+
+    def rank_of(self, expert: int) -> int:
+        return self.expert_r.get(expert, self.r)
+
+    def scaling_of(self, expert: int) -> float:
+        return self.scaling_for(self.rank_of(expert), self.expert_alpha.get(expert, self.alpha))
 
 
 @dataclass

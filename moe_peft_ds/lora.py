@@ -15,7 +15,7 @@ from torch import nn
 
 from transformers.integrations.moe import _grouped_mm as _transformers_grouped_mm
 
-from .config import AdapterConfig
+from .config import LoRAConfig
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -23,14 +23,28 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
     return (x.to(A.dtype) @ A.t() @ B.t()) * scaling
 
 
-def dora_scale(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's per-output factor ``m / ||W + s B A||_row`` (``[out]``, or ``[n, out]`` for stacked experts).
+def dora_scale(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-output factor ``m / ||W + s B A||_row`` (``[out]``, or ``[n, out]`` for stacked experts,
+    whose ``scaling`` may then be a tensor ``[n]``).
 
     The norm is detached, as in the DoRA paper's practical variant and PEFT, so the
     magnitude learns the length and LoRA the direction.
     """
-    merged = weight.to(A.dtype) + scaling * (B @ A)  # [out, in]
-    return magnitude / merged.norm(dim=-1).detach()
+    return magnitude / merged_row_norm(weight, A, B, scaling).detach()
+
+
+def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling) -> torch.Tensor:
+    """``||W + s B A||`` of every output row. A weight shared by all stacked experts (an
+    ``expand``-ed view, stride 0: MixLoRA) is never copied n times: the square expands into
+    ``||W||^2 + 2s<W, BA> + s^2 ||BA||^2``, whose terms need only ``W A^T`` and ``A A^T``."""
+    s = scaling if not torch.is_tensor(scaling) else scaling.to(A.dtype)[:, None]  # [n, 1] against [n, out]
+    if weight.dim() == 3 and weight.stride(0) == 0:
+        w = weight[0].to(A.dtype)  # [out, in]
+        cross = (torch.einsum("oi,nri->nor", w, A) * B).sum(-1)  # [n, out]: <W_o, (BA)_o>
+        ba_sq = ((B @ (A @ A.transpose(1, 2))) * B).sum(-1)  # [n, out]: ||(BA)_o||^2
+        return (w.pow(2).sum(-1) + 2 * s * cross + s * s * ba_sq).clamp_min(0).sqrt()
+    s = s if not torch.is_tensor(s) else s[..., None]  # [n, 1, 1] against [n, out, in]
+    return (weight.to(A.dtype) + s * (B @ A)).norm(dim=-1)
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -54,18 +68,25 @@ def apply_expert_update(base_out: torch.Tensor, rows: torch.Tensor | None, delta
     return updated if rows is None else base_out.index_copy_(0, rows, updated)
 
 
-def init_lora_pair(A: torch.Tensor, B: torch.Tensor) -> None:
-    """PEFT's default init: A Kaiming-uniform, B zero, so the adapter starts as the identity."""
+def init_lora_pair(A: torch.Tensor, B: torch.Tensor, ranks: list[int] | None = None) -> None:
+    """PEFT's default init: A Kaiming-uniform, B zero, so the adapter starts as the identity.
+
+    Stacked experts of different ranks (``ranks[i] <= A.shape[1]``) are zero beyond their rank:
+    those rows of A and columns of B get zero gradients and stay zero, so each expert is
+    exactly a rank-``ranks[i]`` LoRA.
+    """
     with torch.no_grad():
+        A.zero_()
         for i in range(A.shape[0]) if A.dim() == 3 else [None]:
-            nn.init.kaiming_uniform_(A if i is None else A[i], a=math.sqrt(5))
+            rows = A if i is None else A[i, : (ranks[i] if ranks else A.shape[1])]
+            nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
         B.zero_()
 
 
 class LoRALinear(nn.Module):
     """``nn.Linear`` plus a LoRA (optionally DoRA) update; the base layer stays frozen."""
 
-    def __init__(self, base: nn.Linear, cfg: AdapterConfig):
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
         super().__init__()
         self.base = base
         self.scaling = cfg.scaling
@@ -105,13 +126,18 @@ class ExpertLoRA(nn.Module):
     Parameters are stacked over the selected experts only: ``lora_A [n, r, in]``,
     ``lora_B [n, out, r]`` and, with DoRA, ``magnitude [n, out]``, where ``n`` is the number
     of selected experts, so memory grows with ``n``, not with ``E``. ``expert_ids`` holds the
-    global expert id of each slot, in ascending order.
+    global expert id of each slot, in ascending order. Experts may have their own rank and
+    alpha (``cfg.rank_of`` / ``cfg.scaling_of``): ``r`` is then the largest rank, and the
+    others are zero-padded (see ``init_lora_pair``).
+
+    The base tensor may be one weight shared by all experts, ``W.expand(E, out, in)``
+    (MixLoRA): it is never copied per expert, DoRA included.
 
     Under expert parallelism the base tensor holds only this rank's experts, global ids
     ``first_expert .. first_expert + E_local - 1``; ``expert_ids`` stay global.
     """
 
-    def __init__(self, expert_ids: list[int], weight_out_in: torch.Tensor, cfg: AdapterConfig, first_expert: int = 0):
+    def __init__(self, expert_ids: list[int], weight_out_in: torch.Tensor, cfg: LoRAConfig, first_expert: int = 0):
         """``weight_out_in``: the (local) base tensor as ``[E, out, in]`` (a view is fine)."""
         super().__init__()
         num_experts, out_f, in_f = weight_out_in.shape
@@ -122,17 +148,20 @@ class ExpertLoRA(nn.Module):
         # Ascending ids: the rows of the selected experts, sorted by expert, then line up with the slots.
         self.expert_ids = sorted(expert_ids)
         self.slot = {e: i for i, e in enumerate(self.expert_ids)}
-        self.scaling = cfg.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         kw = dict(dtype=weight_out_in.dtype, device=weight_out_in.device)
-        self.lora_A = nn.Parameter(torch.empty(len(expert_ids), cfg.r, in_f, **kw))
-        self.lora_B = nn.Parameter(torch.empty(len(expert_ids), out_f, cfg.r, **kw))
-        init_lora_pair(self.lora_A, self.lora_B)
+        ranks = [cfg.rank_of(e) for e in self.expert_ids]
+        self.lora_A = nn.Parameter(torch.empty(len(expert_ids), max(ranks), in_f, **kw))
+        self.lora_B = nn.Parameter(torch.empty(len(expert_ids), out_f, max(ranks), **kw))
+        init_lora_pair(self.lora_A, self.lora_B, ranks)
+        self.ranks = ranks
         self.magnitude = None
         ids = torch.tensor(self.expert_ids, device=weight_out_in.device) - first_expert  # local indices
+        self.all_experts = len(ids) == num_experts  # then the base tensor is used whole (no copy of a shared view)
         if cfg.use_dora:
-            norms = weight_out_in[ids].detach().norm(dim=2)  # [n, out]
+            norms = (weight_out_in if self.all_experts else weight_out_in[ids]).detach().norm(dim=2)  # [n, out]
             self.magnitude = nn.Parameter(norms.clone())
+        self.register_buffer("scaling", torch.tensor([cfg.scaling_of(e) for e in self.expert_ids], **kw), persistent=False)
         slot_of = torch.full((num_experts,), -1, dtype=torch.long, device=weight_out_in.device)
         slot_of[ids] = torch.arange(len(ids), device=ids.device)
         # Index helpers, derived from expert_ids: not saved, but moved with the module.
@@ -150,27 +179,28 @@ class ExpertLoRA(nn.Module):
         with the base output. Only ``x`` enters here with a gradient, so ZeRO-3 keeps this
         module's parameters gathered until its whole backward has run.
         """
-        all_rows = len(self.expert_ids) == self.slot_of.numel()
-        rows = None if all_rows else (self.slot_of[expert_of_row] >= 0).nonzero().squeeze(1)
-        xs = x if all_rows else x[rows]
+        rows = None if self.all_experts else (self.slot_of[expert_of_row] >= 0).nonzero().squeeze(1)
+        xs = x if self.all_experts else x[rows]
+        slots = self.slot_of[expert_of_row if self.all_experts else expert_of_row[rows]]
         offsets = counts[self.ids].cumsum(0).to(torch.int32)
         delta = grouped_mm(grouped_mm(self.dropout(xs).to(self.lora_A.dtype), self.lora_A.transpose(1, 2).contiguous(), offsets),
-                           self.lora_B.transpose(1, 2).contiguous(), offsets) * self.scaling
+                           self.lora_B.transpose(1, 2).contiguous(), offsets) * self.scaling[slots, None]
         if self.magnitude is None:
             return rows, delta, None
-        scale = dora_scale(weight_out_in[self.ids], self.lora_A, self.lora_B, self.scaling, self.magnitude)  # [n, out]
-        return rows, delta, scale[self.slot_of[expert_of_row if all_rows else expert_of_row[rows]]]
+        weight = weight_out_in if self.all_experts else weight_out_in[self.ids]
+        return rows, delta, dora_scale(weight, self.lora_A, self.lora_B, self.scaling, self.magnitude)[slots]  # [n, out] -> rows
 
     @torch.no_grad()
     def merged_weight(self, expert: int, weight_out_in: torch.Tensor) -> torch.Tensor:
         """Expert ``expert``'s (global id) ``[out, in]`` weight with its adapter folded in."""
         i = self.slot[expert]
-        A, B = self.lora_A[i], self.lora_B[i]
-        merged = weight_out_in + (self.scaling * (B @ A)).to(weight_out_in.dtype)
+        A, B, scaling = self.lora_A[i], self.lora_B[i], float(self.scaling[i])
+        merged = weight_out_in + (scaling * (B @ A)).to(weight_out_in.dtype)
         if self.magnitude is not None:
-            scale = dora_scale(weight_out_in, A, B, self.scaling, self.magnitude[i])
+            scale = dora_scale(weight_out_in, A, B, scaling, self.magnitude[i])
             merged = scale.to(merged.dtype)[:, None] * merged
         return merged
 
     def extra_repr(self) -> str:
-        return f"experts={self.expert_ids}, r={self.lora_A.shape[1]}, dora={self.magnitude is not None}"
+        ranks = self.ranks[0] if len(set(self.ranks)) == 1 else self.ranks
+        return f"experts={self.expert_ids}, r={ranks}, dora={self.magnitude is not None}"

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .data import target_tokens
+from .mixlora import set_aux_loss_scale
 from .resume import load_training_state, save_training_state
 
 
@@ -115,6 +116,7 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters; inject an adapter first")
+    set_aux_loss_scale(model, 1.0 / config.get("gradient_accumulation_steps", 1))  # DeepSpeed scales the loss so
     ep_group, clip = expert_parallel_group(model), config.get("gradient_clipping", 0.0)
     own_clipping = ep_group is not None and config.get("zero_optimization", {}).get("stage", 0) == 0 and clip > 0
     if own_clipping:  # ZeRO-0's clipping norm leaves out the experts of the other ranks; ZeRO-1/2 count them

@@ -39,3 +39,18 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
             if name.endswith("e_score_correction_bias"):
                 buf.normal_(0, 0.05)
     return model.eval()
+
+
+def save_tiny_llama(path) -> str:
+    """A tiny random LLaMA with the demo tokenizer, saved like a hub checkpoint (for the
+    MixLoRA command-line tests); returns the path."""
+    from moe_peft_ds.demo import DEMO_MODEL_DIR
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,210 @@
+"""MixLoRA / MixDoRA: the FFN of a dense transformers model becomes a routed mixture of LoRA
+experts over the frozen FFN, plus plain LoRA on attention.
+
+Expert ``e`` is the frozen gated FFN ``W2 (act(W1 x) * W3 x)`` with its own LoRA (or DoRA)
+on W1/W2/W3 (``gate_proj``/``down_proj``/``up_proj``). A trainable fp32 router picks experts
+per token (``routing``); the layer's output is the weighted sum of the chosen experts.
+Tokens are grouped by expert once per layer (``backends.hf.Routes``) and the experts' LoRA
+runs as grouped GEMMs over their rows (``lora.ExpertLoRA``, on the shared weight expanded,
+never copied), so the expert LoRA is the same code as the sieve's.
+
+Two execution paths give one result: the reference path runs every chosen expert's full
+FFN on its rows; the fast path (default) computes the shared W1 and W3 projections once
+per token, adds each expert's LoRA delta on its rows only, and runs W2 per row.
+
+A dense family is one ``DenseFamily`` entry: where the decoder layer keeps its gated MLP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backends.hf import Routes, UnsupportedModelError, inject_attention_lora
+from .config import MixLoRAConfig
+from .lora import ExpertLoRA, apply_expert_update
+from .routing import attach_loss, load_balancing_loss, route, z_loss
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # W1, W3, W2
+
+
+@dataclass(frozen=True)
+class DenseFamily:
+    """A dense transformers family whose decoder layers hold a gated MLP at ``mlp``."""
+
+    name: str
+    model_types: tuple[str, ...]
+    mlp: str = "mlp"
+
+
+DENSE_FAMILIES = (
+    DenseFamily("llama", ("llama",)),
+    DenseFamily("mistral", ("mistral",)),
+    DenseFamily("qwen2", ("qwen2",)),
+    DenseFamily("qwen3", ("qwen3",)),
+    DenseFamily("gemma", ("gemma",)),
+    DenseFamily("gemma2", ("gemma2",)),
+    DenseFamily("gemma3", ("gemma3_text",)),
+)
+
+
+def dense_family_of(model: nn.Module) -> DenseFamily:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for fam in DENSE_FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    known = sorted(t for fam in DENSE_FAMILIES for t in fam.model_types)
+    raise UnsupportedModelError(f"model_type={model_type!r} is not a supported dense family for MixLoRA; supported: {known}. "
+                                "Add a DenseFamily entry in moe_peft_ds/mixlora.py to support another layout.")
+
+
+def _shared(weight: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The frozen ``[out, in]`` weight seen as ``[E, out, in]`` by every expert (a view)."""
+    return weight.expand(num_experts, *weight.shape)
+
+
+class MixLoRAExperts(nn.Module):
+    """One adapter's router and LoRA experts for one FFN."""
+
+    def __init__(self, mlp: nn.Module, cfg: MixLoRAConfig):
+        super().__init__()
+        hidden = mlp.gate_proj.in_features
+        self.router = nn.Linear(hidden, cfg.num_experts, bias=False, dtype=torch.float32, device=mlp.gate_proj.weight.device)
+        nn.init.normal_(self.router.weight, std=cfg.router_init_range)
+        experts = list(range(cfg.num_experts))
+        self.lora = nn.ModuleDict({
+            name: ExpertLoRA(experts, _shared(getattr(mlp, name).weight, cfg.num_experts), cfg) for name in PROJECTIONS
+        })
+
+
+class MixLoRAFFN(nn.Module):
+    """Replaces a gated MLP; called like it, ``forward(x [..., H]) -> [..., H]``.
+
+    The router's auxiliary losses are attached to the output (``routing.attach_loss``) and
+    reach the optimizer through the forward path. ``token_mask`` (set for each forward by the
+    hook that ``apply_mixlora`` registers on the model) marks padding, which is routed to no
+    expert (it gets the frozen FFN) and left out of the losses. ``last_stats`` keeps the
+    last forward's loss values and capacity drops, detached, for logging only.
+    """
+
+    def __init__(self, mlp: nn.Module, cfg: MixLoRAConfig, fast: bool = True):
+        super().__init__()
+        self.base = mlp
+        self.cfg = cfg
+        self.fast = fast
+        self.num_experts = cfg.num_experts
+        self.adapter = MixLoRAExperts(mlp, cfg)
+        mlp.requires_grad_(False)
+        self.aux_loss_scale = 1.0  # the training loop sets 1/gradient-accumulation steps, as DeepSpeed scales the loss
+        self.token_mask: torch.Tensor | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}
+        # The base weights are read here, not in base.forward: ZeRO-3 must gather them for this module.
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for p in mlp.parameters():
+            register_external_parameter(self, p)
+
+    def _valid(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T]``: True for real tokens of ``x [B, S, H]`` (all of them without a mask)."""
+        tokens = x.shape[:-1].numel()
+        mask = self.token_mask
+        if mask is None or mask.dim() != 2 or x.dim() != 3 or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+            return torch.ones(tokens, dtype=torch.bool, device=x.device)
+        return mask[:, -x.shape[1]:].reshape(-1).to(device=x.device, dtype=torch.bool)  # generation: the last S positions
+
+    def _project(self, name: str, x_all: torch.Tensor | None, rows: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """Rows through ``name`` of each row's expert: the frozen projection (computed once per
+        token when ``x_all`` is given, the fast path) plus the expert's LoRA/DoRA."""
+        linear = getattr(self.base, name)
+        y = F.linear(x_all, linear.weight)[routes.token] if x_all is not None else F.linear(rows, linear.weight)
+        shared = _shared(linear.weight, self.num_experts)
+        y = apply_expert_update(y, *self.adapter.lora[name](rows, routes.expert, routes.counts, shared))
+        return y if linear.bias is None else y + linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        valid = self._valid(x)
+        router_in = flat.float()
+        if self.training and self.cfg.jitter_noise > 0:
+            router_in = router_in * torch.empty_like(router_in).uniform_(1 - self.cfg.jitter_noise, 1 + self.cfg.jitter_noise)
+        routing = route(self.adapter.router(router_in), self.cfg, valid)
+        routes = Routes.of(routing.index, self.num_experts)
+        rows = flat[routes.token]
+        shared_in = flat if self.fast else None
+        h = self.base.act_fn(self._project("gate_proj", shared_in, rows, routes)) * self._project("up_proj", shared_in, rows, routes)
+        out = routes.combine(flat, self._project("down_proj", None, h, routes), routing.weights)
+        unrouted = (routing.index == self.num_experts).all(-1).nonzero().squeeze(1)  # padding, capacity drops
+        if unrouted.numel():
+            out = out.index_add(0, unrouted, self.base(flat[unrouted]).to(out.dtype))
+        aux = self.cfg.router_aux_loss_coef * load_balancing_loss(routing, valid) + self.cfg.router_z_loss_coef * z_loss(routing, valid)
+        self.last_stats = {"aux_loss": aux.detach(), "dropped": routing.dropped}
+        if aux.requires_grad:
+            out = attach_loss(out, aux, self.aux_loss_scale)
+        return out.reshape(x.shape)
+
+
+def mixlora_layers(model: nn.Module) -> list[tuple[int, MixLoRAFFN]]:
+    """``(decoder layer index, layer)`` of every MixLoRA FFN in ``model``."""
+    from .backends.hf import _LAYER_INDEX
+
+    return [(int(_LAYER_INDEX.search(n + ".").group(1)), m) for n, m in model.named_modules() if isinstance(m, MixLoRAFFN)]
+
+
+def _decoder_mlps(model: nn.Module, fam: DenseFamily) -> list[tuple[nn.Module, nn.Module]]:
+    """``(decoder layer, gated MLP)`` of every decoder layer."""
+    found = []
+    for name, module in model.named_modules():
+        mlp = getattr(module, fam.mlp, None)
+        if name.rpartition(".")[0].endswith("layers") and mlp is not None:
+            if not all(isinstance(getattr(mlp, p, None), nn.Linear) for p in PROJECTIONS):
+                raise UnsupportedModelError(f"{name}.{fam.mlp} is not a gated MLP with {PROJECTIONS}")
+            found.append((module, mlp))
+    if not found:
+        raise UnsupportedModelError(f"no decoder layers with a gated '{fam.mlp}' found in this {fam.name} model")
+    return found
+
+
+def _capture_token_mask(model: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook: hand the batch's 2-D attention mask to every MixLoRA layer."""
+    mask = kwargs.get("attention_mask")
+    for _, layer in mixlora_layers(model):
+        layer.token_mask = mask
+
+
+def apply_mixlora(model: nn.Module, cfg: MixLoRAConfig | None = None, fast: bool = True) -> nn.Module:
+    """Freeze ``model`` (a dense transformers causal LM) and turn every FFN into a MixLoRA
+    (MixDoRA) layer, with plain LoRA on ``cfg.attention_targets``. Checks everything before
+    changing the model; attaches the filled-in config as ``model.moe_peft_config``."""
+    cfg = cfg or MixLoRAConfig()
+    fam = dense_family_of(model)
+    if getattr(model, "moe_peft_config", None) is not None:
+        raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
+    layers = _decoder_mlps(model, fam)
+    model.requires_grad_(False)
+    for layer, mlp in layers:
+        setattr(layer, fam.mlp, MixLoRAFFN(mlp, cfg, fast=fast))
+    inject_attention_lora(model, cfg)
+    model._mixlora_mask_hook = model.register_forward_pre_hook(_capture_token_mask, with_kwargs=True)
+    cfg.model_type, cfg.hidden_size = model.config.model_type, model.config.hidden_size
+    cfg.base_model = cfg.base_model or str(getattr(model.config, "_name_or_path", "") or "")
+    model.moe_peft_config = cfg
+    return model
+
+
+def set_fast_path(model: nn.Module, fast: bool) -> None:
+    """Switch every MixLoRA layer between the fast and the reference path (same result)."""
+    for _, layer in mixlora_layers(model):
+        layer.fast = fast
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """The gradient the auxiliary losses get, relative to the training loss's (1/accumulation steps)."""
+    for _, layer in mixlora_layers(model):
+        layer.aux_loss_scale = scale
+
+
+def aux_loss_value(model: nn.Module) -> float:
+    """The auxiliary losses of the last forward, summed over layers (for logging)."""
+    return sum(float(layer.last_stats.get("aux_loss", 0.0)) for _, layer in mixlora_layers(model))

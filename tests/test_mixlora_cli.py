@@ -1,0 +1,72 @@
+"""launch/train.py --method mixlora|mixdora: one process, and 2 data-parallel ranks under deepspeed."""
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_peft_ds import MixLoRAConfig, load_adapter
+from moe_peft_ds.mixlora import mixlora_layers
+from moe_peft_ds.models import load_model
+from tiny_models import save_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+train_main = runpy.run_path(str(ROOT / "launch" / "train.py"), run_name="not_main")["main"]
+FLAGS = ["--data", "demo:arithmetic", "--no-progress", "--max-steps", "8", "--num-experts", "4", "--top-k", "2"]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+def test_mixdora_run_trains_and_saves_every_option(llama, tmp_path):
+    out = tmp_path / "run"
+    rc = train_main(["--model", llama, *FLAGS, "--method", "mixdora", "--routing", "dynamic", "--top-p", "0.6",
+                     "--expert-r", "0:4", "--router-z-loss-coef", "0.001", "--activation-checkpointing", "non-reentrant",
+                     "--max-steps", "30", "--batch-size", "8", "--output-dir", str(out)])
+    assert rc == 0
+    cfg = MixLoRAConfig.from_json(out / "adapter_config.json")
+    assert (cfg.method, cfg.routing, cfg.top_p, cfg.expert_r, cfg.num_experts) == ("mixdora", "dynamic", 0.6, {0: 4}, 4)
+    assert cfg.use_dora and cfg.attention_targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    state = load_file(str(out / "adapter_model.safetensors"))
+    assert state["layers.1.mixlora.experts.0.down_proj.lora_B"].shape[1] == 4
+    assert any(k.endswith("magnitude") for k in state) and "layers.0.mixlora.router.weight" in state
+    losses = json.loads((out / "train_log.json").read_text())["losses"]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    model, _ = load_model(llama)
+    load_adapter(model, out)
+    assert len(mixlora_layers(model)) == 2
+
+
+def test_bad_mixlora_flags_fail_before_any_work(llama, tmp_path, capsys):
+    for extra, match in ((["--expert-r", "0=4"], "EXPERT:VALUE"),
+                         (["--top-k", "5"], "top_k"),
+                         (["--model", "tiny-mixtral"], "not a supported dense family")):
+        rc = train_main(["--model", llama, *FLAGS, "--method", "mixlora", "--output-dir", str(tmp_path / "out"), *extra])
+        assert rc == 2 and match in capsys.readouterr().err, extra
+        assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_train_the_mixlora_of_one_process(llama, tmp_path):
+    """ZeRO-2 on 2 ranks x 4 samples == one process x 8. The load-balancing loss is per rank
+    (a nonlinear function of the batch), so it is off here; the z-loss is per token and stays."""
+    flags = ["--model", llama, *FLAGS, "--method", "mixlora", "--router-aux-loss-coef", "0", "--max-grad-norm", "1e-3"]
+    single = tmp_path / "single"
+    assert train_main([*flags, "--batch-size", "8", "--output-dir", str(single)]) == 0
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29601", str(ROOT / "launch" / "train.py"), *flags,
+           "--batch-size", "4", "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_fp32.json"),
+           "--output-dir", str(tmp_path / "dp2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (single, tmp_path / "dp2"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    la, lb = (json.loads((d / "train_log.json").read_text())["losses"] for d in (single, tmp_path / "dp2"))
+    assert lb == pytest.approx(la, rel=1e-4)
