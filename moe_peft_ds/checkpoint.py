@@ -26,6 +26,7 @@ from .backends.hf import FusedExpertsWithLoRA, apply_sieve_lora, describe_model
 from .config import ConfigError, LoRAConfig, MixLoRAConfig
 from .lora import LoRALinear
 from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, dense_family_of
+from .multi_adapter import add_adapter, adapter_sites, drop_adapter
 from .parallel import expert_parallel_group
 
 CONFIG_NAME = "adapter_config.json"
@@ -38,19 +39,38 @@ class AdapterMismatchError(ValueError):
     """An adapter does not fit the model it is loaded onto."""
 
 
-def adapter_modules(model: nn.Module):
-    """``(name, module)`` of every adapter-carrying module in ``model``."""
+def adapter_modules(model: nn.Module, adapter: str | None = None):
+    """``(name, module)`` of every adapter-carrying module in ``model``; with several adapters
+    (``multi_adapter``), those of ``adapter``, under the paths a single adapter would have."""
+    if getattr(model, "moe_peft_configs", None):
+        if adapter not in model.moe_peft_configs:
+            raise ValueError(f"this model carries adapters {sorted(model.moe_peft_configs)}; name one (adapter=...)")
+        for name, modules in adapter_sites(model).items():
+            if isinstance(modules.get(adapter), (LoRALinear, MixLoRAFFN)):
+                yield name, modules[adapter]
+        return
     for name, module in model.named_modules():
         if isinstance(module, (FusedExpertsWithLoRA, LoRALinear, MixLoRAFFN)):
             yield name, module
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_config(model: nn.Module, adapter: str | None = None) -> LoRAConfig:
+    """The config of ``model``'s adapter (of adapter ``adapter`` when it carries several)."""
+    configs = getattr(model, "moe_peft_configs", None)
+    if configs and adapter not in configs:
+        raise ValueError(f"this model carries adapters {sorted(configs)}; name one (adapter=...)")
+    cfg = configs[adapter] if configs else getattr(model, "moe_peft_config", None)
+    if cfg is None:
+        raise ValueError("this model carries no moe_peft_ds adapter; inject one first (apply_sieve_lora, apply_mixlora, load_adapter)")
+    return cfg
+
+
+def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Every adapter tensor of ``model`` on this rank under its checkpoint key (see the module docstring)."""
     if is_ds_moe_model(model):
         return local_ds_adapter_state(model)
     state = {}
-    for name, module in adapter_modules(model):
+    for name, module in adapter_modules(model, adapter):
         if isinstance(module, LoRALinear):
             for p in LORA_PARAMS:
                 if getattr(module, p) is not None:
@@ -83,9 +103,9 @@ def _mixlora_state(layer: int, module: MixLoRAFFN) -> dict[str, torch.Tensor]:
     return state
 
 
-def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _assign(model: nn.Module, state: dict[str, torch.Tensor], adapter: str | None = None) -> None:
     """Copy ``state`` into the adapters of ``model``; keys and shapes must match exactly."""
-    own = adapter_state_dict(model)  # views into the live parameters
+    own = adapter_state_dict(model, adapter)  # views into the live parameters
     if is_ds_moe_model(model):  # under expert parallelism this rank loads only the experts it holds
         held = {f"layers.{layer}.experts.{e}." for layer, moe in enumerate(ds_moe_layers(model)) for e in global_ids(moe)}
         state = {k: v for k, v in state.items() if any(k.startswith(h) for h in held)}
@@ -113,13 +133,13 @@ def zero3_gathered(model: nn.Module, modifier_rank: int | None = None):
     return GatheredParameters([p for p in model.parameters() if p.requires_grad], modifier_rank=modifier_rank)
 
 
-def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def gathered_adapter_state(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """The whole adapter on CPU; under expert parallelism every rank of the group must call
     this, and each gets the experts of all ranks (keys are global, so shards just merge)."""
     if is_ds_moe_model(model):
         return ds_adapter_state(model)
     with zero3_gathered(model):  # copies: ZeRO-3 frees the gathered tensors at exit
-        state = {k: v.to("cpu", copy=True) for k, v in adapter_state_dict(model).items()}
+        state = {k: v.to("cpu", copy=True) for k, v in adapter_state_dict(model, adapter).items()}
     group = expert_parallel_group(model)
     if group is None:
         return state
@@ -128,16 +148,15 @@ def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def save_adapter(model: nn.Module, output_dir: str | Path) -> Path:
-    """Write the adapter of ``model`` (and only it) to ``output_dir``.
+def save_adapter(model: nn.Module, output_dir: str | Path, adapter: str | None = None) -> Path:
+    """Write the adapter of ``model`` (and only it) to ``output_dir``; a model that carries
+    several adapters writes the one named ``adapter``.
 
     Under ``torch.distributed`` only global rank 0 writes. Expert-parallel models: call on
     every rank; the shards are gathered and rank 0 writes the same files a single process would.
     """
-    cfg = getattr(model, "moe_peft_config", None)
-    if cfg is None:
-        raise ValueError("this model carries no moe_peft_ds adapter; call apply_sieve_lora first")
-    state = gathered_adapter_state(model)
+    cfg = adapter_config(model, adapter)
+    state = gathered_adapter_state(model, adapter)
     out = Path(output_dir)
     if dist.is_initialized() and dist.get_rank() != 0:  # ranks hold the same adapter (gathered above); one writes
         return out
@@ -189,13 +208,27 @@ def check_compatible(model: nn.Module, cfg: LoRAConfig) -> None:
         raise AdapterMismatchError(f"adapter has layers {extra} that are not MoE layers of this model ({info['moe_layers']})")
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None) -> nn.Module:
     """Inject the adapter saved in ``path`` into a fresh base ``model`` and load its weights.
 
-    On any mismatch the model is left exactly as it was.
+    With ``adapter_name``, a MixLoRA adapter may also join the adapters ``model`` carries
+    already (``multi_adapter``), under that name. On any mismatch the model is left exactly
+    as it was.
     """
     cfg, state = read_adapter(path)
     check_compatible(model, cfg)
+    if adapter_name is not None and getattr(model, "moe_peft_config", None) is not None:
+        if not isinstance(cfg, MixLoRAConfig):
+            raise ValueError(f"only MixLoRA adapters can share a model; {path} holds a {cfg.method} adapter")
+        add_adapter(model, adapter_name, cfg)
+        try:
+            _assign(model, state, adapter_name)
+        except AdapterMismatchError:
+            drop_adapter(model, adapter_name)
+            raise
+        return model
+    if adapter_name is not None:
+        model.moe_peft_adapter_name = adapter_name
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if isinstance(cfg, MixLoRAConfig):
         apply_mixlora(model, cfg)
@@ -218,13 +251,14 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def remove_adapter(model: nn.Module) -> nn.Module:
     """Take every adapter out of ``model`` without merging (the base model is restored)."""
-    for name, module in list(adapter_modules(model)):
-        _replace(model, name, module.base)
-    hook = getattr(model, "_mixlora_mask_hook", None)
-    if hook is not None:
-        hook.remove()
-        del model._mixlora_mask_hook
-    model.moe_peft_config = None
+    multi = bool(getattr(model, "moe_peft_configs", None))
+    for name, _ in list(adapter_sites(model).items() if multi else adapter_modules(model)):
+        _replace(model, name, model.get_submodule(name).base)
+    for hook in ("_mixlora_mask_hook", "_adapter_names_hook"):
+        if getattr(model, hook, None) is not None:
+            getattr(model, hook).remove()
+            delattr(model, hook)
+    model.moe_peft_config = model.moe_peft_configs = None
     return model
 
 

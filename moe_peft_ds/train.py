@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -81,6 +82,49 @@ def train(model: nn.Module, loader, steps: int, lr: float, warmup: int = 10, cli
     model.train()
     return _run_steps(lambda batch: train_step(model, batch, optimizer, scheduler, clip), loader, steps, progress,
                       model, optimizer, scheduler, ckpt)
+
+
+def train_multi_adapter(model: nn.Module, loaders: dict, steps: int, lrs: dict[str, float], warmup: int = 10,
+                        clip: float = 1.0, progress: bool = True) -> dict[str, list[float]]:
+    """Train the adapters of a multi-adapter model (``multi_adapter.add_adapter``) together:
+    every step concatenates one batch of each adapter's loader into one batch that runs once
+    through the frozen base; each adapter has its own loss (per token of its own samples),
+    AdamW, warmup + cosine schedule (peak ``lrs[name]``) and clipping norm, so each learns
+    what it would learn alone. Returns every adapter's loss per step."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from .data import IGNORE_INDEX
+    from .multi_adapter import adapter_parameters
+
+    names = list(loaders)
+    params = {n: adapter_parameters(model, n) for n in names}
+    optimizers = {n: torch.optim.AdamW(params[n], lr=lrs[n], weight_decay=0.0) for n in names}
+    schedules = {n: get_cosine_schedule_with_warmup(optimizers[n], min(warmup, steps), steps) for n in names}
+    streams = {n: itertools.chain.from_iterable(itertools.repeat(loaders[n])) for n in names}
+    losses = {n: [] for n in names}
+    model.train()
+    for _ in tqdm(range(steps), desc="training", disable=not progress):
+        batches = {n: next(streams[n]) for n in names}
+        width = max(b["input_ids"].shape[1] for b in batches.values())
+        pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}  # right padding: real tokens never see it
+        batch = {k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1]), value=v) for b in batches.values()]) for k, v in pad.items()}
+        owner = [n for n, b in batches.items() for _ in range(b["input_ids"].shape[0])]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=owner).logits
+        total, start = 0.0, 0
+        for n, b in batches.items():
+            rows = slice(start, start + b["input_ids"].shape[0])
+            start = rows.stop
+            loss = ForCausalLMLoss(logits[rows], batch["labels"][rows], logits.shape[-1])
+            losses[n].append(loss.item())
+            total = total + loss
+        total.backward()
+        for n in names:
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params[n], clip)
+            optimizers[n].step()
+            schedules[n].step()
+            optimizers[n].zero_grad(set_to_none=True)
+    return losses
 
 
 def deepspeed_config(path: str | Path, micro_batch_size: int) -> dict:
