@@ -180,7 +180,7 @@ class ExpertLoRA(nn.Module):
         module's parameters gathered until its whole backward has run.
         """
         rows = None if self.all_experts else (self.slot_of[expert_of_row] >= 0).nonzero().squeeze(1)
-        xs = x if self.all_experts else x[rows]
+        xs = x if self.all_experts else x.index_select(0, rows)
         slots = self.slot_of[expert_of_row if self.all_experts else expert_of_row[rows]]
         offsets = counts[self.ids].cumsum(0).to(torch.int32)
         delta = grouped_mm(grouped_mm(self.dropout(xs).to(self.lora_A.dtype), self.lora_A.transpose(1, 2).contiguous(), offsets),

@@ -10,7 +10,11 @@ never copied), so the expert LoRA is the same code as the sieve's.
 
 Two execution paths give one result: the reference path runs every chosen expert's full
 FFN on its rows; the fast path (default) computes the shared W1 and W3 projections once
-per token, adds each expert's LoRA delta on its rows only, and runs W2 per row.
+per token and adds each expert's LoRA delta on its rows only. The frozen W2 is linear, so
+``sum_j w_j W2 h_j = W2 (sum_j w_j h_j)``: the fast path mixes the experts' intermediate
+activations per token and runs the frozen W2 once per token too, with only the experts'
+W2 LoRA per routed row. (DoRA scales each expert's W2 output, which rules this out: MixDoRA's
+fast path runs W2 per routed row, as the MixLoRA paper does.)
 
 A dense family is one ``DenseFamily`` entry: where the decoder layer keeps its gated MLP.
 """
@@ -118,10 +122,21 @@ class MixLoRAFFN(nn.Module):
         """Rows through ``name`` of each row's expert: the frozen projection (computed once per
         token when ``x_all`` is given, the fast path) plus the expert's LoRA/DoRA."""
         linear = getattr(self.base, name)
-        y = F.linear(x_all, linear.weight)[routes.token] if x_all is not None else F.linear(rows, linear.weight)
+        y = routes.gather(F.linear(x_all, linear.weight)) if x_all is not None else F.linear(rows, linear.weight)
         shared = _shared(linear.weight, self.num_experts)
         y = apply_expert_update(y, *self.adapter.lora[name](rows, routes.expert, routes.counts, shared))
         return y if linear.bias is None else y + linear.bias
+
+    def _mixed_down(self, h: torch.Tensor, routes: Routes, weights: torch.Tensor, tokens: int) -> torch.Tensor:
+        """``sum_j w_j (W2 + s B_j A_j) h_j`` per token: the frozen W2 once per token on the
+        mixed activations, each expert's LoRA on its rows (LoRA only; see the module docstring)."""
+        down = self.base.down_proj
+        out = F.linear(routes.mix(h, weights, tokens).to(h.dtype), down.weight)
+        _, delta, _ = self.adapter.lora["down_proj"](h, routes.expert, routes.counts, _shared(down.weight, self.num_experts))
+        out = out + routes.mix(delta, weights, tokens).to(out.dtype)
+        if down.bias is not None:  # weights sum to 1 on routed tokens, 0 on the others
+            out = out + routes.mix(down.bias.expand(h.shape[0], -1), weights, tokens).to(out.dtype)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -131,13 +146,16 @@ class MixLoRAFFN(nn.Module):
             router_in = router_in * torch.empty_like(router_in).uniform_(1 - self.cfg.jitter_noise, 1 + self.cfg.jitter_noise)
         routing = route(self.adapter.router(router_in), self.cfg, valid)
         routes = Routes.of(routing.index, self.num_experts)
-        rows = flat[routes.token]
+        rows = routes.gather(flat)
         shared_in = flat if self.fast else None
         h = self.base.act_fn(self._project("gate_proj", shared_in, rows, routes)) * self._project("up_proj", shared_in, rows, routes)
-        out = routes.combine(flat, self._project("down_proj", None, h, routes), routing.weights)
+        if self.fast and self.adapter.lora["down_proj"].magnitude is None:
+            out = self._mixed_down(h, routes, routing.weights, flat.shape[0]).to(flat.dtype)
+        else:
+            out = routes.combine(flat, self._project("down_proj", None, h, routes), routing.weights)
         unrouted = (routing.index == self.num_experts).all(-1).nonzero().squeeze(1)  # padding, capacity drops
         if unrouted.numel():
-            out = out.index_add(0, unrouted, self.base(flat[unrouted]).to(out.dtype))
+            out = out.index_add(0, unrouted, self.base(flat.index_select(0, unrouted)).to(out.dtype))
         aux = self.cfg.router_aux_loss_coef * load_balancing_loss(routing, valid) + self.cfg.router_z_loss_coef * z_loss(routing, valid)
         self.last_stats = {"aux_loss": aux.detach(), "dropped": routing.dropped}
         if aux.requires_grad:

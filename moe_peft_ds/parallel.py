@@ -78,11 +78,11 @@ class ExpertParallelExperts(MoE):
         recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send, recv = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
-        x = all_to_all_v(hidden_states[routes.token], send, recv, self.group)  # grouped by source, then expert
+        x = all_to_all_v(routes.gather(hidden_states), send, recv, self.group)  # grouped by source, then expert
         # Regroup the received rows by local expert (stable: sources stay in rank order).
         local_expert = torch.arange(n_local, device=x.device).repeat(self.ep_size)
         local_of_row, perm = torch.sort(torch.repeat_interleave(local_expert, recv_counts.reshape(-1)), stable=True)
-        y = self.local.expert_rows(x[perm], local_of_row, recv_counts.sum(0))
+        y = self.local.expert_rows(x.index_select(0, perm), local_of_row, recv_counts.sum(0))
         y = all_to_all_v(y[torch.argsort(perm)], recv, send, self.group)  # back in the order sent
         self.sent_rows += sum(send) + sum(recv)
         return routes.combine(hidden_states, y, top_k_weights)

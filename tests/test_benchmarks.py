@@ -34,3 +34,15 @@ def test_ep_dispatch_quick_run_moves_exactly_the_routed_rows(tmp_path):
     assert result["ours"]["bytes_ratio_to_minimum"] == 1.0  # dropless, no padding
     assert result["expert_memory_ratio_ep2_over_ep1"] == 0.5
     assert [d["capacity_factor"] for d in result["deepspeed_native_per_layer"]] == [1.0, 2.0]
+
+
+@pytest.mark.slow
+def test_mixlora_quick_run_writes_results(tmp_path):
+    main = runpy.run_path(str(ROOT / "benchmarks" / "mixlora.py"), run_name="not_main")["main"]
+    out = tmp_path / "mixlora.json"
+    assert main(["--quick", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["latency"]["max_abs_logit_difference"] < 1e-4  # the two paths compute the same model
+    assert set(result["targets"]) == {"latency model fast/reference", "latency ffn fast/reference", "peak memory multi/separate"}
+    assert all(result["memory"][v]["peak_rss_above_imports_bytes"] > 0 for v in ("multi", "separate"))
+    assert "| ratio |" in out.with_suffix(".md").read_text()

@@ -87,6 +87,21 @@ def test_fast_path_equals_reference_path_in_loss_and_gradients(routing, method, 
         torch.testing.assert_close(fast[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_fast_path_with_ffn_biases_equals_reference(batch):
+    torch.manual_seed(0)
+    cfg = DENSE["llama"]()
+    cfg.mlp_bias, cfg._attn_implementation, cfg.pad_token_id = True, "eager", 0
+    model = apply_mixlora(tf.AutoModelForCausalLM.from_config(cfg), MixLoRAConfig(num_experts=4, routing="switch"))
+    randomize(model)
+    model.train()
+    fast_loss, fast = grads(model, batch)
+    set_fast_path(model, False)
+    ref_loss, ref = grads(model, batch)
+    assert fast_loss == pytest.approx(ref_loss, rel=1e-6)
+    for name, g in ref.items():
+        torch.testing.assert_close(fast[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_load_balancing_loss_matches_mixtral_with_padding_excluded():
     torch.manual_seed(0)
     logits = torch.randn(12, 4)

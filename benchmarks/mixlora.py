@@ -1,0 +1,251 @@
+"""MixLoRA: the fast shared-W1/W3 path against the reference path, and K adapters trained in
+one batch against K separate base-model copies.
+
+1. Latency (one process, interleaved rounds, medians): forward + backward of a small random
+   LLaMA whose FFNs are MixLoRA layers (8 experts, top-2, LoRA r=8, attention LoRA), with the
+   fast path and with the reference path (same adapter weights, same batch); and the same for
+   the MixLoRA FFN layers alone (hidden states in, the attention and LM head left out).
+   Target (issue 4): fast / reference <= 0.65.
+2. Memory (one fresh process per variant, peak RSS above the RSS after imports): K=4 MixLoRA
+   adapters trained together in one batch over one frozen base (``multi_adapter``) against
+   4 base-model copies with one adapter each, trained on the same samples in lockstep (the
+   memory of 4 jobs running at the same time, without their 4 runtimes); and tokens/s.
+   Target: multi / separate <= 0.5. This runs on a larger model (``MEMORY``): the saving is
+   the shared frozen weights, so it shows where they outweigh a step's activations.
+
+    python benchmarks/mixlora.py            # default size (a few minutes on 2 cores)
+    python benchmarks/mixlora.py --quick    # tiny, seconds
+
+Writes ``benchmarks/results/mixlora.json`` and ``mixlora.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+DEFAULTS = dict(layers=4, hidden=512, intermediate=1408, heads=8, vocab=4096, experts=8, top_k=2, r=8,
+                batch=4, seq=256, rounds=10, adapters=4, memory_steps=3)
+QUICK = dict(layers=2, hidden=64, intermediate=160, heads=4, vocab=256, experts=4, top_k=2, r=4,
+             batch=2, seq=32, rounds=2, adapters=4, memory_steps=1)
+# The memory comparison is about the frozen weights that the adapters share, so it runs on a
+# model whose weights outweigh one step's activations (as a 7B model's do at small batches).
+MEMORY = dict(layers=8, hidden=1024, intermediate=2816, heads=8, vocab=8192, batch=1, seq=128)
+TARGETS = {"latency model fast/reference": 0.65, "latency ffn fast/reference": 0.65, "peak memory multi/separate": 0.5}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "mixlora.json"), help="result JSON path")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--memory-child", choices=["multi", "separate"], help=argparse.SUPPRESS)  # internal
+    for key, value in DEFAULTS.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"default {value} ({QUICK[key]} with --quick)")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def base_model(args, seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                         max_position_embeddings=max(args.seq, 64), tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    return tf.LlamaForCausalLM(cfg)
+
+
+def mixlora_config(args):
+    from moe_peft_ds import MixLoRAConfig
+
+    return MixLoRAConfig(num_experts=args.experts, top_k=args.top_k, r=args.r)
+
+
+def with_trained_b(model, seed: int = 0):
+    """B starts at zero; give it values so that both paths do all their work."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    return model
+
+
+def tokens(args, seed: int, batch: int | None = None) -> torch.Tensor:
+    return torch.randint(0, args.vocab, (batch or args.batch, args.seq), generator=torch.Generator().manual_seed(seed))
+
+
+def interleaved_medians(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Time every step function once per round, rotating the order; all raw times."""
+    names, times = list(steps), {n: [] for n in steps}
+    for n in names:  # warm-up
+        steps[n]()
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - start)
+    return times
+
+
+def latency(args) -> dict:
+    from moe_peft_ds import apply_mixlora
+    from moe_peft_ds.mixlora import mixlora_layers, set_fast_path
+
+    model = with_trained_b(apply_mixlora(base_model(args), mixlora_config(args)))
+    model.train()
+    ids = tokens(args, 1)
+    layers = [layer for _, layer in mixlora_layers(model)]
+    hidden = torch.randn(args.batch, args.seq, args.hidden, generator=torch.Generator().manual_seed(2), requires_grad=True)
+
+    def model_step(fast: bool):
+        def step():
+            set_fast_path(model, fast)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+        return step
+
+    def ffn_step(fast: bool):
+        def step():
+            set_fast_path(model, fast)
+            model.zero_grad(set_to_none=True)
+            sum(layer(hidden).square().mean() for layer in layers).backward()
+        return step
+
+    with torch.no_grad():  # the two paths compute the same thing
+        set_fast_path(model, True)
+        fast_out = model(input_ids=ids).logits
+        set_fast_path(model, False)
+        diff = (model(input_ids=ids).logits - fast_out).abs().max().item()
+    times = interleaved_medians({"model fast": model_step(True), "model reference": model_step(False),
+                                 "ffn fast": ffn_step(True), "ffn reference": ffn_step(False)}, args.rounds)
+    medians = {n: statistics.median(t) for n, t in times.items()}
+    tokens_per_step = args.batch * args.seq
+    return {"max_abs_logit_difference": diff, "median_s": medians, "times_s": times,
+            "tokens_per_s": {n: tokens_per_step / m for n, m in medians.items()},
+            "ratios": {"latency model fast/reference": medians["model fast"] / medians["model reference"],
+                       "latency ffn fast/reference": medians["ffn fast"] / medians["ffn reference"]}}
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def memory_child(args) -> dict:
+    """Run in a fresh process: train K adapters one way; peak RSS above the RSS after imports."""
+    from moe_peft_ds import apply_mixlora, save_adapter, load_adapter
+    from moe_peft_ds.train import train_multi_adapter
+    import tempfile
+
+    torch.set_num_threads(args.threads)
+    names = [f"task{i}" for i in range(args.adapters)]
+    loaders = {}
+    for i, n in enumerate(names):
+        ids = tokens(args, 10 + i)
+        loaders[n] = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(apply_mixlora(base_model(args), mixlora_config(args)), tmp)  # every adapter starts here
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+        start_kb = _status_kb("VmRSS")
+        begin = time.perf_counter()
+        if args.memory_child == "multi":
+            model = load_adapter(base_model(args), tmp, adapter_name=names[0])
+            for n in names[1:]:
+                load_adapter(model, tmp, adapter_name=n)
+            train_multi_adapter(model, loaders, args.memory_steps, {n: 1e-3 for n in names}, progress=False)
+        else:  # K copies trained in lockstep, as K jobs running side by side would be
+            models = [load_adapter(base_model(args), tmp).train() for _ in names]
+            optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in models]
+            for _ in range(args.memory_steps):
+                sum(m(**loaders[n][0]).loss for m, n in zip(models, names)).backward()
+                for opt in optimizers:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - begin
+    peak_kb = _status_kb("VmHWM")
+    return {"peak_rss_above_imports_bytes": (peak_kb - start_kb) * 1024, "seconds": seconds,
+            "tokens_per_s": args.adapters * args.batch * args.seq * args.memory_steps / seconds}
+
+
+def memory_sizes(args) -> dict:
+    return {key: getattr(args, key) if args.quick or key not in MEMORY else MEMORY[key] for key in DEFAULTS}
+
+
+def memory(args) -> dict:
+    out = {}
+    for variant in ("multi", "separate"):
+        cmd = [sys.executable, __file__, "--memory-child", variant, "--threads", str(args.threads)]
+        for key, value in memory_sizes(args).items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory child {variant} failed:\n{proc.stderr[-3000:]}")
+        out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["sizes"] = memory_sizes(args)
+    out["ratios"] = {"peak memory multi/separate": out["multi"]["peak_rss_above_imports_bytes"]
+                     / out["separate"]["peak_rss_above_imports_bytes"]}
+    return out
+
+
+def markdown(result: dict) -> str:
+    a = result["args"]
+    lines = [f"Small LLaMA (random init): {a['layers']} layers, hidden {a['hidden']}, FFN {a['intermediate']}, "
+             f"vocab {a['vocab']}; MixLoRA {a['experts']} experts top-{a['top_k']}, r={a['r']}, attention LoRA; "
+             f"batch {a['batch']}x{a['seq']} tokens; fp32, {a['threads']} threads ({result['date']}).", "",
+             "| ratio | measured | target | |", "|---|---:|---:|---|"]
+    ratios = {**result["latency"]["ratios"], **result["memory"]["ratios"]}
+    for name, value in ratios.items():
+        lines.append(f"| {name} | {value:.2f} | <= {TARGETS[name]} | {'pass' if value <= TARGETS[name] else 'MISS'} |")
+    lat, mem = result["latency"], result["memory"]
+    lines += ["", "| | median s / step | tokens/s |", "|---|---:|---:|"]
+    lines += [f"| {n} | {lat['median_s'][n]:.3f} | {lat['tokens_per_s'][n]:.0f} |" for n in lat["median_s"]]
+    m = result["memory"]["sizes"]
+    lines += ["", f"Memory: {m['adapters']} adapters, {m['memory_steps']} steps, each adapter's batch {m['batch']}x{m['seq']}, "
+              f"on a larger LLaMA ({m['layers']} layers, hidden {m['hidden']}, FFN {m['intermediate']}, vocab {m['vocab']}) "
+              "whose frozen weights outweigh a step's activations.", "",
+              "| variant | peak RSS above imports | tokens/s |", "|---|---:|---:|"]
+    lines += [f"| {n} | {mem[n]['peak_rss_above_imports_bytes'] / 2**20:.1f} MiB | {mem[n]['tokens_per_s']:.0f} |"
+              for n in ("multi", "separate")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args)))
+        return 0
+    result = {"date": _dt.date.today().isoformat(), "machine": platform.platform(), "args": vars(args),
+              "latency": latency(args), "memory": memory(args)}
+    result["targets"] = {name: {"value": value, "target": TARGETS[name], "pass": value <= TARGETS[name]}
+                         for name, value in {**result["latency"]["ratios"], **result["memory"]["ratios"]}.items()}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
