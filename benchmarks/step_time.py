@@ -25,7 +25,6 @@ Absolute times on a shared machine mean little; read the ratios.
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import datetime as _dt
 import gc

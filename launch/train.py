@@ -108,8 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a DeepSpeed JSON preset from ds_configs/; trains with deepspeed.initialize "
                         "(--batch-size becomes the per-rank micro batch)")
     d.add_argument("--ep-size", type=int, default=1,
-                   help="expert parallelism: each MoE layer's experts are split over this many ranks, tokens reach "
-                        "them by all-to-all (default 1; needs --deepspeed_config; ZeRO-0/1/2 only)")
+                   help="expert parallelism: each MoE layer's experts (MixLoRA: each FFN's LoRA experts) are split over "
+                        "this many ranks, tokens reach them by all-to-all (default 1; needs --deepspeed_config; ZeRO-0/1/2 only)")
     d.add_argument("--dist-timeout", type=int, default=1800,
                    help="seconds a collective may wait for the other ranks before the run fails with an error "
                         "(a dead or hung rank ends the run instead of hanging it; default 1800)")
@@ -148,8 +148,6 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
                         fraction=fraction, k=args.sieve_k, coverage=args.sieve_coverage, seed=args.seed)
     adapter = adapter_config(args)
     check_distributed(args)
-    if args.method in MIXLORA_METHODS and args.ep_size > 1:
-        raise ConfigError("--ep-size > 1 is not available for MixLoRA yet (issue 4); use data parallelism (--ep-size 1)")
     if args.max_grad_norm is not None and args.max_grad_norm < 0:
         raise ConfigError(f"--max-grad-norm={args.max_grad_norm} must be >= 0 (0: no clipping)")
     if args.save_every < 0:
@@ -252,6 +250,9 @@ def run(args) -> int:
     adapter_cfg.base_model = args.model
     profile = None
     if isinstance(adapter_cfg, MixLoRAConfig):
+        if adapter_cfg.num_experts % args.ep_size or world % args.ep_size:
+            raise ConfigError(f"--ep-size {args.ep_size} must divide both --num-experts ({adapter_cfg.num_experts}) "
+                              f"and the number of ranks ({world})")
         apply_mixlora(model, adapter_cfg, fast=not args.reference_path)
         sizes = {"trainable_params": count_trainable(model), "adapter_bytes": adapter_nbytes(model)}
         log(f"{args.method}: {args.num_experts} LoRA experts per FFN, {args.routing} routing, "

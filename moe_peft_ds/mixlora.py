@@ -100,6 +100,8 @@ class MixLoRAFFN(nn.Module):
         self.fast = fast
         self.num_experts = cfg.num_experts
         self.adapter = MixLoRAExperts(mlp, cfg)
+        self.dispatch = None  # expert parallel: a parallel.ExpertParallelDispatch (see shard)
+        self.num_local = cfg.num_experts  # LoRA experts held here
         mlp.requires_grad_(False)
         self.aux_loss_scale = 1.0  # the training loop sets 1/gradient-accumulation steps, as DeepSpeed scales the loss
         self.token_mask: torch.Tensor | None = None
@@ -118,21 +120,40 @@ class MixLoRAFFN(nn.Module):
             return torch.ones(tokens, dtype=torch.bool, device=x.device)
         return mask[:, -x.shape[1]:].reshape(-1).to(device=x.device, dtype=torch.bool)  # generation: the last S positions
 
-    def _project(self, name: str, x_all: torch.Tensor | None, rows: torch.Tensor, routes: Routes) -> torch.Tensor:
-        """Rows through ``name`` of each row's expert: the frozen projection (computed once per
-        token when ``x_all`` is given, the fast path) plus the expert's LoRA/DoRA."""
+    def _lora(self, name: str, y: torch.Tensor, rows: torch.Tensor, expert_of_row: torch.Tensor,
+              counts: torch.Tensor) -> torch.Tensor:
+        """``y``, the frozen projection ``name`` of ``rows`` (no bias), with each row's expert
+        LoRA/DoRA applied, plus the bias. Rows are sorted by (local) expert."""
         linear = getattr(self.base, name)
-        y = routes.gather(F.linear(x_all, linear.weight)) if x_all is not None else F.linear(rows, linear.weight)
-        shared = _shared(linear.weight, self.num_experts)
-        y = apply_expert_update(y, *self.adapter.lora[name](rows, routes.expert, routes.counts, shared))
+        shared = _shared(linear.weight, self.num_local)
+        y = apply_expert_update(y, *self.adapter.lora[name](rows, expert_of_row, counts, shared))
         return y if linear.bias is None else y + linear.bias
+
+    def expert_rows(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each row's whole expert FFN (frozen + its LoRA) for rows ``x [S, H]`` sorted by (local)
+        expert, ``counts`` rows per expert: the reference path, and what the expert-parallel
+        dispatch runs on the rows this rank receives."""
+        gate = self._lora("gate_proj", F.linear(x, self.base.gate_proj.weight), x, expert_of_row, counts)
+        h = self.base.act_fn(gate) * self._lora("up_proj", F.linear(x, self.base.up_proj.weight), x, expert_of_row, counts)
+        return self._lora("down_proj", F.linear(h, self.base.down_proj.weight), h, expert_of_row, counts)
+
+    def _fast(self, flat: torch.Tensor, routes: Routes, weights: torch.Tensor) -> torch.Tensor:
+        """The fast path (see the module docstring): W1 and W3 once per token, and W2 too for LoRA experts."""
+        rows = routes.gather(flat)
+        projected = {name: routes.gather(F.linear(flat, getattr(self.base, name).weight)) for name in ("gate_proj", "up_proj")}
+        gate, up = (self._lora(n, projected[n], rows, routes.expert, routes.counts) for n in ("gate_proj", "up_proj"))
+        h = self.base.act_fn(gate) * up
+        if self.adapter.lora["down_proj"].magnitude is None:
+            return self._mixed_down(h, routes, weights, flat.shape[0]).to(flat.dtype)
+        down = self._lora("down_proj", F.linear(h, self.base.down_proj.weight), h, routes.expert, routes.counts)
+        return routes.combine(flat, down, weights)
 
     def _mixed_down(self, h: torch.Tensor, routes: Routes, weights: torch.Tensor, tokens: int) -> torch.Tensor:
         """``sum_j w_j (W2 + s B_j A_j) h_j`` per token: the frozen W2 once per token on the
         mixed activations, each expert's LoRA on its rows (LoRA only; see the module docstring)."""
         down = self.base.down_proj
         out = F.linear(routes.mix(h, weights, tokens).to(h.dtype), down.weight)
-        _, delta, _ = self.adapter.lora["down_proj"](h, routes.expert, routes.counts, _shared(down.weight, self.num_experts))
+        _, delta, _ = self.adapter.lora["down_proj"](h, routes.expert, routes.counts, _shared(down.weight, self.num_local))
         out = out + routes.mix(delta, weights, tokens).to(out.dtype)
         if down.bias is not None:  # weights sum to 1 on routed tokens, 0 on the others
             out = out + routes.mix(down.bias.expand(h.shape[0], -1), weights, tokens).to(out.dtype)
@@ -145,14 +166,12 @@ class MixLoRAFFN(nn.Module):
         if self.training and self.cfg.jitter_noise > 0:
             router_in = router_in * torch.empty_like(router_in).uniform_(1 - self.cfg.jitter_noise, 1 + self.cfg.jitter_noise)
         routing = route(self.adapter.router(router_in), self.cfg, valid)
-        routes = Routes.of(routing.index, self.num_experts)
-        rows = routes.gather(flat)
-        shared_in = flat if self.fast else None
-        h = self.base.act_fn(self._project("gate_proj", shared_in, rows, routes)) * self._project("up_proj", shared_in, rows, routes)
-        if self.fast and self.adapter.lora["down_proj"].magnitude is None:
-            out = self._mixed_down(h, routes, routing.weights, flat.shape[0]).to(flat.dtype)
+        if self.dispatch is not None:  # each expert's rows go to the rank that holds it, and come back
+            out = self.dispatch(flat, routing.index, routing.weights, self.expert_rows)
         else:
-            out = routes.combine(flat, self._project("down_proj", None, h, routes), routing.weights)
+            routes = Routes.of(routing.index, self.num_experts)
+            out = self._fast(flat, routes, routing.weights) if self.fast else \
+                routes.combine(flat, self.expert_rows(routes.gather(flat), routes.expert, routes.counts), routing.weights)
         unrouted = (routing.index == self.num_experts).all(-1).nonzero().squeeze(1)  # padding, capacity drops
         if unrouted.numel():
             out = out.index_add(0, unrouted, self.base(flat.index_select(0, unrouted)).to(out.dtype))
@@ -161,6 +180,32 @@ class MixLoRAFFN(nn.Module):
         if aux.requires_grad:
             out = attach_loss(out, aux, self.aux_loss_scale)
         return out.reshape(x.shape)
+
+
+    def shard(self, group) -> None:
+        """Keep only this rank's ``E/N`` LoRA experts (global ids ``rank * E/N ..``), tagged for
+        DeepSpeed; the router, the frozen FFN and attention stay replicated. Routed rows then
+        reach their expert's rank by the dropless all-to-all (``parallel.ExpertParallelDispatch``);
+        experts run there row by row (the fast path's sharing spans one rank's tokens only)."""
+        import torch.distributed as dist
+
+        from .parallel import ExpertParallelDispatch, copy_expert_slots, tag_expert_local
+
+        ep_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.dispatch is not None:
+            raise ValueError("this MixLoRA layer is expert-parallel already")
+        if self.num_experts % ep_size:
+            raise ValueError(f"{self.num_experts} LoRA experts cannot be split over ep_size={ep_size}")
+        self.num_local = self.num_experts // ep_size
+        first = rank * self.num_local
+        local_ids = list(range(first, first + self.num_local))
+        for name in PROJECTIONS:
+            weight = getattr(self.base, name).weight
+            local = ExpertLoRA(local_ids, _shared(weight, self.num_local), self.cfg, first_expert=first)
+            copy_expert_slots(self.adapter.lora[name], local)
+            tag_expert_local(local.parameters(), ep_size)
+            self.adapter.lora[name] = local
+        self.dispatch = ExpertParallelDispatch(group, self.num_experts)
 
 
 def mixlora_layers(model: nn.Module) -> list[tuple[int, MixLoRAFFN]]:

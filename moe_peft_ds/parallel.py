@@ -46,20 +46,17 @@ def all_to_all_v(x: torch.Tensor, send: list[int], recv: list[int], group=None) 
     return _AllToAllV.apply(x, send, recv, group)
 
 
-class ExpertParallelExperts(MoE):
-    """The experts of one MoE block under expert parallelism; called like the module it replaces.
-
-    ``local`` computes this rank's experts (global ids ``local.first_expert ..``) on rows
-    sorted by local expert; this module routes rows to and from the owning ranks.
+class ExpertParallelDispatch(MoE):
+    """The dropless dispatch of one MoE layer's routed tokens to the ranks of an expert-parallel
+    group that own their experts, and back.
 
     It subclasses DeepSpeed's ``MoE`` only so that ``deepspeed.initialize`` sees an MoE model
     and reduces expert-local gradients over the expert-data-parallel group; DeepSpeed's own
     gate and capacity-padded dispatch are not used (``MoE.__init__`` is not called).
     """
 
-    def __init__(self, local: FusedExpertsWithLoRA, group, num_experts: int):
+    def __init__(self, group, num_experts: int):
         nn.Module.__init__(self)
-        self.local = local
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.num_experts = num_experts  # global
@@ -71,8 +68,12 @@ class ExpertParallelExperts(MoE):
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by ``deepspeed.initialize``: the groups exist already (``deepspeed_expert_group``)."""
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        n_local = self.local.num_experts
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                expert_rows) -> torch.Tensor:
+        """``[T, H]``: every token's weighted sum of its experts' outputs, where
+        ``expert_rows(x, local_expert_of_row, counts)`` computes this rank's experts on the rows
+        it receives (sorted by local expert)."""
+        n_local = self.num_local_experts
         routes = Routes.of(top_k_index, self.num_experts)
         send_counts = routes.counts.view(self.ep_size, n_local)  # [destination rank, its local expert]
         recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
@@ -82,10 +83,25 @@ class ExpertParallelExperts(MoE):
         # Regroup the received rows by local expert (stable: sources stay in rank order).
         local_expert = torch.arange(n_local, device=x.device).repeat(self.ep_size)
         local_of_row, perm = torch.sort(torch.repeat_interleave(local_expert, recv_counts.reshape(-1)), stable=True)
-        y = self.local.expert_rows(x.index_select(0, perm), local_of_row, recv_counts.sum(0))
+        y = expert_rows(x.index_select(0, perm), local_of_row, recv_counts.sum(0))
         y = all_to_all_v(y[torch.argsort(perm)], recv, send, self.group)  # back in the order sent
         self.sent_rows += sum(send) + sum(recv)
         return routes.combine(hidden_states, y, top_k_weights)
+
+
+class ExpertParallelExperts(ExpertParallelDispatch):
+    """The experts of one MoE block under expert parallelism; called like the module it replaces.
+
+    ``local`` computes this rank's experts (global ids ``local.first_expert ..``) on rows
+    sorted by local expert; the dispatch routes rows to and from the owning ranks.
+    """
+
+    def __init__(self, local: FusedExpertsWithLoRA, group, num_experts: int):
+        super().__init__(group, num_experts)
+        self.local = local
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states, top_k_index, top_k_weights, self.local.expert_rows)
 
 
 def ep_group_name(ep_size: int) -> str:
@@ -110,24 +126,45 @@ def _shard_block(experts: nn.Module, fam, cfg: AdapterConfig, lo: int, hi: int) 
     local_ids = [e for e in (full.expert_ids if full else []) if lo <= e < hi]
     _slice_experts(base, lo, hi)
     local = FusedExpertsWithLoRA(base, fam, local_ids, cfg, first_expert=lo)
-    with torch.no_grad():
-        for tensor, adapter in local.adapters.items():
-            src = full.adapters[tensor]
-            slots = [src.slot[e] for e in adapter.expert_ids]
-            for name, p in adapter.named_parameters():
-                p.copy_(getattr(src, name)[slots])
+    for tensor, adapter in local.adapters.items():
+        copy_expert_slots(full.adapters[tensor], adapter)
     return local
+
+
+@torch.no_grad()
+def copy_expert_slots(src: nn.Module, dst: nn.Module) -> None:
+    """Copy the slots of ``dst``'s experts (an ``ExpertLoRA`` over a subset) out of ``src``'s."""
+    slots = [src.slot[e] for e in dst.expert_ids]
+    for name, p in dst.named_parameters():
+        p.copy_(getattr(src, name)[slots])
+
+
+def tag_expert_local(params, ep_size: int) -> None:
+    """DeepSpeed's tags for expert-local parameters: neither averaged over all ranks nor
+    broadcast from rank 0 at initialize, but reduced over the expert-data-parallel group."""
+    for p in params:
+        p.allreduce = False
+        p.group_name = ep_group_name(ep_size)
 
 
 def shard_experts(model: nn.Module, group=None) -> nn.Module:
     """Make every MoE block of ``model`` (with its adapter already applied) expert-parallel
-    over ``group``: each rank keeps E/N experts per layer, tagged for DeepSpeed.
+    over ``group``: each rank keeps E/N experts per layer, tagged for DeepSpeed. A MixLoRA
+    model keeps E/N of each layer's LoRA experts (``mixlora.MixLoRAFFN.shard``).
 
     Call on every rank with identical models (same seed / same checkpoint).
     """
     cfg = getattr(model, "moe_peft_config", None)
     if cfg is None:
         raise ValueError("apply_sieve_lora (or load_adapter) first; expert parallelism shards the adapted model")
+    from .mixlora import mixlora_layers
+
+    if mixlora_layers(model):
+        if getattr(model, "moe_peft_configs", None):
+            raise ValueError("expert parallelism takes one adapter per model, not several (multi_adapter)")
+        for _, layer in mixlora_layers(model):
+            layer.shard(group)
+        return model
     ep_size, rank = dist.get_world_size(group), dist.get_rank(group)
     fam = family_of(model)
     for block in find_moe_blocks(model, fam):
@@ -141,9 +178,7 @@ def shard_experts(model: nn.Module, group=None) -> nn.Module:
         local = _shard_block(experts, fam, cfg, rank * per_rank, (rank + 1) * per_rank)
         # Expert-local, frozen base included: DeepSpeed must neither average these gradients over
         # all ranks nor broadcast rank 0's experts over the others at initialize.
-        for p in local.parameters():
-            p.allreduce = False
-            p.group_name = ep_group_name(ep_size)
+        tag_expert_local(local.parameters(), ep_size)
         setattr(block.module, fam.experts, ExpertParallelExperts(local, group, num_experts))
     return model
 
@@ -165,7 +200,7 @@ def deepspeed_expert_group(ep_size: int):
 
 def expert_parallel_group(model: nn.Module):
     """The expert-parallel group of ``model``'s sharded experts, or None."""
-    return next((m.group for m in model.modules() if isinstance(m, ExpertParallelExperts)), None)
+    return next((m.group for m in model.modules() if isinstance(m, ExpertParallelDispatch)), None)
 
 
 def clip_grad_norm_expert_parallel(params: list[nn.Parameter], max_norm: float, group) -> torch.Tensor:

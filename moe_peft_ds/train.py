@@ -160,7 +160,7 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters; inject an adapter first")
-    set_aux_loss_scale(model, 1.0 / config.get("gradient_accumulation_steps", 1))  # DeepSpeed scales the loss so
+    accumulation = config.get("gradient_accumulation_steps", 1)
     ep_group, clip = expert_parallel_group(model), config.get("gradient_clipping", 0.0)
     own_clipping = ep_group is not None and config.get("zero_optimization", {}).get("stage", 0) == 0 and clip > 0
     if own_clipping:  # ZeRO-0's clipping norm leaves out the experts of the other ranks; ZeRO-1/2 count them
@@ -185,6 +185,12 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
         # the ranks' gradients, so each rank divides its summed loss by (global tokens / ranks).
         tokens = target_tokens(batch).float()
         dist.all_reduce(tokens)
+        # The routers' losses are means over this rank's real tokens: weight them the same way,
+        # and by 1/accumulation as DeepSpeed scales the loss.
+        real = batch["attention_mask"].sum().float()
+        real_total = real.clone()
+        dist.all_reduce(real_total)
+        set_aux_loss_scale(model, float(real * dist.get_world_size() / real_total) / accumulation)
         loss = engine(**batch, num_items_in_batch=tokens / dist.get_world_size()).loss
         engine.backward(loss)  # gradients are reduced here (data parallel / expert-data parallel)
         if own_clipping and engine.is_gradient_accumulation_boundary():

@@ -7,7 +7,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
 
-from tiny_models import FAMILY_NAMES, tiny_model  # noqa: E402
+from tiny_models import FAMILY_NAMES  # noqa: E402
 
 
 @pytest.fixture(params=FAMILY_NAMES)

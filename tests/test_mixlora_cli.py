@@ -2,7 +2,6 @@
 import json
 import runpy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -53,20 +52,25 @@ def test_bad_mixlora_flags_fail_before_any_work(llama, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_data_parallel_ranks_train_the_mixlora_of_one_process(llama, tmp_path):
-    """ZeRO-2 on 2 ranks x 4 samples == one process x 8. The load-balancing loss is per rank
-    (a nonlinear function of the batch), so it is off here; the z-loss is per token and stays."""
-    flags = ["--model", llama, *FLAGS, "--method", "mixlora", "--router-aux-loss-coef", "0", "--max-grad-norm", "1e-3"]
+def test_two_ranks_data_and_expert_parallel_train_the_mixlora_of_one_process(llama, tmp_path):
+    """ZeRO-2 on 2 ranks x 4 samples == one process x 8, data parallel and with the LoRA experts
+    split over the 2 ranks (EP=2). The load-balancing loss is per rank (a nonlinear function of
+    the batch), so it is off here; the z-loss is per token and stays."""
+    flags = ["--model", llama, *FLAGS, "--method", "mixlora", "--router-aux-loss-coef", "0",
+             "--router-z-loss-coef", "1e-3", "--max-grad-norm", "1e-3"]
     single = tmp_path / "single"
     assert train_main([*flags, "--batch-size", "8", "--output-dir", str(single)]) == 0
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29601", str(ROOT / "launch" / "train.py"), *flags,
-           "--batch-size", "4", "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_fp32.json"),
-           "--output-dir", str(tmp_path / "dp2")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (single, tmp_path / "dp2"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
-    la, lb = (json.loads((d / "train_log.json").read_text())["losses"] for d in (single, tmp_path / "dp2"))
-    assert lb == pytest.approx(la, rel=1e-4)
+    a = load_file(str(single / "adapter_model.safetensors"))
+    la = json.loads((single / "train_log.json").read_text())["losses"]
+    for ep, port in ((1, 29601), (2, 29602)):
+        out = tmp_path / f"ep{ep}"
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch" / "train.py"), *flags,
+               "--batch-size", "4", "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_fp32.json"),
+               "--ep-size", str(ep), "--output-dir", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        b = load_file(str(out / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"EP={ep} {key}")
+        assert json.loads((out / "train_log.json").read_text())["losses"] == pytest.approx(la, rel=1e-4)

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_peft_ds import AdapterConfig, apply_sieve_lora
+from safetensors.torch import load_file
+
+from moe_peft_ds import AdapterConfig, apply_sieve_lora, save_adapter
 from moe_peft_ds.backends.hf import base_experts, family_of, find_moe_blocks
 from moe_peft_ds.parallel import ExpertParallelExperts, all_to_all_v, ep_group_name, shard_experts
 from conftest import randomize_adapters
@@ -111,7 +113,7 @@ def _shard_errors_on_rank(rank, world):
 
 
 def _checkpoint_on_rank(rank, world, out_dir):
-    from moe_peft_ds import load_adapter, save_adapter
+    from moe_peft_ds import load_adapter
 
     model = _adapted("mixtral")
     if rank == 0:
@@ -142,7 +144,7 @@ def test_ep2_checkpoint_equals_single_process_and_reloads(tmp_path):
 
 
 def _ep4_on_rank(rank, world, out_dir):
-    from moe_peft_ds import load_adapter, save_adapter
+    from moe_peft_ds import load_adapter
 
     batch = _batch(30 + rank)
     single = load_adapter(tiny_model("mixtral"), f"{out_dir}/single")
@@ -181,3 +183,51 @@ def test_a_missing_rank_ends_the_collective_with_an_error_not_a_hang(tmp_path):
     with pytest.raises(ProcessException):  # rank 0 fails too, at the barrier after its all-to-all
         run_ranks(_one_rank_gone, world=2, args=(str(tmp_path),), timeout_s=5)
     assert torch.load(tmp_path / "rank0.pt")["error"]  # the all-to-all raised: an error, not a hang
+
+
+def _mixlora_ep_on_rank(rank, world, method, out_dir):
+    from moe_peft_ds import MixLoRAConfig, apply_mixlora
+    from test_mixlora import dense_model, randomize
+
+    cfg = MixLoRAConfig(method=method, num_experts=4, top_k=2, attention_targets=["q_proj"], router_z_loss_coef=1e-3)
+    model = apply_mixlora(dense_model(), cfg)
+    randomize(model)
+    model.train()
+    reference = copy.deepcopy(model)
+    ref_losses = [reference(**_batch(10 + r)).loss for r in range(world)]
+    sum(ref_losses).backward()
+    shard_experts(model, dist.group.WORLD)
+    loss = model(**_batch(10 + rank)).loss
+    loss.backward()
+    grads, tags = {}, {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "allreduce", True):
+            dist.all_reduce(p.grad)
+        grads[name], tags[name] = p.grad, getattr(p, "group_name", None)
+    torch.save({"loss": loss.detach(), "ref_loss": ref_losses[rank].detach(), "grads": grads, "tags": tags,
+                "ref_grads": {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}},
+               f"{out_dir}/rank{rank}.pt")
+    save_adapter(model, f"{out_dir}/ep2")  # gathered from both ranks
+    if rank == 0:
+        save_adapter(reference, f"{out_dir}/ep1")
+
+
+@pytest.mark.parametrize("method", ["mixlora", "mixdora"])
+def test_mixlora_ep2_equals_one_process(tmp_path, method):
+    run_ranks(_mixlora_ep_on_rank, world=2, args=(method, str(tmp_path)))
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(r["loss"], r["ref_loss"], rtol=1e-6, atol=1e-6)
+        assert any("router" in n for n in r["grads"]) and any("q_proj" in n for n in r["grads"])
+        for name, g in r["grads"].items():
+            ref = r["ref_grads"][name]
+            if ".adapter.lora." in name:  # this rank's two LoRA experts of four
+                assert r["tags"][name] == ep_group_name(2), name
+                ref = ref[2 * rank: 2 * rank + 2]
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6, msg=name)
+    ep2, ep1 = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ep2", "ep1"))
+    assert ep2.keys() == ep1.keys()
+    for key in ep1:
+        torch.testing.assert_close(ep2[key], ep1[key], rtol=0, atol=0)

@@ -1,7 +1,6 @@
 """launch/train.py and launch/profile_routing.py end to end on the bundled demo model and data."""
 import json
 import runpy
-import sys
 from pathlib import Path
 
 import pytest

@@ -30,9 +30,9 @@ def ds_moe_layers(model: nn.Module) -> list:
     """The ``deepspeed.moe.layer.MoE`` modules of ``model`` in order; their index is the layer id."""
     from deepspeed.moe.layer import MoE
 
-    from ..parallel import ExpertParallelExperts  # our own EP wrapper subclasses MoE; it is not one of these
+    from ..parallel import ExpertParallelDispatch  # our own EP dispatch subclasses MoE; it is not one of these
 
-    return [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m, ExpertParallelExperts)]
+    return [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m, ExpertParallelDispatch)]
 
 
 def is_ds_moe_model(model: nn.Module) -> bool:
