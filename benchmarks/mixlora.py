@@ -11,7 +11,8 @@ one batch against K separate base-model copies.
    4 base-model copies with one adapter each, trained on the same samples in lockstep (the
    memory of 4 jobs running at the same time, without their 4 runtimes); and tokens/s.
    Target: multi / separate <= 0.5. This runs on a larger model (``MEMORY``): the saving is
-   the shared frozen weights, so it shows where they outweigh a step's activations.
+   the shared frozen weights, so it shows where they outweigh a step's activations; it is
+   measured without and with activation checkpointing (the same setting on both sides).
 
     python benchmarks/mixlora.py            # default size (a few minutes on 2 cores)
     python benchmarks/mixlora.py --quick    # tiny, seconds
@@ -43,7 +44,8 @@ QUICK = dict(layers=2, hidden=64, intermediate=160, heads=4, vocab=256, experts=
 # The memory comparison is about the frozen weights that the adapters share, so it runs on a
 # model whose weights outweigh one step's activations (as a 7B model's do at small batches).
 MEMORY = dict(layers=8, hidden=1024, intermediate=2816, heads=8, vocab=8192, batch=1, seq=128)
-TARGETS = {"latency model fast/reference": 0.65, "latency ffn fast/reference": 0.65, "peak memory multi/separate": 0.5}
+TARGETS = {"latency model fast/reference": 0.65, "latency ffn fast/reference": 0.65, "peak memory multi/separate": 0.5,
+           "peak memory multi/separate, activation checkpointing": 0.5}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "mixlora.json"), help="result JSON path")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--memory-child", choices=["multi", "separate"], help=argparse.SUPPRESS)  # internal
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)  # internal: memory child setting
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"default {value} ({QUICK[key]} with --quick)")
     args = p.parse_args(argv)
@@ -151,6 +154,14 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
+def checkpointed(model, args):
+    """With ``--checkpointing``: recompute every decoder layer in backward (non-re-entrant)."""
+    if args.checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
 def memory_child(args) -> dict:
     """Run in a fresh process: train K adapters one way; peak RSS above the RSS after imports."""
     from moe_peft_ds import apply_mixlora, save_adapter, load_adapter
@@ -169,12 +180,12 @@ def memory_child(args) -> dict:
         start_kb = _status_kb("VmRSS")
         begin = time.perf_counter()
         if args.memory_child == "multi":
-            model = load_adapter(base_model(args), tmp, adapter_name=names[0])
+            model = checkpointed(load_adapter(base_model(args), tmp, adapter_name=names[0]), args)
             for n in names[1:]:
                 load_adapter(model, tmp, adapter_name=n)
             train_multi_adapter(model, loaders, args.memory_steps, {n: 1e-3 for n in names}, progress=False)
         else:  # K copies trained in lockstep, as K jobs running side by side would be
-            models = [load_adapter(base_model(args), tmp).train() for _ in names]
+            models = [checkpointed(load_adapter(base_model(args), tmp), args).train() for _ in names]
             optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in models]
             for _ in range(args.memory_steps):
                 sum(m(**loaders[n][0]).loss for m, n in zip(models, names)).backward()
@@ -192,9 +203,11 @@ def memory_sizes(args) -> dict:
 
 
 def memory(args) -> dict:
+    """Each variant in a fresh process, without and with activation checkpointing (both sides alike)."""
     out = {}
-    for variant in ("multi", "separate"):
-        cmd = [sys.executable, __file__, "--memory-child", variant, "--threads", str(args.threads)]
+    for variant in ("multi", "separate", "multi+ckpt", "separate+ckpt"):
+        cmd = [sys.executable, __file__, "--memory-child", variant.split("+")[0], "--threads", str(args.threads)]
+        cmd += ["--checkpointing"] if variant.endswith("+ckpt") else []
         for key, value in memory_sizes(args).items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -202,8 +215,9 @@ def memory(args) -> dict:
             raise RuntimeError(f"memory child {variant} failed:\n{proc.stderr[-3000:]}")
         out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     out["sizes"] = memory_sizes(args)
-    out["ratios"] = {"peak memory multi/separate": out["multi"]["peak_rss_above_imports_bytes"]
-                     / out["separate"]["peak_rss_above_imports_bytes"]}
+    peak = {v: out[v]["peak_rss_above_imports_bytes"] for v in ("multi", "separate", "multi+ckpt", "separate+ckpt")}
+    out["ratios"] = {"peak memory multi/separate": peak["multi"] / peak["separate"],
+                     "peak memory multi/separate, activation checkpointing": peak["multi+ckpt"] / peak["separate+ckpt"]}
     return out
 
 
@@ -225,7 +239,7 @@ def markdown(result: dict) -> str:
               "whose frozen weights outweigh a step's activations.", "",
               "| variant | peak RSS above imports | tokens/s |", "|---|---:|---:|"]
     lines += [f"| {n} | {mem[n]['peak_rss_above_imports_bytes'] / 2**20:.1f} MiB | {mem[n]['tokens_per_s']:.0f} |"
-              for n in ("multi", "separate")]
+              for n in ("multi", "separate", "multi+ckpt", "separate+ckpt")]
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,7 @@ def test_mixlora_quick_run_writes_results(tmp_path):
     assert main(["--quick", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["latency"]["max_abs_logit_difference"] < 1e-4  # the two paths compute the same model
-    assert set(result["targets"]) == {"latency model fast/reference", "latency ffn fast/reference", "peak memory multi/separate"}
-    assert all(result["memory"][v]["peak_rss_above_imports_bytes"] > 0 for v in ("multi", "separate"))
+    assert set(result["targets"]) == {"latency model fast/reference", "latency ffn fast/reference", "peak memory multi/separate",
+                                      "peak memory multi/separate, activation checkpointing"}
+    assert all(result["memory"][v]["peak_rss_above_imports_bytes"] > 0 for v in ("multi", "separate", "multi+ckpt"))
     assert "| ratio |" in out.with_suffix(".md").read_text()

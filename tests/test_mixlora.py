@@ -40,8 +40,8 @@ def randomize(model, seed: int = 0) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 * (p != 0).any())  # padded ranks stay zero below
-                if p.dim() == 3:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                if p.dim() == 3:  # stacked experts: ranks beyond an expert's own stay zero
                     lora = model.get_submodule(name.rpartition(".")[0])
                     for slot, r in enumerate(lora.ranks):
                         p[slot, :, r:] = 0
@@ -257,3 +257,33 @@ def test_moe_models_are_not_dense_families_and_nothing_changes():
         apply_mixlora(model)
     assert [n for n, _ in model.named_modules()] == names and not any(p.requires_grad is False for p in model.parameters())
     assert not any(isinstance(m, MixLoRAFFN) for m in model.modules())
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_one_expert_is_plain_lora_and_matches_peft(dora, batch):
+    """With one expert (router weight 1) MixLoRA is LoRA (DoRA) on gate/up/down plus attention:
+    the same outputs as PEFT's LoRA with the same weights (DoRA's norm of the shared weight
+    expanded, not formed, included)."""
+    import peft
+
+    targets = ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+    ours = apply_mixlora(dense_model(), MixLoRAConfig(method="mixdora" if dora else "mixlora", num_experts=1, top_k=1))
+    randomize(ours)
+    theirs = peft.get_peft_model(dense_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, use_dora=dora))
+    with torch.no_grad():
+        for i, layer in enumerate(theirs.base_model.model.model.layers):
+            mix = ours.model.layers[i].mlp
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                lora, target = mix.adapter.lora[name], getattr(layer.mlp, name)
+                target.lora_A["default"].weight.copy_(lora.lora_A[0])
+                target.lora_B["default"].weight.copy_(lora.lora_B[0])
+                if dora:
+                    target.lora_magnitude_vector["default"].weight.copy_(lora.magnitude[0])
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                mine, target = getattr(ours.model.layers[i].self_attn, name), getattr(layer.self_attn, name)
+                target.lora_A["default"].weight.copy_(mine.lora_A)
+                target.lora_B["default"].weight.copy_(mine.lora_B)
+                if dora:
+                    target.lora_magnitude_vector["default"].weight.copy_(mine.magnitude)
+        real = batch["attention_mask"].bool()  # padding skips the experts here; PEFT adapts it too
+        torch.testing.assert_close(ours(**batch).logits[real], theirs(**batch).logits[real], rtol=1e-5, atol=1e-5)

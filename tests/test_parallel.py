@@ -53,6 +53,17 @@ def _adapted(family):
     return model
 
 
+def _reduced_grads(model) -> dict:
+    """This rank's gradients, the replicated ones summed over the ranks (the data-parallel reduction)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            if getattr(p, "allreduce", True):
+                dist.all_reduce(p.grad)
+            grads[name] = p.grad
+    return grads
+
+
 def _ep_on_rank(rank, world, family, out_dir):
     model = _adapted(family)
     reference = copy.deepcopy(model)
@@ -61,13 +72,7 @@ def _ep_on_rank(rank, world, family, out_dir):
     shard_experts(model, dist.group.WORLD)
     loss = model(**_batch(10 + rank)).loss
     loss.backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        if getattr(p, "allreduce", True):  # replicated: data-parallel sum
-            dist.all_reduce(p.grad)
-        grads[name] = p.grad
+    grads = _reduced_grads(model)
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     fam = family_of(model)
     local_bytes = sum(p.numel() for b in find_moe_blocks(model, fam) for p in base_experts(b.experts(fam)).parameters())
@@ -199,13 +204,8 @@ def _mixlora_ep_on_rank(rank, world, method, out_dir):
     shard_experts(model, dist.group.WORLD)
     loss = model(**_batch(10 + rank)).loss
     loss.backward()
-    grads, tags = {}, {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        if getattr(p, "allreduce", True):
-            dist.all_reduce(p.grad)
-        grads[name], tags[name] = p.grad, getattr(p, "group_name", None)
+    grads = _reduced_grads(model)
+    tags = {n: getattr(p, "group_name", None) for n, p in model.named_parameters() if n in grads}
     torch.save({"loss": loss.detach(), "ref_loss": ref_losses[rank].detach(), "grads": grads, "tags": tags,
                 "ref_grads": {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}},
                f"{out_dir}/rank{rank}.pt")
