@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--routing switch: tokens per expert = ceil(factor x tokens / experts); the rest skip the "
                         "experts' LoRA (default 1.0)")
     x.add_argument("--router-aux-loss-coef", type=float, default=0.01, help="load-balancing loss coefficient (default 0.01)")
-    x.add_argument("--router-z-loss-coef", type=float, default=0.0, help="router z-loss coefficient (default 0)")
+    x.add_argument("--router-z-loss-coef", type=float, default=None,
+                   help="router z-loss coefficient (default 0.001 with --routing switch, else 0)")
     x.add_argument("--router-init-range", type=float, default=0.02, help="std of the router's initialisation (default 0.02)")
     x.add_argument("--jitter-noise", type=float, default=0.0, help="multiplicative noise on the router input while training")
     x.add_argument("--expert-r", default="", metavar="E:R,...", help="per-expert ranks, e.g. 0:16,1:4 (default: --lora-r)")

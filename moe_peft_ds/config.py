@@ -152,7 +152,8 @@ class MixLoRAConfig(LoRAConfig):
     capacity_factor: float = field(default=1.0, metadata={"help": "switch routing: tokens per expert = ceil(factor x tokens / experts)"})
     router_init_range: float = field(default=0.02, metadata={"help": "std of the router's N(0, std) initialisation"})
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing loss coef x E x sum_e f_e P_e (>= 0)"})
-    router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss coef x mean(logsumexp(logits)^2) (>= 0)"})
+    router_z_loss_coef: float | None = field(default=None, metadata={
+        "help": "router z-loss coef x mean(logsumexp(logits)^2) (>= 0; default 0.001 with switch routing, else 0)"})
     jitter_noise: float = field(default=0.0, metadata={"help": "training only: router input x U(1-eps, 1+eps), eps in [0, 1)"})
     expert_r: dict[int, int] = field(default_factory=dict, metadata={"help": "per-expert rank overrides {expert: r}"})
     expert_alpha: dict[int, float] = field(default_factory=dict, metadata={"help": "per-expert alpha overrides {expert: alpha}"})
@@ -168,6 +169,8 @@ class MixLoRAConfig(LoRAConfig):
             raise ConfigError(f"routing={self.routing!r} is unknown; choose one of {ROUTINGS}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if self.router_z_loss_coef is None:  # Switch Transformers train their router with a z-loss
+            self.router_z_loss_coef = 0.001 if self.routing == "switch" else 0.0
         if not self.capacity_factor > 0:
             raise ConfigError(f"capacity_factor={self.capacity_factor!r} must be > 0")
         for name in ("router_init_range", "router_aux_loss_coef", "router_z_loss_coef"):

@@ -139,6 +139,27 @@ def test_padding_takes_no_expert_and_does_not_change_the_losses(batch):
         torch.testing.assert_close(padded[:, 3:], layer.base(hidden[:, 3:]))  # padding: the frozen FFN only
 
 
+def test_switch_routing_trains_its_router_with_a_z_loss_by_default():
+    assert MixLoRAConfig(routing="switch").router_z_loss_coef == 0.001
+    assert MixLoRAConfig(routing="topk").router_z_loss_coef == 0.0
+    assert MixLoRAConfig(routing="switch", router_z_loss_coef=0.0).router_z_loss_coef == 0.0
+
+
+def test_jitter_noise_perturbs_routing_only_while_training():
+    model = apply_mixlora(dense_model(), MixLoRAConfig(num_experts=4, jitter_noise=0.5))
+    randomize(model)  # experts that differ, so that the routing shows in the output
+    layer = mixlora_layers(model)[0][1]
+    hidden = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        layer.eval()
+        assert torch.equal(layer(hidden), layer(hidden))
+        layer.train()
+        torch.manual_seed(0)
+        first = layer(hidden)
+        torch.manual_seed(1)
+        assert not torch.allclose(first, layer(hidden), atol=1e-4)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p_and_renormalises():
     logits = torch.tensor([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, -9.0]]).log_softmax(-1)
     probs = logits.softmax(-1)
