@@ -181,12 +181,12 @@ class MixLoRAFFN(nn.Module):
             out = attach_loss(out, aux, self.aux_loss_scale)
         return out.reshape(x.shape)
 
-
     def shard(self, group) -> None:
         """Keep only this rank's ``E/N`` LoRA experts (global ids ``rank * E/N ..``), tagged for
         DeepSpeed; the router, the frozen FFN and attention stay replicated. Routed rows then
-        reach their expert's rank by the dropless all-to-all (``parallel.ExpertParallelDispatch``);
-        experts run there row by row (the fast path's sharing spans one rank's tokens only)."""
+        reach their expert's rank by the dropless all-to-all (``parallel.ExpertParallelDispatch``)
+        and run there row by row (``expert_rows``): a token's experts may sit on different
+        ranks, so the fast path's once-per-token projections do not apply."""
         import torch.distributed as dist
 
         from .parallel import ExpertParallelDispatch, copy_expert_slots, tag_expert_local
