@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_peft_ds import SieveConfig, profile_routing, select_experts  # noqa: E402
-from moe_peft_ds.cli import add_model_data_args, check_positive, run_cli  # noqa: E402
+from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, run_cli  # noqa: E402
 from moe_peft_ds.config import POLICIES  # noqa: E402
 from moe_peft_ds.data import load_examples, make_loader  # noqa: E402
 from moe_peft_ds.models import load_model  # noqa: E402
@@ -41,7 +41,8 @@ def run(args) -> int:
     check_positive(calibration_samples=args.calibration_samples, batch_size=args.batch_size, max_length=args.max_length)
     sieve = SieveConfig(policy=args.selection_policy, fraction=args.sieve_fraction, coverage=args.sieve_coverage)
     model, tokenizer = load_model(args.model)
-    examples = load_examples(args.data, tokenizer, args.max_length, limit=args.calibration_samples)
+    examples = load_examples(args.data, tokenizer, args.max_length, args.train_split, limit=args.calibration_samples,
+                             fmt=data_format(args))
     profile = profile_routing(model, make_loader(examples, tokenizer, args.batch_size),
                               model_id=args.model, data_id=args.data, progress=not args.no_progress)
     selection = select_experts(profile, sieve)  # before writing: a bad policy setting writes nothing

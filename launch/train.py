@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_peft_ds import AdapterConfig, SieveConfig, apply_sieve_lora, profile_routing, save_adapter, select_experts  # noqa: E402
 from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, all_experts_selection, describe_model  # noqa: E402
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
-from moe_peft_ds.cli import add_model_data_args, check_positive, run_cli  # noqa: E402
+from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, run_cli  # noqa: E402
 from moe_peft_ds.config import ATTENTION_TARGETS, MIXLORA_METHODS, POLICIES, ROUTINGS, ConfigError, MixLoRAConfig  # noqa: E402
 from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default 300)")
     t.add_argument("--batch-size", type=int, default=16, help="samples per step and rank; N ranks see the global batches of one process with N times as many (default 16)")
     t.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default 128)")
+    t.add_argument("--packing", action="store_true",
+                   help="concatenate samples into rows of --max-length tokens; attention crosses sample boundaries "
+                        "inside a row (samples are separated by EOS), labels stay per sample")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, warmup then cosine (default 2e-3)")
     t.add_argument("--max-grad-norm", type=float, default=None,
                    help="clip gradients to this global norm, 0 for none (default: 1.0 in one process; under "
@@ -155,7 +158,7 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
         raise ConfigError(f"--save-every={args.save_every} must be >= 0")
     if args.resume is not None:
         resolve_resume(args.resume)  # fails now if there is nothing to resume from
-    resolve_data(args.data)  # a missing file fails now, before the model is loaded
+    resolve_data(args.data, args.train_split)  # a missing file fails now, before the model is loaded
     out = Path(args.output_dir)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise ConfigError(f"{out} already holds an adapter; pass --overwrite or choose another --output-dir")
@@ -247,7 +250,8 @@ def run(args) -> int:
     out = Path(args.output_dir)
 
     model, tokenizer = load_model(args.model, args.dtype)
-    examples = load_examples(args.data, tokenizer, args.max_length)
+    examples = load_examples(args.data, tokenizer, args.max_length, args.train_split, fmt=data_format(args),
+                             packing=args.packing)
     adapter_cfg.base_model = args.model
     profile = None
     if isinstance(adapter_cfg, MixLoRAConfig):

@@ -8,7 +8,7 @@ import sys
 from .backends.hf import UnsupportedModelError
 from .checkpoint import AdapterMismatchError
 from .config import ConfigError
-from .data import DataError
+from .data import FORMATS, DataError, DataFormat
 from .models import PRESETS
 
 # OSError covers missing files and model ids that cannot be resolved (no hub access).
@@ -20,9 +20,27 @@ def add_model_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help=f"Hugging Face model id or local path, or a bundled preset: {', '.join(PRESETS)}")
     parser.add_argument("--data", required=True,
-                        help="demo:<task> (bundled: demo:arithmetic, demo:code), or a JSON/JSONL file or directory "
-                             "with prompt/response or text records")
+                        help="demo:<task> (bundled: demo:arithmetic, demo:code); a .jsonl/.json/.parquet/.csv file; a "
+                             "directory of them (a split's files have its name in theirs); a save_to_disk directory; "
+                             "or a Hugging Face hub dataset name")
+    parser.add_argument("--data-format", default="auto", choices=FORMATS,
+                        help="instruction (prompt + response columns), chat (a messages column, rendered with the "
+                             "tokenizer's chat template), text; auto picks by the columns (default)")
+    parser.add_argument("--prompt-column", default="prompt", help="instruction format: the prompt column (default prompt)")
+    parser.add_argument("--response-column", default="response", help="instruction format: the response column (default response)")
+    parser.add_argument("--messages-column", default="messages", help="chat format: the messages column (default messages)")
+    parser.add_argument("--text-column", default="text", help="text format: the text column (default text)")
+    parser.add_argument("--train-split", default="train", help="the split to train (or profile) on (default train)")
+    parser.add_argument("--train-on-prompt", action="store_true",
+                        help="labels on the prompt tokens too (default: only the response is learned)")
     parser.add_argument("--output-dir", required=True, help="directory the results are written to")
+
+
+def data_format(args: argparse.Namespace) -> DataFormat:
+    """The ``DataFormat`` the data flags describe."""
+    return DataFormat(kind=args.data_format, prompt_column=args.prompt_column, response_column=args.response_column,
+                      messages_column=args.messages_column, text_column=args.text_column,
+                      train_on_prompt=args.train_on_prompt)
 
 
 def check_positive(**flags: int) -> None:

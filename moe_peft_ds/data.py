@@ -1,74 +1,180 @@
-"""Datasets for training and calibration: prompt/response records, tokenised with the prompt
-and the padding masked out of the labels (-100), batched with right padding.
+"""Datasets for training, calibration and evaluation: loaded through Hugging Face ``datasets``,
+tokenised with the prompt and the padding masked out of the labels (-100), batched with
+right padding.
 
-``--data`` accepts ``demo:<task>`` (bundled with the package), a local ``.jsonl``/``.json``
-file or a directory of them. Records have ``prompt`` and ``response`` fields (an
-instruction-tuning pair) or a single ``text`` field (plain language modelling).
+``--data`` accepts ``demo:<task>`` (bundled with the package), a local file
+(``.jsonl``/``.json``/``.parquet``/``.csv``), a directory of such files (the split's files
+are those whose name contains the split), a directory written by ``save_to_disk``, or a
+dataset name on the Hugging Face hub. Records are read in one of three formats
+(``DataFormat``): instruction (a prompt and a response column), chat (a list of
+``{"role", "content"}`` messages, rendered with the tokenizer's chat template when it has
+one; the last assistant turn is the response) or plain text. Tokenisation goes through
+``Dataset.map``, which ``datasets`` caches: a second run on the same files and tokenizer
+reads the cache instead of tokenising again.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 IGNORE_INDEX = -100
+FORMATS = ("auto", "instruction", "chat", "text")
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 class DataError(ValueError):
     """The data given to ``--data`` cannot be used; the message says why."""
 
 
-def resolve_data(spec: str, split: str = "train") -> Path:
-    """The file behind ``--data``: ``demo:<task>`` or a path to a JSON/JSONL file or directory."""
+@dataclass(frozen=True)
+class DataFormat:
+    """How records become training examples."""
+
+    kind: str = "auto"  # one of FORMATS; auto: chat if the messages column exists, else instruction, else text
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    text_column: str = "text"
+    train_on_prompt: bool = False  # labels on the prompt tokens too (the full text)
+
+    def __post_init__(self):
+        if self.kind not in FORMATS:
+            raise DataError(f"data format {self.kind!r} is unknown; choose one of {FORMATS}")
+
+    def resolve(self, columns: list[str], source: str) -> str:
+        """The format of a dataset with ``columns``; a clear error if its columns do not fit."""
+        needs = {"chat": [self.messages_column], "instruction": [self.prompt_column, self.response_column],
+                 "text": [self.text_column]}
+        kinds = [self.kind] if self.kind != "auto" else list(needs)
+        for kind in kinds:
+            if all(c in columns for c in needs[kind]):
+                return kind
+        wanted = " or ".join("+".join(needs[k]) for k in kinds)
+        raise DataError(f"{source} has columns {sorted(columns)}; expected {wanted} "
+                        "(map yours with --prompt-column/--response-column/--messages-column/--text-column)")
+
+
+def resolve_data(spec: str, split: str = "train") -> Path | str:
+    """The file or directory behind ``--data`` (``demo:<task>`` or a local path), or the hub
+    name as given. A local path that does not exist fails here, before any model is loaded."""
     if spec.startswith("demo:"):
         from .demo import DEMO_DATA_DIR
 
         path = DEMO_DATA_DIR / f"{spec[5:]}_{split}.jsonl"
         if not path.is_file():
             tasks = sorted({p.stem.rsplit("_", 1)[0] for p in DEMO_DATA_DIR.glob("*_train.jsonl")})
-            raise FileNotFoundError(f"no bundled demo task {spec!r}; available: {['demo:' + t for t in tasks]}")
+            raise FileNotFoundError(f"no bundled demo task {spec!r} (split {split!r}); available: {['demo:' + t for t in tasks]}")
         return path
     path = Path(spec)
-    if path.is_dir():
-        files = sorted(path.glob(f"*{split}*.json*")) or sorted(path.glob("*.json*"))
-        if not files:
-            raise FileNotFoundError(f"{path} holds no .json/.jsonl files")
-        return files[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {spec!r} is neither demo:<task> nor an existing file or directory")
-    return path
+    if path.exists():
+        return path
+    if path.suffix in BUILDERS or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--data {spec!r} does not exist (a local file or directory was meant)")
+    return spec  # a hub dataset name
+
+
+def _data_files(directory: Path, split: str) -> tuple[str, list[str]]:
+    """``(builder, files)`` of a directory of data files for ``split``."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in BUILDERS)
+    chosen = [p for p in files if split in p.stem] or files
+    if not chosen:
+        raise FileNotFoundError(f"{directory} holds no {'/'.join(BUILDERS)} files")
+    builders = {BUILDERS[p.suffix] for p in chosen}
+    if len(builders) > 1:
+        raise DataError(f"{directory} mixes file types {sorted(builders)} for split {split!r}; keep one")
+    return builders.pop(), [str(p) for p in chosen]
+
+
+def load_split(spec: str, split: str = "train"):
+    """The ``datasets.Dataset`` of one split of ``--data``."""
+    import datasets
+
+    source = resolve_data(spec, split)
+    try:
+        if isinstance(source, str):  # the hub: used as is where the machine can reach it
+            return datasets.load_dataset(source, split=split)
+        if source.is_dir() and any((source / f).is_file() for f in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(str(source))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(f"{source} has splits {sorted(loaded)}, not {split!r}")
+                return loaded[split]
+            return loaded
+        if source.is_dir():
+            builder, files = _data_files(source, split)
+        else:
+            if source.suffix not in BUILDERS:
+                raise DataError(f"{source}: unknown file type {source.suffix!r}; use one of {sorted(BUILDERS)}")
+            if source.stat().st_size == 0:  # datasets fails on an empty file with a bare StopIteration
+                raise DataError(f"{source} holds no records")
+            builder, files = BUILDERS[source.suffix], [str(source)]
+        return datasets.load_dataset(builder, data_files=files, split="train")
+    except (DataError, FileNotFoundError):
+        raise
+    except Exception as err:  # malformed files and unreachable hubs surface as many error types
+        where = "the Hugging Face hub (no access here? pass a local path)" if isinstance(source, str) else "its files"
+        raise DataError(f"--data {spec!r} (split {split!r}) is not readable from {where}: {err}") from err
 
 
 def load_records(path: Path) -> list[dict]:
-    """Records of a JSON/JSONL file, read through Hugging Face ``datasets``."""
-    import datasets
-
-    if path.stat().st_size == 0:  # datasets fails on an empty file with a bare StopIteration
-        raise DataError(f"{path} holds no records")
-    try:
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as err:  # malformed JSON surfaces as several arrow/datasets error types
-        raise DataError(f"{path} is not readable as JSON/JSONL records: {err}") from err
+    """Records of one data file (kept for callers that want the raw rows)."""
+    ds = load_split(str(path))
     if len(ds) == 0:
         raise DataError(f"{path} holds no records")
-    cols = set(ds.column_names)
-    if not ({"prompt", "response"} <= cols or "text" in cols):
-        raise DataError(f"{path} has columns {sorted(cols)}; expected prompt+response or text")
     return list(ds)
 
 
-def encode(record: dict, tokenizer, max_length: int) -> dict[str, list[int]]:
-    """Token ids and labels of one record; prompt tokens get label -100."""
-    if "prompt" in record:
-        prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-        response = tokenizer(record["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = prompt + response
-        labels = [IGNORE_INDEX] * len(prompt) + response
+def _chat_text(messages: list[dict], tokenizer) -> tuple[str, str]:
+    """``(prompt, response)`` text of a conversation whose last message is the assistant's:
+    the tokenizer's chat template where it has one, else ``role: content`` lines."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise DataError("a chat record must end with an assistant message (the response to learn)")
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError("the chat template does not render the conversation as its prompt followed by the reply")
+        return prompt, full[len(prompt):]
+    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
+    return prompt, messages[-1]["content"]
+
+
+def encode(record: dict, tokenizer, max_length: int, fmt: DataFormat = DataFormat(), kind: str | None = None) -> dict[str, list[int]]:
+    """Token ids and labels of one record; prompt tokens get label -100 unless ``fmt.train_on_prompt``."""
+    kind = kind or fmt.resolve(list(record), "the record")
+    if kind == "text":
+        ids = tokenizer(str(record[fmt.text_column]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids[:max_length], "labels": list(ids[:max_length])}
+    if kind == "chat":
+        prompt_text, response_text = _chat_text(record[fmt.messages_column], tokenizer)
     else:
-        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        labels = list(ids)
+        prompt_text, response_text = str(record[fmt.prompt_column]), str(record[fmt.response_column])  # CSV: numbers
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response = tokenizer(response_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt + response
+    labels = list(ids) if fmt.train_on_prompt else [IGNORE_INDEX] * len(prompt) + response
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenate examples (each already ending with EOS) into rows of ``max_length`` tokens.
+
+    Attention DOES cross sample boundaries inside a packed row (causal, so a sample sees the
+    end of the ones before it, separated by EOS), as in the common constant-length packing;
+    labels stay per token, so no loss is computed across a boundary's prompt tokens."""
+    rows, ids, labels = [], [], []
+    for e in examples:
+        ids += e["input_ids"]
+        labels += e["labels"]
+        while len(ids) >= max_length:
+            rows.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
+            ids, labels = ids[max_length:], labels[max_length:]
+    if ids:
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -128,9 +234,17 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def load_examples(spec: str, tokenizer, max_length: int, split: str = "train", limit: int | None = None) -> list[dict]:
-    """Encoded examples of ``--data``; ``limit`` keeps the first ``limit`` records."""
-    records = load_records(resolve_data(spec, split))
+def load_examples(spec: str, tokenizer, max_length: int, split: str = "train", limit: int | None = None,
+                  fmt: DataFormat = DataFormat(), packing: bool = False) -> list[dict]:
+    """Encoded examples of one split of ``--data``; ``limit`` keeps the first ``limit`` records.
+    Tokenisation runs through ``Dataset.map`` and is cached by ``datasets``."""
+    ds = load_split(spec, split)
+    if len(ds) == 0:
+        raise DataError(f"--data {spec!r} (split {split!r}) holds no records")
     if limit is not None:
-        records = records[:limit]
-    return [encode(r, tokenizer, max_length) for r in records]
+        ds = ds.select(range(min(limit, len(ds))))
+    kind = fmt.resolve(ds.column_names, f"--data {spec!r}")
+    encoded = ds.map(lambda r: encode(r, tokenizer, max_length, fmt, kind), remove_columns=ds.column_names,
+                     desc="tokenising")
+    examples = [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in encoded]
+    return pack(examples, max_length) if packing else examples

@@ -55,7 +55,7 @@ def test_profile_cli_writes_profile_and_heatmap(tmp_path, capsys):
     (["--lora-r", "0"], "r="),
     (["--lora-dropout", "1.0"], "dropout"),
     (["--data", "demo:nope"], "no bundled demo task"),
-    (["--data", "/does/not/exist.jsonl"], "neither"),
+    (["--data", "/does/not/exist.jsonl"], "does not exist"),
     (["--max-length", "0"], "max-length"),
     (["--model", "/does/not/exist"], "does/not/exist"),
 ])
