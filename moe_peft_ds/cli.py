@@ -10,9 +10,10 @@ from .checkpoint import AdapterMismatchError
 from .config import ConfigError
 from .data import FORMATS, DataError, DataFormat
 from .models import PRESETS
+from .tasks import TaskError
 
 # OSError covers missing files and model ids that cannot be resolved (no hub access).
-USER_ERRORS = (ConfigError, DataError, UnsupportedModelError, AdapterMismatchError, OSError)
+USER_ERRORS = (ConfigError, DataError, TaskError, UnsupportedModelError, AdapterMismatchError, OSError)
 
 
 def add_model_data_args(parser: argparse.ArgumentParser) -> None:
