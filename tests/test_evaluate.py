@@ -2,7 +2,6 @@
 import json
 import runpy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
