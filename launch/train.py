@@ -33,6 +33,8 @@ from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
 from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, run_cli  # noqa: E402
 from moe_peft_ds.config import ATTENTION_TARGETS, MIXLORA_METHODS, POLICIES, ROUTINGS, ConfigError, MixLoRAConfig  # noqa: E402
 from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
+from moe_peft_ds.monitor import TrainingMonitor  # noqa: E402
+from moe_peft_ds.tasks import get_task, load_items  # noqa: E402
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
 from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
@@ -107,6 +109,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue from a training state: a checkpoints/step_N directory, or a checkpoints directory "
                         "(its latest step); same flags and number of ranks as the saved run")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    e = p.add_argument_group("evaluation while training")
+    e.add_argument("--eval-every", type=int, default=0,
+                   help="every N steps: validation loss per token (and --eval-tasks accuracy), logged with the "
+                        "training loss to <output-dir>/train_log.jsonl, TensorBoard when installed, and the console "
+                        "(default 0: never)")
+    e.add_argument("--eval-split", default="validation", help="the split of --data for the validation loss (default "
+                                                             "validation; the demo tasks call theirs eval)")
+    e.add_argument("--eval-samples", type=int, default=256, help="validation samples (default 256)")
+    e.add_argument("--eval-tasks", nargs="*", default=[], metavar="TASK",
+                   help="multiple-choice tasks scored at each evaluation too (see launch/evaluate.py)")
+    e.add_argument("--eval-task-source", default="hub", help="hub (default), fixtures, or a directory of <task>.jsonl")
+    e.add_argument("--eval-task-limit", type=int, default=200, help="items per task at each evaluation (default 200)")
+    e.add_argument("--keep-best", action="store_true",
+                   help="save the adapter with the lowest validation loss to <output-dir>/best as well")
     d = p.add_argument_group("distributed (under the deepspeed launcher)")
     d.add_argument("--deepspeed_config", default=None,
                    help="a DeepSpeed JSON preset from ds_configs/; trains with deepspeed.initialize "
@@ -154,6 +170,13 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
     check_distributed(args)
     if args.max_grad_norm is not None and args.max_grad_norm < 0:
         raise ConfigError(f"--max-grad-norm={args.max_grad_norm} must be >= 0 (0: no clipping)")
+    if args.eval_every < 0:
+        raise ConfigError(f"--eval-every={args.eval_every} must be >= 0")
+    if args.keep_best and not args.eval_every:
+        raise ConfigError("--keep-best needs --eval-every N (it keeps the adapter of the best evaluation)")
+    check_positive(eval_samples=args.eval_samples, eval_task_limit=args.eval_task_limit)
+    for name in args.eval_tasks:
+        get_task(name)
     if args.save_every < 0:
         raise ConfigError(f"--save-every={args.save_every} must be >= 0")
     if args.resume is not None:
@@ -219,6 +242,17 @@ def init_distributed(args) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def training_monitor(args, tokenizer, out: Path) -> TrainingMonitor:
+    """The step log, and the validation data and task items of ``--eval-every`` (loaded now,
+    so that a missing split fails before training)."""
+    examples, tasks = [], {}
+    if args.eval_every:
+        examples = load_examples(args.data, tokenizer, args.max_length, args.eval_split, limit=args.eval_samples,
+                                 fmt=data_format(args))
+        tasks = {name: load_items(name, args.eval_task_source, limit=args.eval_task_limit) for name in args.eval_tasks}
+    return TrainingMonitor(out, tokenizer, args.eval_every, examples, tasks, args.batch_size, args.keep_best)
+
+
 def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress):
     """Profile (sieve: each rank its share, counts all-reduced), select and inject; returns the
     routing profile (None unless sieve) and the size report."""
@@ -269,20 +303,22 @@ def run(args) -> int:
             activation_checkpointing_kwargs={"use_reentrant": args.activation_checkpointing == "reentrant"})
         model.enable_input_require_grads()  # the frozen embeddings give no input with a gradient otherwise
 
+    monitor = training_monitor(args, tokenizer, out)
     # world ranks with --batch-size B see the global batches of one process with B x world
     loader = make_train_loader(examples, tokenizer, args.batch_size, args.seed, rank, world)
     ckpt = Checkpointing(out / "checkpoints", args.save_every, Path(args.resume) if args.resume else None)
     start = time.perf_counter()
     if args.deepspeed_config is None:
         clip = 1.0 if args.max_grad_norm is None else args.max_grad_norm
-        losses = train(model, loader, args.max_steps, args.lr, clip=clip, progress=progress, ckpt=ckpt)
+        losses = train(model, loader, args.max_steps, args.lr, clip=clip, progress=progress, ckpt=ckpt, monitor=monitor)
     else:
         if args.ep_size > 1:
             shard_experts(model, deepspeed_expert_group(args.ep_size))
         config = deepspeed_config(args.deepspeed_config, args.batch_size)
         if args.max_grad_norm is not None:
             config["gradient_clipping"] = args.max_grad_norm
-        losses = train_deepspeed(model, loader, args.max_steps, args.lr, config, progress=progress, ckpt=ckpt)
+        losses = train_deepspeed(model, loader, args.max_steps, args.lr, config, progress=progress, ckpt=ckpt,
+                                 monitor=monitor)
     elapsed = time.perf_counter() - start
 
     save_adapter(model, out)  # expert-parallel: every rank takes part, rank 0 writes
@@ -291,7 +327,8 @@ def run(args) -> int:
     if profile is not None:
         profile.save(out / "routing_profile.json")
         plot_heatmap(profile, out / "routing_heatmap.png")
-    record = {"losses": losses, "first_step": args.max_steps - len(losses), "seconds": elapsed, "sizes": sizes, "world_size": world, "args": vars(args)}
+    record = {"losses": losses, "evaluations": [r for r in monitor.history if "train_loss" not in r],
+              "first_step": args.max_steps - len(losses), "seconds": elapsed, "sizes": sizes, "world_size": world, "args": vars(args)}
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
 
     head, tail = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])

@@ -63,7 +63,7 @@ def resolve_data(spec: str, split: str = "train") -> Path | str:
     if spec.startswith("demo:"):
         from .demo import DEMO_DATA_DIR
 
-        path = DEMO_DATA_DIR / f"{spec[5:]}_{split}.jsonl"
+        path = DEMO_DATA_DIR / f"{spec[5:]}_{'eval' if split == 'validation' else split}.jsonl"
         if not path.is_file():
             tasks = sorted({p.stem.rsplit("_", 1)[0] for p in DEMO_DATA_DIR.glob("*_train.jsonl")})
             raise FileNotFoundError(f"no bundled demo task {spec!r} (split {split!r}); available: {['demo:' + t for t in tasks]}")

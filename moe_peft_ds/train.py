@@ -56,9 +56,10 @@ class Checkpointing:
 
 
 def _run_steps(step, loader, steps: int, progress: bool, model, optimizer, scheduler,
-               ckpt: Checkpointing | None) -> list[float]:
+               ckpt: Checkpointing | None, monitor=None) -> list[float]:
     """Call ``step(batch) -> loss`` until ``steps`` optimizer steps, cycling over ``loader``,
-    with a progress bar; resumes and saves training state as ``ckpt`` asks."""
+    with a progress bar; resumes and saves training state as ``ckpt`` asks, and hands every
+    step's loss to ``monitor`` (``monitor.TrainingMonitor``: logs, periodic evaluation)."""
     ckpt = ckpt or Checkpointing()
     start = load_training_state(ckpt.resume, model, optimizer, scheduler) if ckpt.resume else 0
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
@@ -69,19 +70,21 @@ def _run_steps(step, loader, steps: int, progress: bool, model, optimizer, sched
     for i in bar:
         losses.append(step(next(batches)))
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if monitor is not None:
+            monitor.after_step(i + 1, losses[-1], model)
         if ckpt.every and (i + 1) % ckpt.every == 0 and i + 1 < steps:
             save_training_state(ckpt.directory, model, optimizer, scheduler, i + 1)
     return losses
 
 
 def train(model: nn.Module, loader, steps: int, lr: float, warmup: int = 10, clip: float = 1.0,
-          progress: bool = True, ckpt: Checkpointing | None = None) -> list[float]:
+          progress: bool = True, ckpt: Checkpointing | None = None, monitor=None) -> list[float]:
     """Train for ``steps`` optimizer steps in one process; returns the loss of every step run."""
     optimizer = build_optimizer(model, lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
     model.train()
     return _run_steps(lambda batch: train_step(model, batch, optimizer, scheduler, clip), loader, steps, progress,
-                      model, optimizer, scheduler, ckpt)
+                      model, optimizer, scheduler, ckpt, monitor)
 
 
 def train_multi_adapter(model: nn.Module, loaders: dict, steps: int, lrs: dict[str, float], warmup: int = 10,
@@ -144,7 +147,7 @@ def deepspeed_config(path: str | Path, micro_batch_size: int) -> dict:
 
 
 def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dict, warmup: int = 10,
-                    progress: bool = True, ckpt: Checkpointing | None = None) -> list[float]:
+                    progress: bool = True, ckpt: Checkpointing | None = None, monitor=None) -> list[float]:
     """Train under ``deepspeed.initialize``; returns the loss per step, averaged over ranks.
 
     Adapter parameters go into optimizer groups split by DeepSpeed's MoE helper, so that
@@ -200,4 +203,5 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
         dist.all_reduce(mean)
         return mean.item() / dist.get_world_size()  # the global batch's loss per token
 
-    return _run_steps(step, loader, steps, progress and dist.get_rank() == 0, model, ds_optimizer, ds_scheduler, ckpt)
+    return _run_steps(step, loader, steps, progress and dist.get_rank() == 0, model, ds_optimizer, ds_scheduler, ckpt,
+                      monitor)

@@ -54,14 +54,18 @@ def test_bad_mixlora_flags_fail_before_any_work(llama, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_ranks_data_and_expert_parallel_train_the_mixlora_of_one_process(llama, tmp_path):
     """ZeRO-2 on 2 ranks x 4 samples == one process x 8, data parallel and with the LoRA experts
-    split over the 2 ranks (EP=2). The load-balancing loss is per rank (a nonlinear function of
-    the batch), so it is off here; the z-loss is per token and stays."""
+    split over the 2 ranks (EP=2), evaluations during training included. The load-balancing
+    loss is per rank (a nonlinear function of the batch), so it is off here; the z-loss is per
+    token and stays."""
     flags = ["--model", llama, *FLAGS, "--method", "mixlora", "--router-aux-loss-coef", "0",
-             "--router-z-loss-coef", "1e-3", "--max-grad-norm", "1e-3"]
+             "--router-z-loss-coef", "1e-3", "--max-grad-norm", "1e-3",
+             "--eval-every", "4", "--eval-samples", "8", "--eval-tasks", "piqa", "--eval-task-source", "fixtures"]
     single = tmp_path / "single"
     assert train_main([*flags, "--batch-size", "8", "--output-dir", str(single)]) == 0
     a = load_file(str(single / "adapter_model.safetensors"))
     la = json.loads((single / "train_log.json").read_text())["losses"]
+    evals = json.loads((single / "train_log.json").read_text())["evaluations"]
+    assert [e["step"] for e in evals] == [4, 8]
     for ep, port in ((1, 29601), (2, 29602)):
         out = tmp_path / f"ep{ep}"
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch" / "train.py"), *flags,
@@ -73,4 +77,7 @@ def test_two_ranks_data_and_expert_parallel_train_the_mixlora_of_one_process(lla
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"EP={ep} {key}")
-        assert json.loads((out / "train_log.json").read_text())["losses"] == pytest.approx(la, rel=1e-4)
+        log = json.loads((out / "train_log.json").read_text())
+        assert log["losses"] == pytest.approx(la, rel=1e-4)
+        for got, expected in zip(log["evaluations"], evals, strict=True):  # evaluation is collective, and exact
+            assert got == pytest.approx(expected, rel=1e-4)

@@ -118,3 +118,31 @@ def test_resume_continues_with_the_uninterrupted_losses(tmp_path):
 def test_resume_from_nothing_fails_clearly(tmp_path, capsys):
     assert train_main(BASE + ["--output-dir", str(tmp_path / "run"), "--resume", str(tmp_path)]) == 2
     assert "no step_N" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_eval_every_logs_validation_loss_and_task_accuracy_and_keeps_the_best(tmp_path):
+    out = tmp_path / "run"
+    rc = train_main(BASE + ["--output-dir", str(out), "--max-steps", "6", "--batch-size", "8", "--calibration-samples", "32",
+                            "--eval-every", "3", "--eval-samples", "16", "--eval-tasks", "arc_easy", "piqa",
+                            "--eval-task-source", "fixtures", "--keep-best"])
+    assert rc == 0
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "train_loss" in r] == list(range(1, 7))
+    evals = [r for r in lines if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all(0 <= r["piqa/acc"] <= 1 for r in evals)
+    assert json.loads((out / "train_log.json").read_text())["evaluations"] == evals
+    assert (out / "best" / "adapter_model.safetensors").is_file()
+    # the validation loss is the model's loss per token on the eval split: recompute it for the final adapter
+    from moe_peft_ds.data import load_examples
+    from moe_peft_ds.monitor import validation_loss
+
+    model, tok = load_model("tiny-mixtral")
+    load_adapter(model, out)
+    examples = load_examples("demo:arithmetic", tok, 128, "validation", limit=16)
+    assert validation_loss(model, examples, tok, 4) == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+
+
+def test_keep_best_needs_eval_every(tmp_path, capsys):
+    assert train_main(BASE + ["--output-dir", str(tmp_path / "run"), "--keep-best"]) == 2
+    assert "--eval-every" in capsys.readouterr().err
