@@ -35,6 +35,7 @@ from moe_peft_ds.tasks import TASKS, get_task, load_items  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help=f"Hugging Face model id or local path, or a bundled preset: {', '.join(PRESETS)}")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer other than the model's own (checked against the model)")
     p.add_argument("--adapter", default=None, help="an adapter directory (any method of this project); the base model "
                                                    "is evaluated first, then with the adapter (default: base only)")
     p.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help=f"one or more of {sorted(TASKS)}")
@@ -97,7 +98,7 @@ def run(args) -> int:
         pool = load_items(name, args.source, get_task(name).few_shot_split) if args.shots else None
         tasks[name] = (load_items(name, args.source, args.split, args.limit), pool)
     rank, world = init_distributed()
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, args.tokenizer)
     results = {"base": evaluate(model, tokenizer, tasks, args, rank, world, "base")}
     if args.adapter:
         load_adapter(model, args.adapter)

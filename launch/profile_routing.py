@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> int:
     check_positive(calibration_samples=args.calibration_samples, batch_size=args.batch_size, max_length=args.max_length)
     sieve = SieveConfig(policy=args.selection_policy, fraction=args.sieve_fraction, coverage=args.sieve_coverage)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, tokenizer=args.tokenizer)
     examples = load_examples(args.data, tokenizer, args.max_length, args.train_split, limit=args.calibration_samples,
                              fmt=data_format(args))
     profile = profile_routing(model, make_loader(examples, tokenizer, args.batch_size),

@@ -283,7 +283,7 @@ def run(args) -> int:
     log = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.output_dir)
 
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load_model(args.model, args.dtype, args.tokenizer)
     examples = load_examples(args.data, tokenizer, args.max_length, args.train_split, fmt=data_format(args),
                              packing=args.packing)
     adapter_cfg.base_model = args.model

@@ -20,6 +20,7 @@ def add_model_data_args(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--data`` and ``--output-dir``, spelled the same in every script."""
     parser.add_argument("--model", required=True,
                         help=f"Hugging Face model id or local path, or a bundled preset: {', '.join(PRESETS)}")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer other than the model's own (checked against the model)")
     parser.add_argument("--data", required=True,
                         help="demo:<task> (bundled: demo:arithmetic, demo:code); a .jsonl/.json/.parquet/.csv file; a "
                              "directory of them (a split's files have its name in theirs); a save_to_disk directory; "

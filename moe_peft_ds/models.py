@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+
 PRESETS = {"tiny-mixtral": "the pretrained 16-expert demo MoE shipped in moe_peft_ds/assets (see launch/build_demo_model.py)"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -20,16 +22,27 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def load_model(spec: str, dtype: str = "fp32"):
-    """``(model, tokenizer)`` for ``--model``; the hub is only reached for ids that are not local."""
+def load_model(spec: str, dtype: str = "fp32", tokenizer: str | None = None):
+    """``(model, tokenizer)`` for ``--model`` (and ``--tokenizer``, by default the model's own);
+    the hub is only reached for ids that are not local."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
     path = resolve_model(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer) if tokenizer else path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    check_tokenizer(model, tok)
     model.config._name_or_path = spec if spec in PRESETS or not Path(spec).exists() else str(Path(spec).resolve())
-    return model, tokenizer
+    return model, tok
+
+
+def check_tokenizer(model, tokenizer) -> None:
+    """A tokenizer whose ids the model cannot embed belongs to another model: say so now,
+    not as an index error deep in a forward pass."""
+    embedded = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embedded:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds {embedded}: they do not "
+                         "belong together (pass the model's own tokenizer)")

@@ -102,6 +102,16 @@ def test_bad_task_inputs_fail_clearly(tmp_path, capsys):
     rc = evaluate_main(["--model", "tiny-mixtral", "--tasks", "winogrande", "--source", "fixtures", "--shots", "5",
                         "--output-dir", str(tmp_path / "out")])
     assert rc == 2 and "few-shot pool" in capsys.readouterr().err
+    import transformers as tf
+
+    from moe_peft_ds.demo import DEMO_MODEL_DIR
+
+    big = tf.AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    big.add_tokens([f"<extra{i}>" for i in range(100)])
+    big.save_pretrained(tmp_path / "big-tokenizer")
+    rc = evaluate_main(["--model", "tiny-mixtral", "--tokenizer", str(tmp_path / "big-tokenizer"), "--tasks", "piqa",
+                        "--source", "fixtures", "--output-dir", str(tmp_path / "out")])
+    assert rc == 2 and "do not belong together" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
