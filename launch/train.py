@@ -320,6 +320,7 @@ def run(args) -> int:
         losses = train_deepspeed(model, loader, args.max_steps, args.lr, config, progress=progress, ckpt=ckpt,
                                  monitor=monitor)
     elapsed = time.perf_counter() - start
+    monitor.close()
 
     save_adapter(model, out)  # expert-parallel: every rank takes part, rank 0 writes
     if rank != 0:

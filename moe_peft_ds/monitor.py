@@ -86,6 +86,11 @@ class TrainingMonitor:
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["step"])
 
+    def close(self) -> None:
+        """Flush TensorBoard's events (the JSONL log is written line by line)."""
+        if self.writer is not None:
+            self.writer.close()
+
     def after_step(self, step: int, loss: float, model: nn.Module) -> None:
         """Called after optimizer step ``step`` (1-based) with its loss."""
         self._write({"step": step, "train_loss": loss})
