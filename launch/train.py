@@ -145,7 +145,7 @@ def per_expert(flag: str, text: str, cast) -> dict:
         raise ConfigError(f"{flag} {text!r}: expected EXPERT:VALUE pairs separated by commas, e.g. 0:16,3:4") from err
 
 
-def adapter_config(args) -> AdapterConfig | MixLoRAConfig:
+def build_adapter_config(args) -> AdapterConfig | MixLoRAConfig:
     lora = dict(method=args.method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                 use_rslora=args.use_rslora, use_dora=args.use_dora or args.method in ("dora", "mixdora"))
     if args.method in MIXLORA_METHODS:
@@ -166,7 +166,7 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
     fraction = args.sieve_fraction if args.sieve_fraction is not None else (None if args.sieve_k else 0.25)
     sieve = SieveConfig(policy=args.selection_policy if args.method == "sieve" else "all",
                         fraction=fraction, k=args.sieve_k, coverage=args.sieve_coverage, seed=args.seed)
-    adapter = adapter_config(args)
+    adapter = build_adapter_config(args)
     check_distributed(args)
     if args.max_grad_norm is not None and args.max_grad_norm < 0:
         raise ConfigError(f"--max-grad-norm={args.max_grad_norm} must be >= 0 (0: no clipping)")

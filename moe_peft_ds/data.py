@@ -119,14 +119,6 @@ def load_split(spec: str, split: str = "train"):
         raise DataError(f"--data {spec!r} (split {split!r}) is not readable from {where}: {err}") from err
 
 
-def load_records(path: Path) -> list[dict]:
-    """Records of one data file (kept for callers that want the raw rows)."""
-    ds = load_split(str(path))
-    if len(ds) == 0:
-        raise DataError(f"{path} holds no records")
-    return list(ds)
-
-
 def _chat_text(messages: list[dict], tokenizer) -> tuple[str, str]:
     """``(prompt, response)`` text of a conversation whose last message is the assistant's:
     the tokenizer's chat template where it has one, else ``role: content`` lines."""

@@ -103,7 +103,7 @@ class MixLoRAFFN(nn.Module):
         self.dispatch = None  # expert parallel: a parallel.ExpertParallelDispatch (see shard)
         self.num_local = cfg.num_experts  # LoRA experts held here
         mlp.requires_grad_(False)
-        self.aux_loss_scale = 1.0  # the training loop sets 1/gradient-accumulation steps, as DeepSpeed scales the loss
+        self.aux_loss_scale = 1.0  # set per step under DeepSpeed: this rank's share of real tokens / accumulation steps
         self.token_mask: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
         # The base weights are read here, not in base.forward: ZeRO-3 must gather them for this module.
@@ -232,8 +232,9 @@ def _decoder_mlps(model: nn.Module, fam: DenseFamily) -> list[tuple[nn.Module, n
 def _capture_token_mask(model: nn.Module, args, kwargs) -> None:
     """Forward pre-hook: hand the batch's 2-D attention mask to every MixLoRA layer."""
     mask = kwargs.get("attention_mask")
-    for _, layer in mixlora_layers(model):
-        layer.token_mask = mask
+    for module in model.modules():  # every forward: a type check, not mixlora_layers' name parsing
+        if isinstance(module, MixLoRAFFN):
+            module.token_mask = mask
 
 
 def apply_mixlora(model: nn.Module, cfg: MixLoRAConfig | None = None, fast: bool = True) -> nn.Module:
@@ -262,12 +263,3 @@ def set_fast_path(model: nn.Module, fast: bool) -> None:
         layer.fast = fast
 
 
-def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
-    """The gradient the auxiliary losses get, relative to the training loss's (1/accumulation steps)."""
-    for _, layer in mixlora_layers(model):
-        layer.aux_loss_scale = scale
-
-
-def aux_loss_value(model: nn.Module) -> float:
-    """The auxiliary losses of the last forward, summed over layers (for logging)."""
-    return sum(float(layer.last_stats.get("aux_loss", 0.0)) for _, layer in mixlora_layers(model))

@@ -73,7 +73,7 @@ class TrainingMonitor:
 
                 self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
             except ImportError:
-                pass
+                self.writer = None  # tensorboard is not installed: the JSONL log and the console only
 
     def _write(self, record: dict) -> None:
         self.history.append(record)

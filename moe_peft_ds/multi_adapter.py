@@ -123,7 +123,7 @@ def add_adapter(model: nn.Module, name: str, cfg) -> nn.Module:
     if first_hook is not None:
         first_hook.remove()
     apply_mixlora(model, cfg)
-    new = {path: mods for path, mods in adapter_sites(model).items()}
+    new = adapter_sites(model)
     for path in sorted(set(sites) | set(new)):
         base = bases.get(path) or new[path][adapter_name(model)].base
         modules = {n: sites.get(path, {}).get(n, base) for n in configs}

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .data import target_tokens
-from .mixlora import set_aux_loss_scale
+from .mixlora import mixlora_layers
 from .resume import load_training_state, save_training_state
 
 
@@ -164,6 +164,7 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
     if not params:
         raise ValueError("the model has no trainable parameters; inject an adapter first")
     accumulation = config.get("gradient_accumulation_steps", 1)
+    routers = [layer for _, layer in mixlora_layers(model)]  # MixLoRA layers, whose losses are weighted per step
     ep_group, clip = expert_parallel_group(model), config.get("gradient_clipping", 0.0)
     own_clipping = ep_group is not None and config.get("zero_optimization", {}).get("stage", 0) == 0 and clip > 0
     if own_clipping:  # ZeRO-0's clipping norm leaves out the experts of the other ranks; ZeRO-1/2 count them
@@ -188,12 +189,12 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
         # the ranks' gradients, so each rank divides its summed loss by (global tokens / ranks).
         tokens = target_tokens(batch).float()
         dist.all_reduce(tokens)
-        # The routers' losses are means over this rank's real tokens: weight them the same way,
-        # and by 1/accumulation as DeepSpeed scales the loss.
-        real = batch["attention_mask"].sum().float()
-        real_total = real.clone()
-        dist.all_reduce(real_total)
-        set_aux_loss_scale(model, float(real * dist.get_world_size() / real_total) / accumulation)
+        if routers:  # their losses are means over this rank's real tokens: weight them the same way,
+            real = batch["attention_mask"].sum().float()  # and by 1/accumulation as DeepSpeed scales the loss
+            real_total = real.clone()
+            dist.all_reduce(real_total)
+            for layer in routers:
+                layer.aux_loss_scale = float(real * dist.get_world_size() / real_total) / accumulation
         loss = engine(**batch, num_items_in_batch=tokens / dist.get_world_size()).loss
         engine.backward(loss)  # gradients are reduced here (data parallel / expert-data parallel)
         if own_clipping and engine.is_gradient_accumulation_boundary():
