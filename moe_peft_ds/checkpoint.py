@@ -22,7 +22,7 @@ from torch import nn
 
 from .backends.deepspeed_moe import (apply_sieve_lora_ds, describe_ds_moe, ds_adapter_state, ds_moe_layers, global_ids,
                                      is_ds_moe_model, local_ds_adapter_state)
-from .backends.hf import FusedExpertsWithLoRA, apply_sieve_lora, describe_model
+from .backends.hf import FusedExpertsWithLoRA, apply_sieve_lora, describe_model, replace_module
 from .config import ConfigError, LoRAConfig, MixLoRAConfig
 from .lora import LoRALinear
 from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, dense_family_of
@@ -244,16 +244,12 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
     return model
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
 
 def remove_adapter(model: nn.Module) -> nn.Module:
     """Take every adapter out of ``model`` without merging (the base model is restored)."""
     multi = bool(getattr(model, "moe_peft_configs", None))
     for name, _ in list(adapter_sites(model).items() if multi else adapter_modules(model)):
-        _replace(model, name, model.get_submodule(name).base)
+        replace_module(model, name, model.get_submodule(name).base)
     for hook in ("_mixlora_mask_hook", "_adapter_names_hook"):
         if getattr(model, hook, None) is not None:
             getattr(model, hook).remove()
@@ -278,9 +274,9 @@ def merge_adapter(model: nn.Module, attention_only: bool = False) -> nn.Module:
     for name, module in list(adapter_modules(model)):
         if isinstance(module, LoRALinear):
             module.base.weight.copy_(module.merged_weight())
-            _replace(model, name, module.base)
+            replace_module(model, name, module.base)
         elif not attention_only:
-            _replace(model, name, module.merge_into_base())
+            replace_module(model, name, module.merge_into_base())
     if attention_only and isinstance(cfg, MixLoRAConfig):
         cfg.attention_targets = []
     else:

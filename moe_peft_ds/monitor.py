@@ -20,16 +20,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .data import make_loader, target_tokens
+from .resume import rank_world
 
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, examples: list[dict], tokenizer, batch_size: int) -> float:
     """Loss per target token over ``examples`` (split evenly over the ranks, gathered)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     per_rank = len(examples) // world
     if per_rank == 0:
         raise ValueError(f"{len(examples)} validation samples cannot be split over {world} ranks")
@@ -62,7 +60,7 @@ class TrainingMonitor:
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
-        self.rank = _rank_world()[0]
+        self.rank = rank_world()[0]
         self.writer = None
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +103,7 @@ class TrainingMonitor:
         record = {"step": step}
         if self.eval_examples:
             record["eval_loss"] = validation_loss(model, self.eval_examples, self.tokenizer, self.batch_size)
-        rank, world = _rank_world()
+        rank, world = rank_world()
         if expert_parallel_group(model) is not None:
             rank, world = 0, 1  # every rank scores every item: the same forwards everywhere
         for name, items in self.eval_tasks.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backends.hf import replace_module
 from .lora import LoRALinear
 from .mixlora import MixLoRAFFN, apply_mixlora
 
@@ -99,10 +100,6 @@ def adapter_name(model: nn.Module) -> str:
     return getattr(model, "moe_peft_adapter_name", "default")
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
 
 def add_adapter(model: nn.Module, name: str, cfg) -> nn.Module:
     """Add MixLoRA adapter ``name`` (config ``cfg``) next to the adapters ``model`` carries.
@@ -118,7 +115,7 @@ def add_adapter(model: nn.Module, name: str, cfg) -> nn.Module:
     bases = {path: next(iter(mods.values())).base for path, mods in sites.items()}
     first_cfg, first_hook = model.moe_peft_config, getattr(model, "_mixlora_mask_hook", None)
     for path, base in bases.items():  # the bare base model, to inject the new adapter the usual way
-        _replace(model, path, base)
+        replace_module(model, path, base)
     model.moe_peft_config = None
     if first_hook is not None:
         first_hook.remove()
@@ -128,7 +125,7 @@ def add_adapter(model: nn.Module, name: str, cfg) -> nn.Module:
         base = bases.get(path) or new[path][adapter_name(model)].base
         modules = {n: sites.get(path, {}).get(n, base) for n in configs}
         modules[name] = new.get(path, {}).get(adapter_name(model), base)
-        _replace(model, path, MultiAdapter(base, modules))
+        replace_module(model, path, MultiAdapter(base, modules))
     model.moe_peft_config = first_cfg
     model.moe_peft_configs = {**configs, name: cfg}
     if getattr(model, "_adapter_names_hook", None) is None:

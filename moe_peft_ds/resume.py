@@ -18,7 +18,8 @@ from torch import nn
 from .checkpoint import zero3_gathered
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` without torch.distributed."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -29,7 +30,7 @@ def _is_zero_optimizer(optimizer) -> bool:
 
 def save_training_state(directory: str | Path, model: nn.Module, optimizer, scheduler, step: int) -> Path:
     """Write ``directory/step_{step}/rank{r}.pt`` for this rank (atomically); returns the step directory."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     out = Path(directory) / f"step_{step}"
     out.mkdir(parents=True, exist_ok=True)
     with zero3_gathered(model):
@@ -60,7 +61,7 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer, scheduler
 
     The run must use the same number of ranks (and expert-parallel size) as the one saved.
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     path = resolve_resume(path)
     state = torch.load(path / f"rank{rank}.pt", weights_only=False)
     if state["world_size"] != world:

@@ -228,6 +228,12 @@ class FusedExpertsWithLoRA(nn.Module):
         return self.base
 
 
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` where ``model.<path>`` is."""
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def _wrap_linears(parent: nn.Module, names: tuple[str, ...], cfg: AdapterConfig) -> int:
     """Replace ``parent.<name>`` nn.Linear children by LoRALinear; returns how many."""
     n = 0
