@@ -23,6 +23,8 @@ from torch import nn
 from .backends.deepspeed_moe import (apply_sieve_lora_ds, describe_ds_moe, ds_adapter_state, ds_moe_layers, global_ids,
                                      is_ds_moe_model, local_ds_adapter_state)
 from .backends.hf import FusedExpertsWithLoRA, apply_sieve_lora, describe_model, replace_module
+from .backends.megatron import (ExpertLinearLoRA, GroupedMLPWithLoRA, apply_sieve_lora_megatron, describe_megatron,
+                                held_experts, is_megatron_model, megatron_adapter_state)
 from .config import ConfigError, LoRAConfig, MixLoRAConfig
 from .lora import LoRALinear
 from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, dense_family_of
@@ -33,6 +35,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LORA_PARAMS = ("lora_A", "lora_B", "magnitude")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.")
 
 
 class AdapterMismatchError(ValueError):
@@ -50,7 +53,7 @@ def adapter_modules(model: nn.Module, adapter: str | None = None):
                 yield name, modules[adapter]
         return
     for name, module in model.named_modules():
-        if isinstance(module, (FusedExpertsWithLoRA, LoRALinear, MixLoRAFFN)):
+        if isinstance(module, (FusedExpertsWithLoRA, LoRALinear, MixLoRAFFN, ExpertLinearLoRA, GroupedMLPWithLoRA)):
             yield name, module
 
 
@@ -69,6 +72,8 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
     """Every adapter tensor of ``model`` on this rank under its checkpoint key (see the module docstring)."""
     if is_ds_moe_model(model):
         return local_ds_adapter_state(model)
+    if is_megatron_model(model):
+        return megatron_adapter_state(model)
     state = {}
     for name, module in adapter_modules(model, adapter):
         if isinstance(module, LoRALinear):
@@ -109,6 +114,9 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], adapter: str | Non
     if is_ds_moe_model(model):  # under expert parallelism this rank loads only the experts it holds
         held = {f"layers.{layer}.experts.{e}." for layer, moe in enumerate(ds_moe_layers(model)) for e in global_ids(moe)}
         state = {k: v for k, v in state.items() if any(k.startswith(h) for h in held)}
+    elif is_megatron_model(model):  # this rank's experts of this pipeline stage
+        held = held_experts(model)
+        state = {k: v for k, v in state.items() if (m := _EXPERT.match(k)) is None or (int(m[1]), int(m[2])) in held}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
         raise AdapterMismatchError(
@@ -138,6 +146,8 @@ def gathered_adapter_state(model: nn.Module, adapter: str | None = None) -> dict
     this, and each gets the experts of all ranks (keys are global, so shards just merge)."""
     if is_ds_moe_model(model):
         return ds_adapter_state(model)
+    if is_megatron_model(model):
+        return _all_ranks_state(model)
     with zero3_gathered(model):  # copies: ZeRO-3 frees the gathered tensors at exit
         state = {k: v.to("cpu", copy=True) for k, v in adapter_state_dict(model, adapter).items()}
     group = expert_parallel_group(model)
@@ -145,6 +155,17 @@ def gathered_adapter_state(model: nn.Module, adapter: str | None = None) -> dict
         return state
     parts = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, state, group=group)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _all_ranks_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A Megatron model's adapter merged from every rank: expert-parallel ranks hold other
+    experts and pipeline stages other layers (keys are global, so the parts just merge)."""
+    state = {k: v.to("cpu", copy=True) for k, v in megatron_adapter_state(model).items()}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return state
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, state)
     return {k: v for part in parts for k, v in part.items()}
 
 
@@ -160,6 +181,11 @@ def save_adapter(model: nn.Module, output_dir: str | Path, adapter: str | None =
     out = Path(output_dir)
     if dist.is_initialized() and dist.get_rank() != 0:  # ranks hold the same adapter (gathered above); one writes
         return out
+    return _write(out, cfg, state)
+
+
+def _write(out: Path, cfg: LoRAConfig, state: dict[str, torch.Tensor]) -> Path:
+    """Write the two files of an adapter directory, so that a kill never leaves a mixed pair."""
     out.mkdir(parents=True, exist_ok=True)
     weights_tmp, config_tmp = out / f".{WEIGHTS_NAME}.tmp", out / f".{CONFIG_NAME}.tmp"
     try:
@@ -175,6 +201,50 @@ def save_adapter(model: nn.Module, output_dir: str | Path, adapter: str | None =
     os.replace(weights_tmp, out / WEIGHTS_NAME)
     os.replace(config_tmp, out / CONFIG_NAME)
     return out
+    out.mkdir(parents=True, exist_ok=True)
+    weights_tmp, config_tmp = out / f".{WEIGHTS_NAME}.tmp", out / f".{CONFIG_NAME}.tmp"
+    try:
+        save_file(state, str(weights_tmp), metadata={"format": "pt", "library": "moe_peft_ds"})
+        cfg.to_json(config_tmp)
+    except BaseException:
+        weights_tmp.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
+        raise
+    # The config goes first and comes back last: a kill in between leaves no loadable
+    # adapter (load_adapter needs both files), never old config with new weights.
+    (out / CONFIG_NAME).unlink(missing_ok=True)
+    os.replace(weights_tmp, out / WEIGHTS_NAME)
+    os.replace(config_tmp, out / CONFIG_NAME)
+    return out
+
+
+def convert_adapter(path: str | Path, output_dir: str | Path, model_type: str, base_model: str = "") -> Path:
+    """Rewrite a sieve adapter for the other framework: Megatron-core (``model_type="megatron"``)
+    from a transformers one, or a transformers MoE family (``"mixtral"``, ...) from a Megatron one.
+
+    Both store expert ``e`` of layer ``L`` as ``layers.L.experts.e.{gate_up_proj|down_proj}``
+    in ``[out, in]`` orientation, Megatron's ``linear_fc1`` being ``[gate; up]`` like the fused
+    tensor of the Mixtral-style families, so only the config changes. Families laid out
+    otherwise (GPT-OSS: transposed, interleaved, biased), adapters with LoRA outside the routed
+    experts (attention, shared experts) and MixLoRA adapters are refused.
+    """
+    from .backends.hf import FAMILIES, chunked_glu
+    from .config import AdapterConfig
+
+    cfg, state = read_adapter(path)
+    if not isinstance(cfg, AdapterConfig):
+        raise ValueError(f"{path} holds a {cfg.method} adapter; only expert (sieve/lora/dora) adapters convert")
+    hf_type = model_type if cfg.model_type == "megatron" else cfg.model_type
+    if (cfg.model_type == "megatron") == (model_type == "megatron"):
+        raise ValueError(f"{path} is a {cfg.model_type!r} adapter; convert it to 'megatron' or from 'megatron' to a transformers family")
+    layouts = [t for fam in FAMILIES if fam.glu is chunked_glu and not fam.transposed and not fam.has_bias for t in fam.model_types]
+    if hf_type not in layouts:
+        raise ValueError(f"model_type {hf_type!r} has no Megatron counterpart here; Mixtral-style families: {layouts}")
+    other = sorted(k for k in state if not _EXPERT.match(k))
+    if other:
+        raise ValueError(f"{path} has LoRA outside the routed experts ({other[:3]}...), which Megatron's expert backend does not hold")
+    cfg.model_type, cfg.base_model = model_type, base_model or cfg.base_model
+    return _write(Path(output_dir), cfg, state)
 
 
 def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
@@ -199,10 +269,13 @@ def check_compatible(model: nn.Module, cfg: LoRAConfig) -> None:
                 raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, "
                                            f"but the model has {key}={getattr(model.config, key)!r}")
         return
-    info = describe_ds_moe(model) if is_ds_moe_model(model) else describe_model(model)
+    megatron = is_megatron_model(model)
+    info = describe_ds_moe(model) if is_ds_moe_model(model) else describe_megatron(model) if megatron else describe_model(model)
     for key in ("model_type", "num_experts", "hidden_size"):
         if getattr(cfg, key) != info[key]:
             raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, but the model has {key}={info[key]!r}")
+    if megatron:  # under pipeline parallelism the other stages hold the other layers
+        return
     extra = sorted(set(cfg.selection) - set(info["moe_layers"]))
     if extra:
         raise AdapterMismatchError(f"adapter has layers {extra} that are not MoE layers of this model ({info['moe_layers']})")
@@ -233,7 +306,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
     if isinstance(cfg, MixLoRAConfig):
         apply_mixlora(model, cfg)
     else:
-        (apply_sieve_lora_ds if is_ds_moe_model(model) else apply_sieve_lora)(model, cfg.selection, cfg)
+        apply = apply_sieve_lora_ds if is_ds_moe_model(model) else apply_sieve_lora_megatron if is_megatron_model(model) \
+            else apply_sieve_lora
+        apply(model, cfg.selection, cfg)
     try:
         _assign(model, state)
     except AdapterMismatchError:
@@ -289,4 +364,4 @@ def adapter_nbytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in adapter_state_dict(model).values())
 
 
-__all__ = ["save_adapter", "load_adapter", "merge_adapter", "remove_adapter", "read_adapter", "AdapterMismatchError", "ConfigError"]
+__all__ = ["save_adapter", "load_adapter", "convert_adapter", "merge_adapter", "remove_adapter", "read_adapter", "AdapterMismatchError", "ConfigError"]

@@ -53,8 +53,16 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     ``offsets [E]`` (int32) are the cumulative row counts. Delegates to transformers'
     dispatcher, which uses torch's grouped GEMM kernel where the device supports it and
     a per-expert loop with its own backward elsewhere, the same path the base experts take.
+    torch's kernel needs 16-byte aligned strides, which a LoRA rank that is not a multiple of
+    16 bytes (r=2 in fp32) breaks; such operands take transformers' per-expert loop.
     """
-    return _transformers_grouped_mm(x, weight, offsets)
+    if _aligned(x) and _aligned(weight):
+        return _transformers_grouped_mm(x, weight, offsets)
+    return torch.ops.transformers.grouped_mm_fallback(x.to(weight.dtype), weight, offs=offsets)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
 
 
 def apply_expert_update(base_out: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor,

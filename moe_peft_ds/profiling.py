@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .backends.deepspeed_moe import ds_moe_layers, gate_choice, is_ds_moe_model
 from .backends.hf import family_of, find_moe_blocks
+from .backends.megatron import is_megatron_model
 
 
 @dataclass
@@ -81,13 +83,24 @@ class _Counter:
         device = next(model.parameters()).device
         self.counts = torch.zeros(len(layers), num_experts, dtype=torch.int64, device=device)
         self.gate_sums = torch.zeros(len(layers), num_experts, dtype=torch.float64, device=device)
-        self.mask: torch.Tensor | None = None  # [T] True for real (non-padding) tokens
+        self.mask: torch.Tensor | None = None  # [B, S] True for real (non-padding) tokens
         self.handles = []
+
+    def token_mask(self) -> torch.Tensor | None:
+        """``[T]``: the batch's mask in the order the routers see its tokens (batch-major)."""
+        return None if self.mask is None else self.mask.reshape(-1)
+
+    def reduce(self, totals: torch.Tensor) -> None:
+        """Sum counts and ``totals`` (samples, tokens) over all ranks: each routed its own tokens."""
+        if dist.is_available() and dist.is_initialized():
+            for t in (self.counts, self.gate_sums, totals):
+                dist.all_reduce(t)
 
     def add(self, row: int, weights: torch.Tensor, index: torch.Tensor) -> None:
         """Count the top-k choices ``[T, k]`` of the unmasked tokens of one layer."""
-        if self.mask is not None and self.mask.numel() == index.shape[0]:
-            weights, index = weights[self.mask], index[self.mask]
+        mask = self.token_mask()
+        if mask is not None and mask.numel() == index.shape[0]:
+            weights, index = weights[mask], index[mask]
         index, weights = index.reshape(-1), weights.reshape(-1)
         keep = index < self.num_experts  # transformers marks masked slots with index E
         self.counts[row] += torch.bincount(index[keep], minlength=self.num_experts)
@@ -124,6 +137,77 @@ class _GateCounter(_Counter):
         return lambda gate, args, output: self.add(row, *gate_choice(gate, args[0]))
 
 
+class _RoutingMapCounter(_Counter):
+    """Hooks on the ``TopKRouter`` of every Megatron ``MoELayer``: it returns ``(probs [T, E],
+    routing_map [T, E])`` for tokens in Megatron's sequence-major ``[S, B]`` order.
+
+    Rows are kept for every decoder layer, so pipeline stages (each holding some layers) and
+    data-parallel ranks (each routing its own tokens) merge by one sum over all ranks; tensor-
+    parallel ranks route the same tokens and are counted once. Context and sequence parallelism
+    split a sequence over ranks in ways the padding mask does not follow, and are refused.
+    """
+
+    def __init__(self, model: nn.Module):
+        from .backends.megatron import routers
+
+        found = routers(model)
+        if not found:
+            raise ValueError("this Megatron model has no MoELayer with a router to profile")
+        config = found[0][1].config
+        if config.sequence_parallel or config.context_parallel_size > 1:
+            raise ValueError("routing profiles of Megatron models need sequence_parallel=False and context_parallel_size=1 "
+                             "(the padding mask is not split like the sequence); profile with a copy built without them")
+        if config.moe_expert_capacity_factor is not None:
+            warnings.warn("moe_expert_capacity_factor is set: the routing map, and so the profile, leaves out the tokens "
+                          "Megatron drops at capacity; profile with a dropless configuration to count every choice")
+        super().__init__(model, list(range(config.num_layers)), config.num_moe_experts, config.moe_router_topk)
+        self.present = torch.zeros(config.num_layers, dtype=torch.int64, device=self.counts.device)
+        self.present[[layer for layer, _ in found]] = 1
+        self.handles = [r.register_forward_hook(self._hook(layer)) for layer, r in found]
+
+    def token_mask(self) -> torch.Tensor | None:
+        return None if self.mask is None else self.mask.t().reshape(-1)
+
+    def _hook(self, row: int):
+        def count(router, args, output):
+            probs, routing_map = output
+            mask = self.token_mask()
+            if mask is not None:
+                if mask.numel() != routing_map.shape[0]:
+                    raise ValueError(f"the router saw {routing_map.shape[0]} tokens, the batch has {mask.numel()}")
+                probs, routing_map = probs[mask], routing_map[mask]
+            self.counts[row] += routing_map.sum(0)
+            self.gate_sums[row] += (probs.double() * routing_map).sum(0)
+        return count
+
+    def reduce(self, totals: torch.Tensor) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        from megatron.core import parallel_state
+
+        tp, dp_group = 1, None
+        if parallel_state.model_parallel_is_initialized():
+            tp, dp_group = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_group()
+        for t in (self.counts, self.gate_sums, self.present):
+            dist.all_reduce(t)
+        self.counts //= tp
+        self.gate_sums /= tp
+        dist.all_reduce(totals, group=dp_group)
+        keep = self.present.nonzero().squeeze(1)
+        self.layers = keep.tolist()
+        self.counts, self.gate_sums = self.counts[keep], self.gate_sums[keep]
+
+
+def megatron_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One forward of a Megatron ``GPTModel`` on a right-padded batch: positions ``0..S-1`` and a
+    causal mask that also hides padding keys (Megatron's boolean masks are True where masked)."""
+    S = input_ids.shape[1]
+    position_ids = torch.arange(S, device=input_ids.device).expand_as(input_ids)
+    causal = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).triu(1)
+    hidden = causal[None, None] | ~attention_mask.bool()[:, None, None, :]
+    return model(input_ids, position_ids, attention_mask=hidden)
+
+
 @contextmanager
 def _eval_mode(model: nn.Module):
     was_training = model.training
@@ -149,11 +233,15 @@ def profile_routing(
 
     ``max_samples`` caps the calibration samples (rows) used on this rank. Counts are summed
     over all ranks when ``torch.distributed`` is initialised. ``forward(model, input_ids,
-    attention_mask)`` runs one batch (default: the transformers call); models built from
-    DeepSpeed's ``MoE`` layer are counted at their gates.
+    attention_mask)`` runs one batch (default: the transformers call, or ``megatron_forward``
+    for a Megatron GPTModel); models built from DeepSpeed's ``MoE`` layer are counted at their
+    gates, Megatron models at their routers' routing maps.
     """
-    counter = _GateCounter(model) if is_ds_moe_model(model) else _RouterCounter(model)
-    forward = forward or (lambda m, ids, mask: m(input_ids=ids, attention_mask=mask))
+    if is_megatron_model(model):
+        counter, forward = _RoutingMapCounter(model), forward or megatron_forward
+    else:
+        counter = _GateCounter(model) if is_ds_moe_model(model) else _RouterCounter(model)
+        forward = forward or (lambda m, ids, mask: m(input_ids=ids, attention_mask=mask))
     samples = tokens = 0
     try:
         with _eval_mode(model):
@@ -166,16 +254,14 @@ def profile_routing(
                         break
                     ids, mask = ids[:room], None if mask is None else mask[:room]
                 mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-                counter.mask = mask.reshape(-1).to(counter.counts.device)
+                counter.mask = mask.to(counter.counts.device)
                 forward(model, ids.to(counter.counts.device), mask.long().to(counter.counts.device))
                 samples += ids.shape[0]
                 tokens += int(mask.sum())
     finally:
         counter.remove()
     totals = torch.tensor([samples, tokens], dtype=torch.int64, device=counter.counts.device)
-    if dist.is_available() and dist.is_initialized():
-        for t in (counter.counts, counter.gate_sums, totals):
-            dist.all_reduce(t)
+    counter.reduce(totals)
     samples, tokens = totals.tolist()
     if tokens == 0:
         raise ValueError("the calibration set is empty (no non-padding tokens were seen); give --calibration-samples > 0 and non-empty data")
