@@ -325,7 +325,7 @@ def remove_adapter(model: nn.Module) -> nn.Module:
     multi = bool(getattr(model, "moe_peft_configs", None))
     for name, _ in list(adapter_sites(model).items() if multi else adapter_modules(model)):
         replace_module(model, name, model.get_submodule(name).base)
-    for hook in ("_mixlora_mask_hook", "_adapter_names_hook"):
+    for hook in ("_mixlora_mask_hook", "_adapter_names_hook", "_megatron_grad_hooks"):
         if getattr(model, hook, None) is not None:
             getattr(model, hook).remove()
             delattr(model, hook)

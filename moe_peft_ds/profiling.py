@@ -198,14 +198,15 @@ class _RoutingMapCounter(_Counter):
         self.counts, self.gate_sums = self.counts[keep], self.gate_sums[keep]
 
 
-def megatron_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def megatron_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
     """One forward of a Megatron ``GPTModel`` on a right-padded batch: positions ``0..S-1`` and a
-    causal mask that also hides padding keys (Megatron's boolean masks are True where masked)."""
+    causal mask that also hides padding keys (Megatron's boolean masks are True where masked);
+    ``kwargs`` (``labels=``) go to the model."""
     S = input_ids.shape[1]
     position_ids = torch.arange(S, device=input_ids.device).expand_as(input_ids)
     causal = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).triu(1)
     hidden = causal[None, None] | ~attention_mask.bool()[:, None, None, :]
-    return model(input_ids, position_ids, attention_mask=hidden)
+    return model(input_ids, position_ids, attention_mask=hidden, **kwargs)
 
 
 @contextmanager

@@ -248,6 +248,25 @@ def _wrap_experts(model: nn.Module, layer: ExpertLayer, ids: list[int], cfg: Ada
             setattr(base, FC_NAMES[name], ExpertLinearLoRA(getattr(base, FC_NAMES[name]), local, cfg, first))
 
 
+class _Hooks(list):
+    """Several hook handles removed as one."""
+
+    def remove(self) -> None:
+        for handle in self:
+            handle.remove()
+
+
+def _input_needs_grad(moe_layer: nn.Module, args: tuple):
+    """Under expert parallelism every rank must run the same collectives in backward: the
+    dispatcher's all-gathers and all-to-alls are differentiable, and a rank whose input needs no
+    gradient (the base is frozen, and its own experts may carry no adapter) would skip them
+    while the others wait. Training inputs of an expert-parallel MoE layer therefore need one."""
+    hidden = args[0] if args else None
+    if hidden is not None and moe_layer.training and torch.is_grad_enabled() and not hidden.requires_grad:
+        return (hidden.detach().requires_grad_(True),) + tuple(args[1:])
+    return None
+
+
 def apply_sieve_lora_megatron(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig | None = None) -> nn.Module:
     """Freeze ``model`` and add LoRA to the selected global experts held by this rank.
 
@@ -275,6 +294,8 @@ def apply_sieve_lora_megatron(model: nn.Module, selection: dict[int, list[int]],
     model.requires_grad_(False)
     for layer in layers:
         _wrap_experts(model, layer, selection.get(layer.layer, []), cfg)
+    model._megatron_grad_hooks = _Hooks(model.get_submodule(x.path.rpartition(".")[0]).register_forward_pre_hook(_input_needs_grad)
+                                        for x in layers if x.base.ep_group.size() > 1)
     cfg.selection = {k: v for k, v in sorted(selection.items()) if v}
     cfg.model_type, cfg.num_experts, cfg.hidden_size = MODEL_TYPE, config.num_moe_experts, config.hidden_size
     model.moe_peft_config = cfg
