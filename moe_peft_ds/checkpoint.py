@@ -72,7 +72,7 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
     """Every adapter tensor of ``model`` on this rank under its checkpoint key (see the module docstring)."""
     if is_ds_moe_model(model):
         return local_ds_adapter_state(model)
-    if is_megatron_model(model):
+    if _megatron_sieve(model):
         return megatron_adapter_state(model)
     state = {}
     for name, module in adapter_modules(model, adapter):
@@ -81,7 +81,8 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
                 if getattr(module, p) is not None:
                     state[f"{name}.{p}"] = getattr(module, p).detach()
             continue
-        layer = int(_LAYER.search(name + ".").group(1))
+        layer = getattr(module, "layer_index", None)  # Megatron layers know theirs
+        layer = int(_LAYER.search(name + ".").group(1)) if layer is None else layer
         if isinstance(module, MixLoRAFFN):
             state.update(_mixlora_state(layer, module))
             continue
@@ -114,7 +115,7 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], adapter: str | Non
     if is_ds_moe_model(model):  # under expert parallelism this rank loads only the experts it holds
         held = {f"layers.{layer}.experts.{e}." for layer, moe in enumerate(ds_moe_layers(model)) for e in global_ids(moe)}
         state = {k: v for k, v in state.items() if any(k.startswith(h) for h in held)}
-    elif is_megatron_model(model):  # this rank's experts of this pipeline stage
+    elif _megatron_sieve(model):  # this rank's experts of this pipeline stage
         held = held_experts(model)
         state = {k: v for k, v in state.items() if (m := _EXPERT.match(k)) is None or (int(m[1]), int(m[2])) in held}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
@@ -146,7 +147,7 @@ def gathered_adapter_state(model: nn.Module, adapter: str | None = None) -> dict
     this, and each gets the experts of all ranks (keys are global, so shards just merge)."""
     if is_ds_moe_model(model):
         return ds_adapter_state(model)
-    if is_megatron_model(model):
+    if _megatron_sieve(model):
         return _all_ranks_state(model)
     with zero3_gathered(model):  # copies: ZeRO-3 frees the gathered tensors at exit
         state = {k: v.to("cpu", copy=True) for k, v in adapter_state_dict(model, adapter).items()}
@@ -156,6 +157,11 @@ def gathered_adapter_state(model: nn.Module, adapter: str | None = None) -> dict
     parts = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, state, group=group)
     return {k: v for part in parts for k, v in part.items()}
+
+
+def _megatron_sieve(model: nn.Module) -> bool:
+    """A Megatron model whose adapter sits on its experts (MixLoRA takes the generic path)."""
+    return is_megatron_model(model) and not isinstance(getattr(model, "moe_peft_config", None), MixLoRAConfig)
 
 
 def _all_ranks_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -263,11 +269,14 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]
 def check_compatible(model: nn.Module, cfg: LoRAConfig) -> None:
     """Raise if the adapter was made for another architecture, width or expert count."""
     if isinstance(cfg, MixLoRAConfig):
-        dense_family_of(model)  # a supported dense family, or a clear error
-        for key in ("model_type", "hidden_size"):
-            if getattr(cfg, key) != getattr(model.config, key):
-                raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, "
-                                           f"but the model has {key}={getattr(model.config, key)!r}")
+        if is_megatron_model(model):
+            have = {"model_type": "megatron", "hidden_size": model.config.hidden_size}
+        else:
+            dense_family_of(model)  # a supported dense family, or a clear error
+            have = {"model_type": model.config.model_type, "hidden_size": model.config.hidden_size}
+        for key, value in have.items():
+            if getattr(cfg, key) != value:
+                raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, but the model has {key}={value!r}")
         return
     megatron = is_megatron_model(model)
     info = describe_ds_moe(model) if is_ds_moe_model(model) else describe_megatron(model) if megatron else describe_model(model)
@@ -324,7 +333,8 @@ def remove_adapter(model: nn.Module) -> nn.Module:
     """Take every adapter out of ``model`` without merging (the base model is restored)."""
     multi = bool(getattr(model, "moe_peft_configs", None))
     for name, _ in list(adapter_sites(model).items() if multi else adapter_modules(model)):
-        replace_module(model, name, model.get_submodule(name).base)
+        module = model.get_submodule(name)
+        replace_module(model, name, module.unwrapped() if hasattr(module, "unwrapped") else module.base)
     for hook in ("_mixlora_mask_hook", "_adapter_names_hook", "_megatron_grad_hooks"):
         if getattr(model, hook, None) is not None:
             getattr(model, hook).remove()

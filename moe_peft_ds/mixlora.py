@@ -238,10 +238,14 @@ def _capture_token_mask(model: nn.Module, args, kwargs) -> None:
 
 
 def apply_mixlora(model: nn.Module, cfg: MixLoRAConfig | None = None, fast: bool = True) -> nn.Module:
-    """Freeze ``model`` (a dense transformers causal LM) and turn every FFN into a MixLoRA
-    (MixDoRA) layer, with plain LoRA on ``cfg.attention_targets``. Checks everything before
+    """Freeze ``model`` (a dense transformers causal LM, or a Megatron-core model: see
+    ``backends.megatron.apply_mixlora_megatron``) and turn every FFN into a MixLoRA (MixDoRA) layer, with plain LoRA on ``cfg.attention_targets``. Checks everything before
     changing the model; attaches the filled-in config as ``model.moe_peft_config``."""
     cfg = cfg or MixLoRAConfig()
+    from .backends.megatron import apply_mixlora_megatron, is_megatron_model
+
+    if is_megatron_model(model):
+        return apply_mixlora_megatron(model, cfg, fast=fast)
     fam = dense_family_of(model)
     if getattr(model, "moe_peft_config", None) is not None:
         raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")

@@ -98,3 +98,12 @@ def permute(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, num_exp
     expert, order = torch.sort(flat, stable=True)
     token = order // index.shape[1]
     return x[token], expert, torch.bincount(flat, minlength=num_experts), weights.reshape(-1)[order], token
+
+
+def gpt_dense(config, vocab: int = 64, seed: int = 0):
+    """A small dense Megatron GPTModel (local spec): the base for MixLoRA."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    torch.manual_seed(seed)
+    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab, max_sequence_length=64)

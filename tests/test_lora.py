@@ -166,3 +166,25 @@ def test_unsupported_model_names_supported_families():
     with pytest.raises(UnsupportedModelError, match="mixtral.*qwen2_moe|supported"):
         apply_sieve_lora(model, {0: [0]})
     assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
+
+
+@pytest.mark.parametrize("r", [2, 3])
+def test_ranks_whose_rows_are_not_16_byte_aligned_work(r):
+    """torch's grouped GEMM needs 16-byte aligned strides; r=2 or 3 in fp32 takes the per-expert loop."""
+    from moe_peft_ds.lora import ExpertLoRA
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, 6, 10)
+    lora = ExpertLoRA([1, 3], weight, AdapterConfig(r=r, alpha=r))
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    counts = torch.tensor([2, 3, 1, 4])
+    expert_of_row = torch.repeat_interleave(torch.arange(4), counts)
+    x = torch.randn(10, 10, requires_grad=True)
+    rows, delta, _ = lora(x, expert_of_row, counts, weight)
+    want = torch.stack([x[i] @ lora.lora_A[lora.slot[int(e)]].t() @ lora.lora_B[lora.slot[int(e)]].t()
+                        for i, e in enumerate(expert_of_row) if int(e) in (1, 3)])
+    torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-6)
+    assert rows.tolist() == [i for i, e in enumerate(expert_of_row.tolist()) if e in (1, 3)]
+    delta.sum().backward()
+    assert lora.lora_A.grad is not None and x.grad is not None

@@ -337,3 +337,58 @@ def test_unsupported_megatron_models_and_options_are_refused_before_any_change()
     apply_sieve_lora_megatron(biased, {0: [0]}, AdapterConfig(use_dora=True))
     x, index, weights = routed(4)
     run_experts(biased[0], x, index, weights, 4).sum().backward()
+
+
+def _logits(model, ids):
+    S = ids.shape[1]
+    return model(ids, torch.arange(S).expand_as(ids), attention_mask=torch.ones(S, S, dtype=torch.bool).triu(1)[None, None])
+
+
+@pytest.mark.parametrize("method", ["mixlora", "mixdora"])
+def test_mixlora_on_megatron_dense_mlps_equals_the_transformers_layer(method, tmp_path):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from megatron_cpu import gpt_dense
+    from moe_peft_ds import MixLoRAConfig, apply_mixlora
+    from moe_peft_ds.backends.megatron import MegatronMixLoRAFFN
+    from moe_peft_ds.mixlora import MixLoRAFFN
+
+    config = tiny_config(num_moe_experts=None, moe_ffn_hidden_size=None, moe_router_topk=2)
+    make_cfg = lambda: MixLoRAConfig(method=method, num_experts=4, top_k=2, r=4, alpha=8, attention_targets=[])  # noqa: E731
+    gpt = gpt_dense(config)
+    torch.manual_seed(2)
+    ids = torch.randint(1, 64, (2, 10))
+    base_logits = _logits(gpt, ids)
+    apply_mixlora(gpt, make_cfg())
+    layers = [m for m in gpt.modules() if isinstance(m, MegatronMixLoRAFFN)]
+    assert [m.layer_index for m in layers] == [0, 1] and gpt.moe_peft_config.model_type == "megatron"
+    torch.testing.assert_close(_logits(gpt, ids), base_logits, rtol=1e-5, atol=1e-5)  # zero-init B: the base model
+    randomize_adapters(gpt)
+    # the same layer on a transformers LlamaMLP holding the same weights computes the same thing
+    meg = layers[0]
+    llama = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=20, hidden_act="silu", num_attention_heads=2, num_key_value_heads=2))
+    with torch.no_grad():
+        gate, up = meg.base.mlp.linear_fc1.weight.chunk(2)
+        llama.gate_proj.weight.copy_(gate), llama.up_proj.weight.copy_(up)
+        llama.down_proj.weight.copy_(meg.base.mlp.linear_fc2.weight)
+    hf = MixLoRAFFN(llama, make_cfg())
+    hf.adapter.load_state_dict(meg.adapter.state_dict())
+    x = torch.randn(2, 10, 16)
+    want = hf(x)
+    got, bias = meg(x.transpose(0, 1))
+    assert bias is None
+    torch.testing.assert_close(got.transpose(0, 1), want, rtol=1e-5, atol=1e-6)
+    want.pow(2).sum().backward()
+    got.pow(2).sum().backward()
+    for (n, a), b in zip(hf.adapter.named_parameters(), meg.adapter.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # checkpoint round trip onto a fresh model, and removal
+    logits = _logits(gpt, ids)
+    save_adapter(gpt, tmp_path / "m")
+    fresh = load_adapter(gpt_dense(config), tmp_path / "m")
+    torch.testing.assert_close(_logits(fresh, ids), logits, rtol=1e-5, atol=1e-6)
+    remove_adapter(fresh)
+    torch.testing.assert_close(_logits(fresh, ids), base_logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="attention_targets"):
+        apply_mixlora(gpt_dense(config), MixLoRAConfig())

@@ -33,10 +33,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
 from ..lora import ExpertLoRA, apply_expert_update, grouped_mm
+from ..mixlora import MixLoRAFFN
 from .hf import UnsupportedModelError, replace_module
 
 MODEL_TYPE = "megatron"
@@ -339,3 +341,90 @@ def routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """``(layer, TopKRouter)`` of every MoE layer of ``model``."""
     return [(x.layer, x.router) for x in expert_layers(model) if x.router is not None]
 
+
+
+class _Projection:
+    """One projection of a Megatron MLP as MixLoRA reads an ``nn.Linear``: ``weight [out, in]``,
+    ``bias``, ``in_features`` (``rows`` picks the gate or the up half of the fused ``linear_fc1``)."""
+
+    def __init__(self, linear: nn.Module, rows: slice):
+        bias = getattr(linear, "bias", None)
+        self.weight = linear.weight[rows]
+        self.bias = None if bias is None else bias[rows]
+        self.in_features = self.weight.shape[1]
+
+
+class MegatronGatedMLP(nn.Module):
+    """A Megatron dense ``MLP`` with a gated ``linear_fc1 = [gate; up]`` seen as the gated MLP that
+    ``mixlora.MixLoRAFFN`` wraps (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``; views,
+    made on each access so they follow the parameters across ``.cuda()``)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.mlp = mlp
+        self.half = mlp.linear_fc1.weight.shape[0] // 2
+
+    gate_proj = property(lambda self: _Projection(self.mlp.linear_fc1, slice(0, self.half)))
+    up_proj = property(lambda self: _Projection(self.mlp.linear_fc1, slice(self.half, None)))
+    down_proj = property(lambda self: _Projection(self.mlp.linear_fc2, slice(None)))
+    act_fn = property(lambda self: self.mlp.config.activation_func)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        h = self.act_fn(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias)
+        return F.linear(h, down.weight, down.bias)
+
+
+class MegatronMixLoRAFFN(MixLoRAFFN):
+    """MixLoRA over a Megatron dense MLP, called like it: ``forward(hidden [S, B, H]) -> (out, None)``
+    (the frozen fc2 bias is in ``out``). ``layer_index`` keys its checkpoint tensors."""
+
+    def __init__(self, mlp: nn.Module, cfg, layer: int, fast: bool = True):
+        super().__init__(MegatronGatedMLP(mlp), cfg, fast=fast)
+        self.layer_index = layer
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
+        if per_token_scale is not None:
+            raise ValueError("a MixLoRA FFN replaces a dense MLP, which is never called with per_token_scale")
+        # Megatron is sequence-first; the mixture and its padding mask are batch-first
+        return super().forward(hidden_states.transpose(0, 1)).transpose(0, 1), None
+
+    def unwrapped(self) -> nn.Module:
+        return self.base.mlp
+
+
+def _dense_mlps(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
+    """``(path, layer index, MLP)`` of every dense Megatron MLP outside the experts."""
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    found = [(f"{n}.mlp".lstrip("."), m.layer_number - 1, m.mlp) for n, m in model.named_modules()
+             if isinstance(m, TransformerLayer) and type(m.mlp) is MLP]
+    if found:
+        return found
+    experts = _experts_classes()
+    inside = {id(c) for m in model.modules() if isinstance(m, experts) for c in m.modules()}
+    return [(n, i, m) for i, (n, m) in enumerate((n, m) for n, m in model.named_modules() if type(m) is MLP and id(m) not in inside)]
+
+
+def apply_mixlora_megatron(model: nn.Module, cfg, fast: bool = True) -> nn.Module:
+    """Freeze a Megatron model and turn every dense MLP into a MixLoRA (MixDoRA) layer.
+    Checked before anything changes; LoRA on Megatron's attention is not built (attention_targets=[])."""
+    sites = _dense_mlps(model)
+    if not sites:
+        raise UnsupportedModelError("the Megatron model has no dense MLP (megatron.core.transformer.mlp.MLP) for MixLoRA")
+    if getattr(model, "moe_peft_config", None) is not None:
+        raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
+    if cfg.attention_targets:
+        raise ValueError("MixLoRA on Megatron models has no attention LoRA; set attention_targets=[]")
+    config = sites[0][2].config
+    if not config.gated_linear_unit:
+        raise UnsupportedModelError("MixLoRA needs gated MLPs (gated_linear_unit=True); this Megatron model's are not")
+    if config.tensor_model_parallel_size > 1:
+        raise UnsupportedModelError("MixLoRA on Megatron models needs tensor_model_parallel_size=1")
+    model.requires_grad_(False)
+    for path, layer, mlp in sites:
+        replace_module(model, path, MegatronMixLoRAFFN(mlp, cfg, layer, fast=fast))
+    cfg.model_type, cfg.hidden_size = MODEL_TYPE, config.hidden_size
+    model.moe_peft_config = cfg
+    return model
