@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backends.deepspeed_moe import (apply_sieve_lora_ds, describe_ds_moe, ds_adapter_state, ds_moe_layers, global_ids,
+from .backends.deepspeed_moe import (describe_ds_moe, ds_adapter_state, ds_moe_layers, global_ids,
                                      is_ds_moe_model, local_ds_adapter_state)
 from .backends.hf import FusedExpertsWithLoRA, apply_sieve_lora, describe_model, replace_module
-from .backends.megatron import (ExpertLinearLoRA, GroupedMLPWithLoRA, apply_sieve_lora_megatron, describe_megatron,
+from .backends.megatron import (ExpertLinearLoRA, GroupedMLPWithLoRA, describe_megatron,
                                 held_experts, is_megatron_model, megatron_adapter_state)
 from .config import ConfigError, LoRAConfig, MixLoRAConfig
 from .lora import LoRALinear
@@ -239,16 +239,16 @@ def convert_adapter(path: str | Path, output_dir: str | Path, model_type: str, b
 
     cfg, state = read_adapter(path)
     if not isinstance(cfg, AdapterConfig):
-        raise ValueError(f"{path} holds a {cfg.method} adapter; only expert (sieve/lora/dora) adapters convert")
+        raise AdapterMismatchError(f"{path} holds a {cfg.method} adapter; only expert (sieve/lora/dora) adapters convert")
     hf_type = model_type if cfg.model_type == "megatron" else cfg.model_type
     if (cfg.model_type == "megatron") == (model_type == "megatron"):
-        raise ValueError(f"{path} is a {cfg.model_type!r} adapter; convert it to 'megatron' or from 'megatron' to a transformers family")
+        raise AdapterMismatchError(f"{path} is a {cfg.model_type!r} adapter; convert it to 'megatron' or from 'megatron' to a transformers family")
     layouts = [t for fam in FAMILIES if fam.glu is chunked_glu and not fam.transposed and not fam.has_bias for t in fam.model_types]
     if hf_type not in layouts:
-        raise ValueError(f"model_type {hf_type!r} has no Megatron counterpart here; Mixtral-style families: {layouts}")
+        raise AdapterMismatchError(f"model_type {hf_type!r} has no Megatron counterpart here; Mixtral-style families: {layouts}")
     other = sorted(k for k in state if not _EXPERT.match(k))
     if other:
-        raise ValueError(f"{path} has LoRA outside the routed experts ({other[:3]}...), which Megatron's expert backend does not hold")
+        raise AdapterMismatchError(f"{path} has LoRA outside the routed experts ({other[:3]}...), which Megatron's expert backend does not hold")
     cfg.model_type, cfg.base_model = model_type, base_model or cfg.base_model
     return _write(Path(output_dir), cfg, state)
 
@@ -315,9 +315,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
     if isinstance(cfg, MixLoRAConfig):
         apply_mixlora(model, cfg)
     else:
-        apply = apply_sieve_lora_ds if is_ds_moe_model(model) else apply_sieve_lora_megatron if is_megatron_model(model) \
-            else apply_sieve_lora
-        apply(model, cfg.selection, cfg)
+        apply_sieve_lora(model, cfg.selection, cfg)  # dispatches to the DeepSpeed-MoE and Megatron backends
     try:
         _assign(model, state)
     except AdapterMismatchError:

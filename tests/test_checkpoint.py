@@ -161,3 +161,25 @@ def test_failed_save_leaves_no_half_written_adapter(tmp_path, monkeypatch):
     assert sorted(p.name for p in fresh.iterdir()) == []  # nothing that could be loaded
     monkeypatch.undo()
     load_adapter(tiny_model("mixtral"), old)  # the earlier adapter is intact
+
+
+def test_convert_adapter_command_line(tmp_path):
+    """launch/convert_adapter.py: a transformers sieve adapter becomes a Megatron one (same tensors,
+    model_type megatron); a family without a Megatron layout is refused with one error line."""
+    import subprocess
+    import sys
+
+    model = tiny_model("mixtral")
+    apply_sieve_lora(model, {0: [1, 2], 1: [5]}, AdapterConfig(r=4))
+    save_adapter(model, tmp_path / "hf")
+    script = Path(__file__).resolve().parents[1] / "launch" / "convert_adapter.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "hf"), str(tmp_path / "meg"), "--to", "megatron"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "meg" / "adapter_config.json").read_text())["model_type"] == "megatron"
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("hf", "meg"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "meg"), str(tmp_path / "x"), "--to", "gpt_oss"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "no Megatron counterpart" in bad.stderr
+    assert not (tmp_path / "x").exists()

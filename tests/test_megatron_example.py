@@ -57,3 +57,14 @@ def test_megatron_example_help_and_bad_input():
     bad = subprocess.run([sys.executable, str(SCRIPT), "--data", "demo:arithmetic", "--output-dir", "/tmp/x", "--max-steps", "0"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 2 and "--max-steps=0 must be > 0" in bad.stderr
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the example as users run it needs CUDA")
+def test_megatron_example_on_gpus_without_shims(tmp_path):  # pragma: no cover - runs where CUDA exists
+    import torch
+
+    ranks = min(2, torch.cuda.device_count())
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(_free_port()),
+          str(ROOT / "launch" / "megatron_sieve.py"), *FLAGS, "--ep-size", str(ranks), "--dispatcher", "alltoall",
+          "--output-dir", str(tmp_path / "gpu")])
+    _check(tmp_path / "gpu", ranks)

@@ -309,9 +309,12 @@ def apply_sieve_lora(model: nn.Module, selection: dict[int, list[int]], cfg: Ada
     """
     cfg = cfg or AdapterConfig()
     from .deepspeed_moe import apply_sieve_lora_ds, is_ds_moe_model
+    from .megatron import apply_sieve_lora_megatron, is_megatron_model
 
     if is_ds_moe_model(model):  # built from deepspeed.moe.layer.MoE: its own backend
         return apply_sieve_lora_ds(model, selection, cfg)
+    if is_megatron_model(model):  # Megatron-core expert layers: theirs
+        return apply_sieve_lora_megatron(model, selection, cfg)
     info = describe_model(model)  # raises for unsupported models before anything changes
     if getattr(model, "moe_peft_config", None) is not None:
         raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
