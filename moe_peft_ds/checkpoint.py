@@ -207,21 +207,6 @@ def _write(out: Path, cfg: LoRAConfig, state: dict[str, torch.Tensor]) -> Path:
     os.replace(weights_tmp, out / WEIGHTS_NAME)
     os.replace(config_tmp, out / CONFIG_NAME)
     return out
-    out.mkdir(parents=True, exist_ok=True)
-    weights_tmp, config_tmp = out / f".{WEIGHTS_NAME}.tmp", out / f".{CONFIG_NAME}.tmp"
-    try:
-        save_file(state, str(weights_tmp), metadata={"format": "pt", "library": "moe_peft_ds"})
-        cfg.to_json(config_tmp)
-    except BaseException:
-        weights_tmp.unlink(missing_ok=True)
-        config_tmp.unlink(missing_ok=True)
-        raise
-    # The config goes first and comes back last: a kill in between leaves no loadable
-    # adapter (load_adapter needs both files), never old config with new weights.
-    (out / CONFIG_NAME).unlink(missing_ok=True)
-    os.replace(weights_tmp, out / WEIGHTS_NAME)
-    os.replace(config_tmp, out / CONFIG_NAME)
-    return out
 
 
 def convert_adapter(path: str | Path, output_dir: str | Path, model_type: str, base_model: str = "") -> Path:

@@ -281,12 +281,18 @@ def test_conversion_megatron_to_transformers_and_back_is_equivalent(tmp_path):
     hf = tiny_model("mixtral")
     hf_experts = [hf.model.layers[L].mlp.experts for L in range(2)]
     config = tiny_config(hidden_size=32, moe_ffn_hidden_size=24, num_moe_experts=8)
-    meg = experts_model(config)
-    with torch.no_grad():
-        for L in range(2):
-            for e, mlp in enumerate(meg[L].local_experts):
-                mlp.linear_fc1.weight.copy_(hf_experts[L].gate_up_proj[e])
-                mlp.linear_fc2.weight.copy_(hf_experts[L].down_proj[e])
+
+    def twin():
+        """Megatron experts holding the transformers model's expert weights."""
+        meg = experts_model(config)
+        with torch.no_grad():
+            for L in range(2):
+                for e, mlp in enumerate(meg[L].local_experts):
+                    mlp.linear_fc1.weight.copy_(hf_experts[L].gate_up_proj[e])
+                    mlp.linear_fc2.weight.copy_(hf_experts[L].down_proj[e])
+        return meg
+
+    meg = twin()
     x, index, weights = routed(8, H=32, seed=11)
 
     def same_outputs(a, b):
@@ -308,12 +314,7 @@ def test_conversion_megatron_to_transformers_and_back_is_equivalent(tmp_path):
     randomize_adapters(back, seed=4)
     save_adapter(back, tmp_path / "hf2")
     convert_adapter(tmp_path / "hf2", tmp_path / "meg2", "megatron")
-    meg2 = experts_model(config)
-    with torch.no_grad():
-        for L in range(2):
-            for e, mlp in enumerate(meg2[L].local_experts):
-                mlp.linear_fc1.weight.copy_(hf_experts[L].gate_up_proj[e])
-                mlp.linear_fc2.weight.copy_(hf_experts[L].down_proj[e])
+    meg2 = twin()
     load_adapter(meg2, tmp_path / "meg2")
     same_outputs(back, meg2)
     with pytest.raises(ValueError, match="nothing|convert it"):
