@@ -127,18 +127,9 @@ def next_token_loss(model, batch: dict, device) -> torch.Tensor:
     return (per_token * keep).sum() / keep.sum().clamp_min(1)
 
 
-def reduce_adapter_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum the adapters' gradients over the expert-data-parallel group, as Megatron's DDP does for
-    parameters tagged ``allreduce=False`` (each rank's loss is already divided by the world size)."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_expert_data_parallel_group()
-    for p in params:
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(p.grad, group=group)
-
-
 def run(args) -> int:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from transformers import AutoTokenizer
 
     from moe_peft_ds.demo import DEMO_MODEL_DIR
@@ -160,23 +151,26 @@ def run(args) -> int:
     selection = select_experts(profile, SieveConfig(policy=args.selection_policy, fraction=args.sieve_fraction))
     apply_sieve_lora_megatron(model, selection, AdapterConfig(method="sieve", r=args.lora_r, alpha=args.lora_alpha))
     params = [p for p in model.parameters() if p.requires_grad]
-    from megatron.core import parallel_state
-
     trainable = torch.tensor(sum(p.numel() for p in params), device=device)
     dist.all_reduce(trainable, group=parallel_state.get_expert_model_parallel_group())  # each rank holds its experts' adapters
+    # Megatron's DDP puts the adapters (tagged allreduce=False) in its expert-parallel buffers and
+    # averages their gradients over the expert-data-parallel group, like the experts' own weights.
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
 
     g = torch.Generator().manual_seed(args.seed)
     losses = []
-    model.train()
+    ddp.train()
     for _ in tqdm(range(args.max_steps), desc="training", disable=quiet, unit="step"):
         order = torch.randperm(len(examples), generator=g)[: args.batch_size * world].tolist()
         (batch,) = batches([examples[i] for i in order[rank::world]], tokenizer, args)
-        loss = next_token_loss(model, batch, device)
-        (loss / world).backward()
-        reduce_adapter_grads(params)
+        ddp.zero_grad_buffer()
+        loss = next_token_loss(ddp, batch, device)
+        loss.backward()
+        ddp.finish_grad_sync()
+        for p in params:  # Megatron accumulates into main_grad; torch's AdamW reads grad
+            p.grad = p.main_grad
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / world)

@@ -110,3 +110,36 @@ def _dp2_profile_worker(rank, world):
 
 def test_routing_counts_are_summed_over_data_parallel_ranks():
     run_ranks(_dp2_profile_worker, world=2)
+
+
+def _ddp_worker(rank, world):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    with cpu_shims():
+        init_parallel()  # EP=1: the experts' data-parallel group is both ranks
+        model = gpt_moe(tiny_config())
+        apply_sieve_lora_megatron(model, {0: [1], 1: [0, 2]}, AdapterConfig(r=4))
+        randomize_adapters(model)
+        g = torch.Generator().manual_seed(rank)  # each rank its own data
+        ids = torch.randint(1, 64, (2, 8), generator=g)
+        args = (ids, torch.arange(8).expand(2, 8))
+        kw = dict(attention_mask=torch.ones(8, 8, dtype=torch.bool).triu(1)[None, None], labels=ids)
+        model(*args, **kw).mean().backward()  # this rank's own gradient, without DDP
+        local = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        for p in model.parameters():
+            p.grad = None
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+        adapter = {id(p) for p in model.parameters() if p.requires_grad}
+        in_expert_buffers = {id(p) for buf in ddp.expert_parallel_buffers for p in buf.params}
+        assert adapter and adapter <= in_expert_buffers, "allreduce=False puts the adapters in DDP's expert buffers"
+        ddp(*args, **kw).mean().backward()
+        ddp.finish_grad_sync()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                parts = [torch.empty_like(local[n]) for _ in range(world)]
+                torch.distributed.all_gather(parts, local[n])
+                torch.testing.assert_close(p.main_grad, sum(parts) / world, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_megatron_ddp_averages_the_adapter_gradients_over_the_expert_data_parallel_group():
+    run_ranks(_ddp_worker, world=2)
