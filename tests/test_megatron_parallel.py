@@ -75,9 +75,16 @@ def _ep2_worker(rank, world, tmp):
                 torch.testing.assert_close(getattr(a, p).grad, getattr(b, p).grad, rtol=1e-5, atol=1e-6)
         held = [n for n, p in ep.named_parameters() if p.requires_grad]
         assert held and all(f"local_experts.{1 - rank}." in n for n in held), held  # local index of expert 1 / 2
+        # and back: saved from EP=1, loaded onto a fresh EP=2 layer, each rank takes its own expert
+        save_adapter(one, tmp / "ep1")
+        torch.distributed.barrier()
+        init_parallel(ep=2)
+        again = _experts(config, 2, 2 * rank, w1, w2)
+        load_adapter(again, tmp / "ep1")
+        torch.testing.assert_close(again[0](rows, counts, probs)[0], out, rtol=1e-6, atol=1e-6)
 
 
-def test_expert_parallel_2_layer_equals_one_process_and_its_checkpoint_reshards(tmp_path):
+def test_expert_parallel_2_layer_equals_one_process_and_its_checkpoint_reshards_both_ways(tmp_path):
     run_ranks(_ep2_worker, world=2, args=(tmp_path,))
 
 
