@@ -3,7 +3,6 @@ CUDA calls the tests patch). Multi-rank checks are in test_megatron_parallel.py.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -24,8 +23,8 @@ from moe_peft_ds.config import AdapterConfig
 
 @pytest.fixture(scope="module", autouse=True)
 def megatron_world():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    """One gloo rank in this process for the module's tests; nothing of it outlives the module."""
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
     init_parallel()
     try:
         with cpu_shims():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ FLAGS = ["--data", "demo:arithmetic", "--max-steps", "4", "--calibration-samples
 
 
 def _run(cmd, timeout=600):
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # one process: a port of its own
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
