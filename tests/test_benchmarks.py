@@ -47,3 +47,31 @@ def test_mixlora_quick_run_writes_results(tmp_path):
                                       "peak memory multi/separate, activation checkpointing"}
     assert all(result["memory"][v]["peak_rss_above_imports_bytes"] > 0 for v in ("multi", "separate", "multi+ckpt"))
     assert "| ratio |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_sieve_study_quick_run_writes_results(tmp_path):
+    main = runpy.run_path(str(ROOT / "benchmarks" / "sieve_study.py"), run_name="not_main")["main"]
+    out = tmp_path / "sieve_study.json"
+    assert main(["--quick", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row = result["table"]["parity"]
+    assert set(row) == {"all", "top25"} and row["all"]["experts_per_layer"] == 16 and row["top25"]["experts_per_layer"] == 4
+    assert result["claims"]["1 - params top25/all"] == pytest.approx(0.75)
+    assert 0 <= row["top25"]["accuracy"]["mean"] <= 1 and len(result["runs"]) == 2
+    assert result["settings"]["seeds"] == [0] and result["date"] and result["machine"]
+    assert "| claim (paper) |" in out.with_suffix(".md").read_text()
+
+
+def test_testbed_splits_are_disjoint_and_balanced():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from testbed import TASK_NAMES, task_pairs
+
+    for task in TASK_NAMES:
+        train, items = task_pairs(task, seed=0, n_train=300, n_eval=100)
+        assert not {p["prompt"] for p in train} & {i.options[0][0] for i in items}, task
+        answers = [i.answer for i in items]
+        assert len(set(answers)) == len(items[0].choices), f"{task}: every answer occurs"
+        assert all(f" {i.choices[i.answer]}" == i.options[i.answer][1] for i in items)
