@@ -125,7 +125,7 @@ def run_one(base, tokenizer, train_examples, items, selection, config: str, seed
         times.append(time.perf_counter() - start)
     acc = accuracy(score_items(model, tokenizer, items, progress=False, batch_size=32))["acc"]["accuracy"]
     return {"accuracy": acc, "trainable_params": count_trainable(model), "adapter_bytes": adapter_nbytes(model),
-            "step_time_s": statistics.median(times[1:] or times), "first_loss": losses[0], "last_loss": losses[-1],
+            "step_time_s": statistics.median(times[1:] or times), "losses": [round(x, 4) for x in losses],
             "experts_per_layer": statistics.mean(len(v) for v in selection.values())}
 
 
@@ -170,7 +170,8 @@ def markdown(result: dict) -> str:
     lines = [f"# MoE-Sieve quality study ({result['date']}, {result['machine']})", "",
              f"tiny-mixtral (4 layers x 16 experts, top-2), {result['settings']['steps']} steps x batch "
              f"{result['settings']['batch_size']}, lr {result['settings']['lr']}, LoRA r={result['settings']['lora_r']}, "
-             f"seeds {result['settings']['seeds']}; accuracy = held-out 4-way multiple choice (log-likelihood).", "",
+             f"seeds {result['settings']['seeds']}; accuracy = held-out multiple choice (log-likelihood of each answer; "
+             "mood, parity and more_or_fewer have 2 answers, operator 3; the testbed is balanced).", "",
              "| task | config | experts/layer | accuracy (mean +- std) | trainable params | adapter KB | step ms |",
              "|---|---|---|---|---|---|---|"]
     for task, rows in result["table"].items():
@@ -179,6 +180,13 @@ def markdown(result: dict) -> str:
             acc = row["accuracy"]
             lines.append(f"| {task} | {config} | {row['experts_per_layer']:.2f} | {acc['mean']:.3f} +- {acc['std']:.3f} | "
                          f"{row['trainable_params']:,.0f} | {row['adapter_bytes'] / 1024:.0f} | {1000 * row['step_time_s']:.1f} |")
+    lines += ["", "Routing skew of the base model on each task's training prompts (the sieve's premise): share of routed "
+              "tokens the top 25% of experts receive, mean over layers (0.25 = uniform).", "",
+              "| task | top-25% coverage | normalised entropy |", "|---|---|---|"]
+    for task, layers in result["routing_skew"].items():
+        cov = statistics.mean(v["top_coverage"] for v in layers.values())
+        ent = statistics.mean(v["entropy"] for v in layers.values())
+        lines.append(f"| {task} | {cov:.3f} | {ent:.3f} |")
     lines += ["", "| claim (paper) | measured here, mean over tasks |", "|---|---|"]
     lines += [f"| {k} | {v:+.3f} |" for k, v in result["claims"].items()]
     return "\n".join(lines) + "\n"

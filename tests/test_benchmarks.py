@@ -75,3 +75,25 @@ def test_testbed_splits_are_disjoint_and_balanced():
         answers = [i.answer for i in items]
         assert len(set(answers)) == len(items[0].choices), f"{task}: every answer occurs"
         assert all(f" {i.choices[i.answer]}" == i.options[i.answer][1] for i in items)
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_a_well_formed_report(tmp_path):
+    """benchmarks/run_all.py --quick: every benchmark runs at smoke size and REPORT.md holds each
+    one's table, the machine and date, and plots that exist."""
+    import re
+    import subprocess
+    import sys
+
+    results = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--results-dir", str(results)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "REPORT.md").read_text()
+    for name in ("step_time", "ep_dispatch", "mixlora", "demo_routing", "sieve_study"):
+        assert f"## {name}" in report and (results / f"{name}.json").exists(), name
+        json.loads((results / f"{name}.json").read_text())
+    assert "|---|" in report and "Written by `benchmarks/run_all.py --quick`" in report
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert {"results/sieve_study_loss.png", "results/sieve_study_accuracy.png"} <= set(images)
+    assert all((tmp_path / image).stat().st_size > 0 for image in images)
