@@ -31,3 +31,25 @@ def run_ranks(fn, world: int = 2, args: tuple = (), timeout_s: float = 300) -> N
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; any rank's exception fails the call.
     Collectives that wait longer than ``timeout_s`` raise."""
     mp.spawn(_entry, args=(world, _free_port(), fn, args, timeout_s), nprocs=world, join=True)
+
+
+def _drop_deepspeed_shm(port: str) -> None:
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        os.unlink(path)
+
+
+def run_deepspeed(cmd: list[str], **kwargs):
+    """``subprocess.run`` of a ``deepspeed --master_port P ...`` command. DeepSpeed's CPU
+    shared-memory allreduce buffers (``/dev/shm/deepspeed_allreduce_buffer_*_P_*``, 66 MiB
+    each) outlive the run and are named by port: they are removed before (a run must not
+    attach to a stale one) and after (they would pile up)."""
+    import subprocess
+
+    port = cmd[cmd.index("--master_port") + 1]
+    _drop_deepspeed_shm(port)
+    try:
+        return subprocess.run(cmd, **kwargs)
+    finally:
+        _drop_deepspeed_shm(port)

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distributed import run_deepspeed
+
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ("--max-grad-norm", "1e-3")  # far below the gradient norm: every step clips
 COMMON = ["--model", "tiny-mixtral", "--data", "demo:arithmetic", "--max-steps", "8", "--batch-size", "8",
@@ -24,7 +26,8 @@ def launch(out: Path, config: Path | None, ep_size: int, port: int, *extra: str,
     else:
         cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "launch" / "train.py"), *COMMON,
                "--output-dir", str(out), "--deepspeed_config", str(config), "--ep-size", str(ep_size), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    run = subprocess.run if config is None else run_deepspeed
+    proc = run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"config": json.loads((out / "adapter_config.json").read_text()),
             "weights": load_file(str(out / "adapter_model.safetensors")),

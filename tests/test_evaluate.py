@@ -1,7 +1,6 @@
 """Multiple-choice tasks in their hub schemas, the three scorings, and launch/evaluate.py."""
 import json
 import runpy
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 from moe_peft_ds.evaluate import accuracy, few_shot_prefixes, score_items, wilson_interval
 from moe_peft_ds.tasks import TASKS, MCItem, TaskError, load_items
+from distributed import run_deepspeed
 
 ROOT = Path(__file__).resolve().parents[1]
 evaluate_main = runpy.run_path(str(ROOT / "launch" / "evaluate.py"), run_name="not_main")["main"]
@@ -129,7 +129,7 @@ def test_evaluate_cli_base_and_adapter_and_two_ranks_equal_one(tmp_path):
     assert evaluate_main([*flags, "--output-dir", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one" / "eval_results.json").read_text())
     assert set(one["results"]) == {"base", "adapter"} and one["results"]["base"]["arc_easy"]["acc"]["n"] == 4
-    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29611", str(ROOT / "launch" / "evaluate.py"),
+    proc = run_deepspeed(["deepspeed", "--num_gpus", "2", "--master_port", "29611", str(ROOT / "launch" / "evaluate.py"),
                            *flags, "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "eval_results.json").read_text())

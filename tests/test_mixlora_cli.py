@@ -1,7 +1,6 @@
 """launch/train.py --method mixlora|mixdora: one process, and 2 data-parallel ranks under deepspeed."""
 import json
 import runpy
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 from moe_peft_ds import MixLoRAConfig, load_adapter
 from moe_peft_ds.mixlora import mixlora_layers
 from moe_peft_ds.models import load_model
+from distributed import run_deepspeed
 from tiny_models import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_two_ranks_data_and_expert_parallel_train_the_mixlora_of_one_process(lla
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch" / "train.py"), *flags,
                "--batch-size", "4", "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_fp32.json"),
                "--ep-size", str(ep), "--output-dir", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        proc = run_deepspeed(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         b = load_file(str(out / "adapter_model.safetensors"))
         assert a.keys() == b.keys()
