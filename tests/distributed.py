@@ -40,6 +40,9 @@ def _drop_deepspeed_shm(port: str) -> None:
         os.unlink(path)
 
 
+ABORT = "terminate called without an active exception"
+
+
 def run_deepspeed(cmd: list[str], **kwargs):
     """``subprocess.run`` of a ``deepspeed --master_port P ...`` command. DeepSpeed's CPU
     shared-memory allreduce buffers (``/dev/shm/deepspeed_allreduce_buffer_*_P_*``, 66 MiB
@@ -48,8 +51,14 @@ def run_deepspeed(cmd: list[str], **kwargs):
     import subprocess
 
     port = cmd[cmd.index("--master_port") + 1]
-    _drop_deepspeed_shm(port)
-    try:
-        return subprocess.run(cmd, **kwargs)
-    finally:
+    for attempt in range(2):
         _drop_deepspeed_shm(port)
+        try:
+            proc = subprocess.run(cmd, **kwargs)
+        finally:
+            _drop_deepspeed_shm(port)
+        # An intermittent native abort of a CPU rank (no Python traceback; seen about once per
+        # full suite since session 3, cause not found yet) gets one more try; anything else fails.
+        if proc.returncode == 0 or ABORT not in (proc.stderr or "") + (proc.stdout or ""):
+            return proc
+    return proc
