@@ -87,10 +87,7 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
             state.update(_mixlora_state(layer, module))
             continue
         for tensor, adapter in module.adapters.items():
-            for slot, e in enumerate(adapter.expert_ids):
-                for p in LORA_PARAMS:
-                    if getattr(adapter, p) is not None:
-                        state[f"layers.{layer}.experts.{e}.{tensor}.{p}"] = getattr(adapter, p)[slot].detach()
+            state.update(adapter.expert_state(layer, tensor))
     return state
 
 

@@ -198,6 +198,13 @@ class ExpertLoRA(nn.Module):
         weight = weight_out_in if self.all_experts else weight_out_in[self.ids]
         return rows, delta, dora_scale(weight, self.lora_A, self.lora_B, self.scaling, self.magnitude)[slots]  # [n, out] -> rows
 
+    def expert_state(self, layer: int, tensor: str) -> dict[str, torch.Tensor]:
+        """Each selected expert's tensors (views) under their checkpoint keys
+        ``layers.{layer}.experts.{global id}.{tensor}.{lora_A|lora_B|magnitude}``."""
+        params = {"lora_A": self.lora_A, "lora_B": self.lora_B, "magnitude": self.magnitude}
+        return {f"layers.{layer}.experts.{e}.{tensor}.{name}": p[slot].detach()
+                for slot, e in enumerate(self.expert_ids) for name, p in params.items() if p is not None}
+
     @torch.no_grad()
     def merged_weight(self, expert: int, weight_out_in: torch.Tensor) -> torch.Tensor:
         """Expert ``expert``'s (global id) ``[out, in]`` weight with its adapter folded in."""

@@ -325,10 +325,7 @@ def megatron_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for layer in expert_layers(model):
         for name, mods in _expert_adapters(layer).items():
             for lora in mods:
-                for slot, e in enumerate(lora.expert_ids):
-                    for p in ("lora_A", "lora_B", "magnitude"):
-                        if getattr(lora, p) is not None:
-                            state[f"layers.{layer.layer}.experts.{e}.{name}.{p}"] = getattr(lora, p)[slot].detach()
+                state.update(lora.expert_state(layer.layer, name))
     return state
 
 
