@@ -17,7 +17,7 @@ adapter bytes and the median time of a training step. The summary gives mean +- 
 seeds per task and configuration, and, against the paper's claims, the accuracy difference
 to ``all`` in points and the parameter and step-time ratios.
 
-    python benchmarks/sieve_study.py            # 3 tasks x 3 seeds x 7 configurations (~25 min on 2 cores)
+    python benchmarks/sieve_study.py            # 3 tasks x 3 seeds x 7 configurations (~35 min on 2 cores)
     python benchmarks/sieve_study.py --quick    # 1 task, 1 seed, 2 configurations (seconds)
 
 Writes ``benchmarks/results/sieve_study.json`` and ``sieve_study.md``.
@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import itertools
 import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,21 +39,19 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
 from moe_peft_ds import AdapterConfig, all_experts_selection, apply_sieve_lora, profile_routing, select_experts  # noqa: E402
 from moe_peft_ds.checkpoint import adapter_nbytes  # noqa: E402
-from moe_peft_ds.data import encode, make_loader, make_train_loader  # noqa: E402
-from moe_peft_ds.evaluate import accuracy, score_items  # noqa: E402
+from moe_peft_ds.data import encode, make_loader  # noqa: E402
 from moe_peft_ds.models import load_model  # noqa: E402
-from moe_peft_ds.train import build_optimizer, count_trainable, train_step  # noqa: E402
-from testbed import TASK_NAMES, task_pairs  # noqa: E402
+from moe_peft_ds.train import count_trainable  # noqa: E402
+from testbed import TASK_NAMES, fine_tune, held_out_accuracy, mean_std, task_pairs  # noqa: E402
 
 CONFIGS = ("all", "top25", "top12.5", "top50", "coverage", "random25", "greedy25")
 # operator is left out by default: at this size and budget no configuration learns it (chance level)
-DEFAULTS = dict(tasks=["mood", "parity", "more_or_fewer"], seeds=[0, 1, 2], configs=list(CONFIGS), steps=120, batch_size=16, lr=3e-3,
-                n_train=1000, n_eval=200, calibration=256)
-QUICK = dict(tasks=["parity"], seeds=[0], configs=["all", "top25"], steps=4, batch_size=8, lr=3e-3,
+DEFAULTS = dict(tasks=["mood", "parity", "more_or_fewer"], seeds=[0, 1, 2], configs=list(CONFIGS), steps=240, eval_every=80,
+                batch_size=16, lr=3e-3, n_train=1000, n_eval=200, calibration=256)
+QUICK = dict(tasks=["parity"], seeds=[0], configs=["all", "top25"], steps=4, eval_every=2, batch_size=8, lr=3e-3,
              n_train=64, n_eval=16, calibration=32)
 CLAIMS = {  # the MoE-Sieve paper's claims, as this study checks them
     "top25 within 1 pp of all": "accuracy top25 - all, in points, |x| <= 1",
@@ -73,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds; each gives every configuration one run (default 0 1 2)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=None, help="configurations (default all seven)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {DEFAULTS['steps']})")
+    p.add_argument("--eval-every", type=int, default=None, help="also evaluate after every this many steps: accuracy against "
+                   f"steps, how fast each configuration learns (default {DEFAULTS['eval_every']})")
     p.add_argument("--batch-size", type=int, default=None, help=f"samples per step (default {DEFAULTS['batch_size']})")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate, every configuration (default {DEFAULTS['lr']})")
     p.add_argument("--n-train", type=int, default=None, help=f"training pairs per task (default {DEFAULTS['n_train']})")
@@ -88,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in base.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.eval_every < 1:
+        p.error(f"--eval-every {args.eval_every} must be >= 1")
     return args
 
 
@@ -101,37 +101,17 @@ def selections(model, profile, config: str, seed: int, coverage: float) -> dict[
     return select_experts(profile, policy=policy, fraction=fraction, seed=seed)
 
 
-def _batches(examples: list[dict], tokenizer, batch_size: int, seed: int):
-    """Shuffled training batches, epoch after epoch (each epoch its own seeded order)."""
-    for epoch in itertools.count():
-        yield from make_train_loader(examples, tokenizer, batch_size, seed=1000 * seed + epoch)
-
-
 def run_one(base, tokenizer, train_examples, items, selection, config: str, seed: int, args) -> dict:
     """Fine-tune one configuration from the frozen base and evaluate it on the held-out items."""
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
     apply_sieve_lora(model, selection, AdapterConfig(method="lora" if config == "all" else "sieve",
                                                      r=args.lora_r, alpha=args.lora_alpha))
-    optimizer = build_optimizer(model, args.lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(10, args.steps), args.steps)
-    batches = _batches(train_examples, tokenizer, args.batch_size, seed)
-    model.train()
-    losses, times = [], []
-    for _ in range(args.steps):
-        batch = next(batches)
-        start = time.perf_counter()
-        losses.append(train_step(model, batch, optimizer, scheduler, clip=1.0))
-        times.append(time.perf_counter() - start)
-    acc = accuracy(score_items(model, tokenizer, items, progress=False, batch_size=32))["acc"]["accuracy"]
-    return {"accuracy": acc, "trainable_params": count_trainable(model), "adapter_bytes": adapter_nbytes(model),
-            "step_time_s": statistics.median(times[1:] or times), "losses": [round(x, 4) for x in losses],
+    run = fine_tune(model, tokenizer, train_examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                    evaluate=lambda: held_out_accuracy(model, tokenizer, items), eval_every=args.eval_every)
+    return {"accuracy": run["evals"][args.steps], "accuracy_by_step": run["evals"], "trainable_params": count_trainable(model),
+            "adapter_bytes": adapter_nbytes(model), "step_time_s": run["step_time_s"], "losses": run["losses"],
             "experts_per_layer": statistics.mean(len(v) for v in selection.values())}
-
-
-def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
 
 
 def summarise(runs: list[dict], tasks: list[str], configs: list[str]) -> dict:
@@ -141,7 +121,8 @@ def summarise(runs: list[dict], tasks: list[str], configs: list[str]) -> dict:
         for config in configs:
             mine = [r for r in runs if r["task"] == task and r["config"] == config]
             table.setdefault(task, {})[config] = {
-                "accuracy": _mean_std([r["accuracy"] for r in mine]),
+                "accuracy": mean_std([r["accuracy"] for r in mine]),
+                "accuracy_by_step": {k: statistics.mean(r["accuracy_by_step"][k] for r in mine) for k in mine[0]["accuracy_by_step"]},
                 "seed_variance": statistics.pvariance([r["accuracy"] for r in mine]) if len(mine) > 1 else 0.0,
                 **{k: statistics.mean(r[k] for r in mine) for k in ("trainable_params", "adapter_bytes", "step_time_s",
                                                                      "experts_per_layer")}}
@@ -180,6 +161,11 @@ def markdown(result: dict) -> str:
             acc = row["accuracy"]
             lines.append(f"| {task} | {config} | {row['experts_per_layer']:.2f} | {acc['mean']:.3f} +- {acc['std']:.3f} | "
                          f"{row['trainable_params']:,.0f} | {row['adapter_bytes'] / 1024:.0f} | {1000 * row['step_time_s']:.1f} |")
+    steps = list(next(iter(next(iter(result["table"].values())).values()))["accuracy_by_step"])
+    lines += ["", "Held-out accuracy after each number of steps (mean over seeds): how fast each configuration learns.", "",
+              "| task | config | " + " | ".join(f"step {k}" for k in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    lines += [f"| {task} | {config} | " + " | ".join(f"{row['accuracy_by_step'][k]:.3f}" for k in steps) + " |"
+              for task, rows in result["table"].items() for config, row in rows.items()]
     lines += ["", "Routing skew of the base model on each task's training prompts (the sieve's premise): share of routed "
               "tokens the top 25% of experts receive, mean over layers (0.25 = uniform).", "",
               "| task | top-25% coverage | normalised entropy |", "|---|---|---|"]
@@ -204,7 +190,7 @@ def main(argv=None) -> int:
         profile = profile_routing(base, make_loader(examples[: args.calibration], tokenizer, 32), progress=False,
                                   model_id="tiny-mixtral", data_id=f"{task}:train")
         profiles[task] = profile.skew()
-        base_accuracy[task] = accuracy(score_items(base, tokenizer, items, progress=False, batch_size=32))["acc"]["accuracy"]
+        base_accuracy[task] = held_out_accuracy(base, tokenizer, items)
         for seed in args.seeds:
             for config in args.configs:
                 selection = selections(base, profile, config, seed, args.coverage)
@@ -215,7 +201,7 @@ def main(argv=None) -> int:
     table = summarise(runs, args.tasks, args.configs)
     result = {"benchmark": "sieve_study", "date": _dt.date.today().isoformat(),
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "settings": {k: getattr(args, k) for k in ("tasks", "seeds", "configs", "steps", "batch_size", "lr", "n_train",
+              "settings": {k: getattr(args, k) for k in ("tasks", "seeds", "configs", "steps", "eval_every", "batch_size", "lr", "n_train",
                                                          "n_eval", "calibration", "coverage", "lora_r", "lora_alpha")},
               "paper_claims": CLAIMS, "base_accuracy": base_accuracy, "routing_skew": profiles, "runs": runs,
               "table": table, "claims": claims(table, args.tasks, args.configs)}

@@ -25,7 +25,6 @@ Absolute times on a shared machine mean little; read the ratios.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
 import gc
 import json
@@ -41,10 +40,12 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):  # run from a checkout without `pip install -e .`
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
+from measure import peak_rss_delta  # noqa: E402
 
 DEFAULTS = dict(layers=4, hidden=256, intermediate=512, experts=16, top_k=2, heads=4, vocab=1024,
                 batch=4, seq=256, steps=20, warmup=3, calib_batches=4)
@@ -270,42 +271,6 @@ def optimizer_state_bytes(opt) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:  # not Linux
-        return None
-    return next((int(line.split()[1]) for line in lines if line.startswith(key + ":")), None)
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def peak_rss_delta(v: Variant, ids: torch.Tensor) -> int | None:
-    """Bytes by which peak RSS rises over one step, from a settled start (Linux only, approximate).
-
-    Resets the kernel's high-water mark (``/proc/self/clear_refs``), returns freed heap to the
-    OS first and makes large allocations use mmap so that freed activations leave RSS.
-    """
-    libc = _libc()
-    if libc is None or _proc_status_kb("VmHWM") is None:
-        return None
-    gc.collect()
-    libc.malloc_trim(0)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    before = _proc_status_kb("VmRSS")
-    v.step(ids)
-    peak = _proc_status_kb("VmHWM")
-    return None if before is None or peak is None else max(0, peak - before) * 1024
-
-
 def file_size(v: Variant) -> int | None:
     if v.save is None:
         return None
@@ -383,9 +348,6 @@ def run(args) -> dict:
         gc.enable()
     timing_s = time.perf_counter() - t_start
 
-    libc = _libc()
-    if not args.no_memory and libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed big tensors leave RSS
 
     per = {}
     for v in variants:
@@ -400,7 +362,7 @@ def run(args) -> dict:
             "total_params": sum(p.numel() for p in v.model.parameters()),
             "optimizer_state_bytes": optimizer_state_bytes(v.optimizer),
             "adapter_file_bytes": file_size(v),
-            "peak_rss_delta_bytes": None if args.no_memory else peak_rss_delta(v, data[0]),
+            "peak_rss_delta_bytes": None if args.no_memory else peak_rss_delta(lambda: v.step(data[0])),
             "first_loss": v.losses[0],
             "last_loss": v.losses[-1],
             **v.extra,

@@ -16,9 +16,20 @@ chosen on the eval split.
 """
 from __future__ import annotations
 
+import itertools
 import random
+import statistics
+import time
+from typing import Callable
 
+from transformers import get_cosine_schedule_with_warmup
+
+from moe_peft_ds.data import make_train_loader
+from moe_peft_ds.evaluate import accuracy, score_items
 from moe_peft_ds.tasks import MCItem
+from moe_peft_ds.train import build_optimizer, train_step
+
+from measure import peak_rss_delta  # benchmarks/ is on sys.path: the studies import this module from there
 
 _NAMES = "Anna Ben Carla David Emma Felix Grace Hugo Iris Jonas".split()
 _ITEMS = "apple book coin marble pencil stamp ticket shell".split()
@@ -89,3 +100,54 @@ def task_pairs(task: str, seed: int, n_train: int, n_eval: int) -> tuple[list[di
     items = [MCItem(q, choices, [(_prompt(q), f" {c}") for c in choices], a, [chr(ord("A") + i) for i in range(len(choices))])
              for q, (choices, a) in questions[n_train:]]
     return train, items
+
+
+def train_batches(examples: list[dict], tokenizer, batch_size: int, seed: int):
+    """Shuffled training batches, epoch after epoch (each epoch its own seeded order)."""
+    for epoch in itertools.count():
+        yield from make_train_loader(examples, tokenizer, batch_size, seed=1000 * seed + epoch)
+
+
+def held_out_accuracy(model, tokenizer, items: list[MCItem]) -> float:
+    """Multiple-choice accuracy, each option scored by its log-likelihood."""
+    return accuracy(score_items(model, tokenizer, items, progress=False, batch_size=32))["acc"]["accuracy"]
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def fine_tune(model, tokenizer, examples: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
+              evaluate: Callable[[], object], eval_every: int = 0, memory_step: int | None = None) -> dict:
+    """Train ``model``'s trainable parameters on ``examples``: AdamW at ``lr``, 10 warm-up steps then
+    cosine decay, gradients clipped to norm 1. Returns the losses, the median step time, the peak
+    memory that step ``memory_step`` adds (``measure.peak_rss_delta``; None if not measured) and
+    ``evals``: ``evaluate()`` (with the model in eval mode) after every ``eval_every`` steps and at the end."""
+    optimizer = build_optimizer(model, lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(10, steps), steps)
+    batches = train_batches(examples, tokenizer, batch_size, seed)
+    losses, times, peak, evals = [], [], None, {}
+
+    def one_step():
+        losses.append(train_step(model, batch, optimizer, scheduler, clip=1.0))
+
+    for step in range(steps):
+        if step and eval_every and step % eval_every == 0:
+            evals[step] = _evaluated(model, evaluate)
+        model.train()
+        batch = next(batches)
+        if step == memory_step:  # not timed: the measurement collects garbage and trims the heap first
+            peak = peak_rss_delta(one_step)
+            continue
+        start = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - start)
+    evals[steps] = _evaluated(model, evaluate)
+    return {"losses": [round(x, 4) for x in losses], "step_time_s": statistics.median(times[1:] or times),
+            "peak_step_memory_bytes": peak, "evals": evals}
+
+
+def _evaluated(model, evaluate):
+    model.eval()
+    return evaluate()

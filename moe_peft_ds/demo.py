@@ -6,6 +6,9 @@ generated corpus of clearly different domains (arithmetic, code, prose, geograph
 the router learns domain-specialised routing, so a fine-tuning task drawn from one
 domain (arithmetic or code) uses a skewed subset of the experts.
 
+The same script builds ``tiny-llama``, a dense LLaMA of similar size pretrained on the same
+corpus with the same tokenizer: the base for MixLoRA / MixDoRA (``--arch llama``).
+
 Rebuild with ``python launch/build_demo_model.py`` (deterministic for a seed).
 """
 
@@ -19,10 +22,12 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 DEMO_DIR = Path(__file__).parent / "assets"
 DEMO_MODEL_DIR = DEMO_DIR / "tiny-mixtral"
+DEMO_DENSE_DIR = DEMO_DIR / "tiny-llama"
+ARCHS = ("mixtral", "llama")
 DEMO_DATA_DIR = DEMO_DIR / "demo_data"
 
 DEFAULT_STEPS = 1200
@@ -166,6 +171,15 @@ def tiny_mixtral_config(vocab_size: int) -> MixtralConfig:
     )
 
 
+def tiny_llama_config(vocab_size: int) -> LlamaConfig:
+    """4 layers, hidden 64, one FFN of 256 (the MoE's two active experts' width x 2): ~0.5M parameters."""
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
 def _pack(tokenizer: PreTrainedTokenizerFast, texts: list[str], seq_len: int,
           rng: random.Random) -> torch.Tensor:
     """Shuffle documents, join them as ``<s> text </s>`` and cut into rows: [n_rows, seq_len]."""
@@ -182,7 +196,7 @@ def _lr_lambda(steps: int):
         1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
 
 
-def pretrain(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str],
+def pretrain(model: MixtralForCausalLM | LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str],
              steps: int, seq_len: int, batch_size: int, seed: int, lr: float) -> list[float]:
     """Causal-LM pretraining (plus router aux loss) on packed mixed-domain text; returns losses."""
     torch.manual_seed(seed)
@@ -194,7 +208,8 @@ def pretrain(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, text
     losses = []
     for _ in (bar := tqdm(range(steps), desc="pretrain")):
         batch = rows[torch.randint(len(rows), (batch_size,), generator=gen)]  # [B, seq_len]
-        loss = model(input_ids=batch, labels=batch, output_router_logits=True).loss
+        extra = {"output_router_logits": True} if isinstance(model, MixtralForCausalLM) else {}
+        loss = model(input_ids=batch, labels=batch, **extra).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -215,26 +230,35 @@ def _write_tasks(data_dir: Path, seed: int) -> None:
             (data_dir / f"{domain}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _command(out_dir: Path, data_dir: Path, steps: int, seed: int) -> str:
+def _command(out_dir: Path, data_dir: Path, steps: int, seed: int, arch: str) -> str:
     """The CLI call that rebuilds these artefacts (default paths left out)."""
-    paths = [("--output-dir", out_dir, DEMO_MODEL_DIR), ("--data-dir", data_dir, DEMO_DATA_DIR)]
+    paths = [("--output-dir", out_dir, default_dir(arch)), ("--data-dir", data_dir, DEMO_DATA_DIR)]
     flags = "".join(f" {flag} {path}" for flag, path, default in paths if Path(path) != default)
-    return f"python launch/build_demo_model.py --steps {steps} --seed {seed}{flags}"
+    return f"python launch/build_demo_model.py --arch {arch} --steps {steps} --seed {seed}{flags}"
+
+
+def default_dir(arch: str) -> Path:
+    return DEMO_MODEL_DIR if arch == "mixtral" else DEMO_DENSE_DIR
 
 
 def build_demo(out_dir: Path = DEMO_MODEL_DIR, data_dir: Path = DEMO_DATA_DIR,
-               steps: int = DEFAULT_STEPS, seed: int = 0) -> Path:
-    """Build corpus, tokenizer and tiny Mixtral, pretrain it, save model and task data.
+               steps: int = DEFAULT_STEPS, seed: int = 0, arch: str = "mixtral") -> Path:
+    """Build corpus, tokenizer and tiny Mixtral (or dense tiny LLaMA), pretrain it, save model and task data.
 
     Returns ``out_dir``. About 3 minutes on 2 idle CPU cores with the default steps.
     """
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}; choose one of {ARCHS}")
     start = time.time()
     out_dir, data_dir = Path(out_dir), Path(data_dir)
     torch.manual_seed(seed)
     corpus = demo_corpus(seed, n_per_domain=4000)
     texts = [t for docs in corpus.values() for t in docs]
     tokenizer = build_tokenizer(texts)
-    model = MixtralForCausalLM(tiny_mixtral_config(len(tokenizer))).float()
+    if arch == "mixtral":
+        model = MixtralForCausalLM(tiny_mixtral_config(len(tokenizer))).float()
+    else:
+        model = LlamaForCausalLM(tiny_llama_config(len(tokenizer))).float()
     losses = pretrain(model, tokenizer, texts, steps, seq_len=128, batch_size=16, seed=seed, lr=3e-3)
     model.save_pretrained(out_dir)  # creates out_dir
     tokenizer.save_pretrained(out_dir)
@@ -243,7 +267,7 @@ def build_demo(out_dir: Path = DEMO_MODEL_DIR, data_dir: Path = DEMO_DATA_DIR,
         "seed": seed, "steps": steps, "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
         "corpus_sizes": {k: len(v) for k, v in corpus.items()},
         "task_sizes": {"train": N_TRAIN, "eval": N_EVAL}, "build_seconds": round(time.time() - start, 1),
-        "command": _command(out_dir, data_dir, steps, seed),
+        "command": _command(out_dir, data_dir, steps, seed, arch), "arch": arch,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")

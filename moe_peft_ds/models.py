@@ -7,18 +7,21 @@ import torch
 
 from .config import ConfigError
 
-PRESETS = {"tiny-mixtral": "the pretrained 16-expert demo MoE shipped in moe_peft_ds/assets (see launch/build_demo_model.py)"}
+PRESETS = {"tiny-mixtral": "the pretrained 16-expert demo MoE shipped in moe_peft_ds/assets (see launch/build_demo_model.py)",
+           "tiny-llama": "the pretrained dense demo LLaMA shipped in moe_peft_ds/assets (launch/build_demo_model.py --arch llama)"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_model(spec: str) -> str:
     """Path or hub id behind ``--model``; presets map to bundled directories."""
     if spec in PRESETS:
-        from .demo import DEMO_MODEL_DIR
+        from .demo import default_dir
 
-        if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
-            raise FileNotFoundError(f"preset {spec!r} is missing at {DEMO_MODEL_DIR}; rebuild it with launch/build_demo_model.py")
-        return str(DEMO_MODEL_DIR)
+        arch = spec.removeprefix("tiny-")
+        if not (default_dir(arch) / "model.safetensors").is_file():
+            raise FileNotFoundError(f"preset {spec!r} is missing at {default_dir(arch)}; rebuild it with "
+                                    f"launch/build_demo_model.py --arch {arch}")
+        return str(default_dir(arch))
     return spec
 
 

@@ -1,5 +1,6 @@
 """The benchmarks run and write well-formed results (a smoke run; speed is not asserted)."""
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -59,8 +60,27 @@ def test_sieve_study_quick_run_writes_results(tmp_path):
     assert set(row) == {"all", "top25"} and row["all"]["experts_per_layer"] == 16 and row["top25"]["experts_per_layer"] == 4
     assert result["claims"]["1 - params top25/all"] == pytest.approx(0.75)
     assert 0 <= row["top25"]["accuracy"]["mean"] <= 1 and len(result["runs"]) == 2
+    assert [list(r["accuracy_by_step"]) for r in result["runs"]] == [["2", "4"]] * 2  # evaluated every 2 steps and at the end
     assert result["settings"]["seeds"] == [0] and result["date"] and result["machine"]
     assert "| claim (paper) |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_mixlora_study_quick_run_compares_methods_at_matched_budgets(tmp_path):
+    main = runpy.run_path(str(ROOT / "benchmarks" / "mixlora_study.py"), run_name="not_main")["main"]
+    out = tmp_path / "mixlora_study.json"
+    assert main(["--quick", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    table = result["table"]
+    assert set(table) == {"lora", "dora", "mixlora", "mixdora"} and table["mixlora"]["rank"] == 4
+    for plain, mixture in (("lora", "mixlora"), ("dora", "mixdora")):  # budgets matched to within one rank step
+        one_rank = table[plain]["trainable_params"] / table[plain]["rank"]
+        assert abs(table[plain]["trainable_params"] - table[mixture]["trainable_params"]) <= one_rank, (plain, mixture)
+    if Path("/proc/self/clear_refs").exists():  # Linux: the peak memory of a step is measured
+        assert all(row["peak_step_memory_bytes"] > 0 for row in table.values())
+    assert all(0 <= r["accuracy"]["parity"] <= 1 and len(r["losses"]) == 4 for r in result["runs"])
+    assert {"mixlora - lora (pp)", "step time mixlora/lora"} <= set(result["claims"])
+    assert "| comparison |" in out.with_suffix(".md").read_text()
 
 
 def test_testbed_splits_are_disjoint_and_balanced():
@@ -81,7 +101,6 @@ def test_testbed_splits_are_disjoint_and_balanced():
 def test_run_all_quick_writes_a_well_formed_report(tmp_path):
     """benchmarks/run_all.py --quick: every benchmark runs at smoke size and REPORT.md holds each
     one's table, the machine and date, and plots that exist."""
-    import re
     import subprocess
     import sys
 
@@ -90,10 +109,43 @@ def test_run_all_quick_writes_a_well_formed_report(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "REPORT.md").read_text()
-    for name in ("step_time", "ep_dispatch", "mixlora", "demo_routing", "sieve_study"):
+    for name in ("step_time", "ep_dispatch", "mixlora", "demo_routing", "sieve_study", "mixlora_study"):
         assert f"## {name}" in report and (results / f"{name}.json").exists(), name
         json.loads((results / f"{name}.json").read_text())
     assert "|---|" in report and "Written by `benchmarks/run_all.py --quick`" in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert {"results/sieve_study_loss.png", "results/sieve_study_accuracy.png"} <= set(images)
+    assert {"results/sieve_study_loss.png", "results/sieve_study_accuracy.png", "results/mixlora_study.png"} <= set(images)
     assert all((tmp_path / image).stat().st_size > 0 for image in images)
+
+
+def _run_all():
+    return runpy.run_path(str(ROOT / "benchmarks" / "run_all.py"), run_name="not_main")
+
+
+def test_every_result_the_readme_quotes_was_written_by_run_all():
+    """Each benchmark's README block is exactly what its results file and run_all.json give (run
+    `python benchmarks/run_all.py --report-only` after a benchmark changes), from a full run."""
+    run_all = _run_all()
+    results, readme = ROOT / "benchmarks" / "results", (ROOT / "README.md").read_text()
+    record = json.loads((results / "run_all.json").read_text())["benchmarks"]
+    for name in run_all["BENCHMARKS"]:
+        block = re.search(rf"<!-- results:{name} -->\n(.*?)<!-- /results:{name} -->", readme, re.S)
+        assert block, f"README has no results block for {name}"
+        assert block.group(1) == run_all["readme_block"](results, name), f"README block {name} is stale"
+        assert not record[name]["quick"] and record[name]["date"] and record[name]["machine"], name
+
+
+def test_update_readme_rewrites_only_the_result_blocks(tmp_path):
+    run_all = _run_all()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "demo.md").write_text("# title\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    run_all["record_runs"](results, {"demo": {"seconds": 3.0, "command": "benchmarks/demo.py"}}, False)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro 0.5\n<!-- results:demo -->\nold | 9 |\n<!-- /results:demo -->\noutro\n")
+    assert run_all["update_readme"](readme, results) == ["demo"]
+    text = readme.read_text()
+    assert text.startswith("intro 0.5\n<!-- results:demo -->\nFrom `benchmarks/results/demo.json`, written by")
+    assert "| 1 | 2 |\n<!-- /results:demo -->\noutro\n" in text and "old" not in text and "# title" not in text
+    run_all["update_readme"](readme, results)
+    assert readme.read_text() == text  # idempotent
