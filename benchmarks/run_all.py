@@ -165,8 +165,11 @@ def record_runs(results: Path, runs: dict, quick: bool) -> dict:
 
 
 def _body(results: Path, name: str) -> list[str]:
-    """The benchmark's own markdown, its title line left out."""
-    return [line for line in (results / f"{name}.md").read_text().splitlines() if not line.startswith("# ")]
+    """The benchmark's own markdown, its title line (and the blank lines after it) left out."""
+    lines = [line for line in (results / f"{name}.md").read_text().splitlines() if not line.startswith("# ")]
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    return lines
 
 
 def readme_block(results: Path, name: str) -> str:
