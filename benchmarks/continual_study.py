@@ -37,6 +37,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 
+from measure import fill_defaults, write_result  # noqa: E402
 from testbed import mean_std, task_pairs  # noqa: E402
 
 TASKS = ("mood", "parity", "more_or_fewer")
@@ -62,9 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "continual_study.json"), help="result JSON path")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, DEFAULTS, QUICK)
     return args
 
 
@@ -137,11 +136,7 @@ def main(argv=None) -> int:
               "settings": {"tasks": list(TASKS), "seeds": args.seeds, "steps": args.steps, "n_train": args.n_train, "n_eval": args.n_eval,
                            "variants": {k: [s, *f] for k, (s, f) in VARIANTS.items()}},
               "runs": runs, "table": summarise(runs)}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.output, result, markdown(result))
     return 0
 
 
