@@ -1,8 +1,11 @@
-"""Measurement helpers the benchmarks share: peak memory of one step on CPU (Linux)."""
+"""What the benchmarks share: defaults for a full or ``--quick`` run, the result files, and the
+peak memory of one step on CPU (Linux)."""
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -53,3 +56,20 @@ def peak_rss_delta(step: Callable[[], object]) -> int | None:
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
     return None if before is None or peak is None else max(0, peak - before) * 1024
+
+
+def fill_defaults(args: argparse.Namespace, full: dict, quick: dict) -> argparse.Namespace:
+    """Every setting left unset (None) takes its value from ``quick`` with ``--quick``, else ``full``."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def write_result(output: str | Path, result: dict, table: str) -> None:
+    """``output`` (the JSON result) and beside it the same name with ``.md`` (the table), which is printed too."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)

@@ -32,10 +32,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
+from measure import fill_defaults, write_result  # noqa: E402
 
 DEFAULTS = dict(layers=4, hidden=512, intermediate=1408, heads=8, vocab=4096, experts=8, top_k=2, r=8,
                 batch=4, seq=256, rounds=10, adapters=4, memory_steps=3)
@@ -58,9 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"default {value} ({QUICK[key]} with --quick)")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, DEFAULTS, QUICK)
     return args
 
 
@@ -253,11 +253,7 @@ def main(argv=None) -> int:
               "latency": latency(args), "memory": memory(args)}
     result["targets"] = {name: {"value": value, "target": TARGETS[name], "pass": value <= TARGETS[name]}
                          for name, value in {**result["latency"]["ratios"], **result["memory"]["ratios"]}.items()}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.output, result, markdown(result))
     return 0
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import json
 import platform
 import random
 import statistics
@@ -47,6 +46,7 @@ from moe_peft_ds import MixLoRAConfig, apply_mixlora  # noqa: E402
 from moe_peft_ds.data import encode  # noqa: E402
 from moe_peft_ds.models import load_model  # noqa: E402
 from moe_peft_ds.train import count_trainable  # noqa: E402
+from measure import fill_defaults, write_result  # noqa: E402
 from testbed import TASK_NAMES, fine_tune, held_out_accuracy, mean_std, task_pairs  # noqa: E402
 
 METHODS = ("lora", "dora", "mixlora", "mixdora")
@@ -84,10 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "mixlora_study.json"), help="result JSON path")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else DEFAULTS
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, DEFAULTS, QUICK)
     if args.eval_every < 1:
         p.error(f"--eval-every {args.eval_every} must be >= 1")
     if not 1 <= args.top_k <= args.experts:
@@ -212,11 +209,7 @@ def main(argv=None) -> int:
                                                          "experts", "top_k", "r", "alpha_over_r")},
               "paper_claims": CLAIMS, "base_accuracy": base_accuracy, "runs": runs,
               "table": table, "claims": claims(table)}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.output, result, markdown(result))
     return 0
 
 

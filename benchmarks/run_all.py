@@ -38,6 +38,7 @@ BENCHMARKS = {
     "demo_routing": ("demo_routing.py", ["--calibration-samples", "32"], [], "dir"),
     "sieve_study": ("sieve_study.py", ["--quick"], [], "file"),
     "mixlora_study": ("mixlora_study.py", ["--quick"], [], "file"),
+    "continual_study": ("continual_study.py", ["--quick"], [], "file"),
 }
 
 
@@ -87,7 +88,7 @@ def _loss_curves(ax, runs: list[dict], key: str, title: str) -> None:
     ax.legend(fontsize=7)
 
 
-def _accuracy_vs_params(ax, points: dict[str, dict[str, tuple[float, float, float]]]) -> None:
+def _accuracy_vs_params(ax, points: dict[str, dict[str, tuple[float, float, float]]], xlabel: str = "trainable parameters") -> None:
     """``points[series][label] = (params, mean accuracy, std)``, log-scale parameters."""
     for series, rows in points.items():
         xs, ys, errs = zip(*rows.values())
@@ -95,7 +96,7 @@ def _accuracy_vs_params(ax, points: dict[str, dict[str, tuple[float, float, floa
         for (x, y, _), label in zip(rows.values(), rows):
             ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out accuracy (mean +- std over seeds)")
     ax.legend(fontsize=7)
 
@@ -142,7 +143,19 @@ def plot_mixlora_study(result: dict, results: Path) -> list[str]:
     return names
 
 
-PLOTS = {"sieve_study": plot_sieve_study, "mixlora_study": plot_mixlora_study}
+def plot_continual_study(result: dict, results: Path) -> list[str]:
+    """Final average accuracy against total adapter parameters, per variant."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    _accuracy_vs_params(ax, {"after the last task": {
+        v: (row["adapter_parameters"]["total"], row["final_average_accuracy"]["mean"], row["final_average_accuracy"]["std"])
+        for v, row in result["table"].items()}}, xlabel="adapter parameters (total)")
+    names = [_save(fig, results / "continual_study.png")]
+    plt.close("all")
+    return names
+
+
+PLOTS = {"sieve_study": plot_sieve_study, "mixlora_study": plot_mixlora_study, "continual_study": plot_continual_study}
 
 
 def machine() -> str:

@@ -45,7 +45,7 @@ for path in (ROOT, ROOT / "benchmarks"):  # run from a checkout without `pip ins
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-from measure import peak_rss_delta  # noqa: E402
+from measure import fill_defaults, peak_rss_delta  # noqa: E402
 
 DEFAULTS = dict(layers=4, hidden=256, intermediate=512, experts=16, top_k=2, heads=4, vocab=1024,
                 batch=4, seq=256, steps=20, warmup=3, calib_batches=4)
@@ -98,10 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "step_time.json"),
                    help="JSON result path; the Markdown table goes next to it with a .md suffix (default %(default)s)")
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else DEFAULTS
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, DEFAULTS, QUICK)
     for key in ("experts", "top_k", "layers", "hidden", "intermediate", "heads", "vocab", "batch", "seq", "steps", "calib_batches", "threads", "rank"):
         if getattr(args, key) <= 0:
             p.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")

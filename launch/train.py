@@ -16,9 +16,7 @@ set -> select experts) -> inject adapters -> (shard experts) -> train -> save th
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_peft_ds import AdapterConfig, SieveConfig, apply_sieve_lora, profile_routing, save_adapter, select_experts  # noqa: E402
 from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, all_experts_selection, describe_model  # noqa: E402
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
-from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, run_cli  # noqa: E402
+from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, init_distributed, run_cli  # noqa: E402
 from moe_peft_ds.config import ATTENTION_TARGETS, MIXLORA_METHODS, POLICIES, ROUTINGS, ConfigError, MixLoRAConfig  # noqa: E402
 from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
 from moe_peft_ds.monitor import TrainingMonitor  # noqa: E402
@@ -227,21 +225,6 @@ def main(argv=None) -> int:
     return run_cli(run, parse_args(argv))
 
 
-def init_distributed(args) -> tuple[int, int]:
-    """``(rank, world)``; under the deepspeed launcher this creates the process group."""
-    if args.deepspeed_config is None:
-        return 0, 1
-    import deepspeed
-    import torch.distributed as dist
-
-    if "RANK" not in os.environ:  # plain `python launch/train.py --deepspeed_config ...`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
-    # NCCL on GPUs, gloo on the CPU accelerator; the timeout turns a dead peer into an error.
-    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=args.dist_timeout))
-    return dist.get_rank(), dist.get_world_size()
-
-
 def training_monitor(args, tokenizer, out: Path) -> TrainingMonitor:
     """The step log, and the validation data and task items of ``--eval-every`` (loaded now,
     so that a missing split fails before training)."""
@@ -277,7 +260,7 @@ def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank,
 
 def run(args) -> int:
     adapter_cfg, sieve_cfg = build_configs(args)
-    rank, world = init_distributed(args)
+    rank, world = init_distributed(args.deepspeed_config, args.dist_timeout)
     torch.manual_seed(args.seed)  # same seed everywhere: identical base and adapter init on every rank
     progress = not args.no_progress and rank == 0
     log = print if rank == 0 else (lambda *a, **k: None)

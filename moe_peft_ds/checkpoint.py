@@ -27,7 +27,7 @@ from .backends.megatron import (ExpertLinearLoRA, GroupedMLPWithLoRA, describe_m
                                 held_experts, is_megatron_model, megatron_adapter_state)
 from .config import ConfigError, LoRAConfig, MixLoRAConfig
 from .lora import LoRALinear
-from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, dense_family_of
+from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, dense_family_of, expert_groups
 from .multi_adapter import add_adapter, adapter_sites, drop_adapter
 from .parallel import expert_parallel_group
 
@@ -96,13 +96,13 @@ def _mixlora_state(layer: int, module: MixLoRAFFN) -> dict[str, torch.Tensor]:
     prefix = f"layers.{layer}.mixlora"
     state = {f"{prefix}.router.weight": module.adapter.router.weight.detach()}
     for proj in PROJECTIONS:
-        lora = module.adapter.lora[proj]
-        for slot, (e, r) in enumerate(zip(lora.expert_ids, lora.ranks)):
-            key = f"{prefix}.experts.{e}.{proj}"
-            state[f"{key}.lora_A"] = lora.lora_A[slot, :r].detach()
-            state[f"{key}.lora_B"] = lora.lora_B[slot, :, :r].detach()
-            if lora.magnitude is not None:
-                state[f"{key}.magnitude"] = lora.magnitude[slot].detach()
+        for lora in expert_groups(module.adapter.lora[proj]):
+            for slot, (e, r) in enumerate(zip(lora.expert_ids, lora.ranks)):
+                key = f"{prefix}.experts.{e}.{proj}"
+                state[f"{key}.lora_A"] = lora.lora_A[slot, :r].detach()
+                state[f"{key}.lora_B"] = lora.lora_B[slot, :, :r].detach()
+                if lora.magnitude is not None:
+                    state[f"{key}.magnitude"] = lora.magnitude[slot].detach()
     return state
 
 

@@ -3,6 +3,8 @@ input is reported (one ``error:`` line on stderr, exit status 2, nothing written
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 
 from .backends.hf import UnsupportedModelError
@@ -16,15 +18,18 @@ from .tasks import TaskError
 USER_ERRORS = (ConfigError, DataError, TaskError, UnsupportedModelError, AdapterMismatchError, OSError)
 
 
-def add_model_data_args(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--data`` and ``--output-dir``, spelled the same in every script."""
+DATA_HELP = ("demo:<task> (bundled: demo:arithmetic, demo:code); a .jsonl/.json/.parquet/.csv file; a directory of them "
+             "(a split's files have its name in theirs); a save_to_disk directory; or a Hugging Face hub dataset name")
+
+
+def add_model_data_args(parser: argparse.ArgumentParser, data: bool = True) -> None:
+    """``--model``, ``--data`` (unless ``data=False``: the script names its data otherwise), the
+    data-format flags and ``--output-dir``, spelled the same in every script."""
     parser.add_argument("--model", required=True,
                         help=f"Hugging Face model id or local path, or a bundled preset: {', '.join(PRESETS)}")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer other than the model's own (checked against the model)")
-    parser.add_argument("--data", required=True,
-                        help="demo:<task> (bundled: demo:arithmetic, demo:code); a .jsonl/.json/.parquet/.csv file; a "
-                             "directory of them (a split's files have its name in theirs); a save_to_disk directory; "
-                             "or a Hugging Face hub dataset name")
+    if data:
+        parser.add_argument("--data", required=True, help=DATA_HELP)
     parser.add_argument("--data-format", default="auto", choices=FORMATS,
                         help="instruction (prompt + response columns), chat (a messages column, rendered with the "
                              "tokenizer's chat template), text; auto picks by the columns (default)")
@@ -59,3 +64,19 @@ def run_cli(run, args: argparse.Namespace) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def init_distributed(deepspeed_config: str | None, timeout_s: int) -> tuple[int, int]:
+    """``(rank, world)``; with a DeepSpeed config this creates the process group (under the
+    deepspeed launcher, or a world of one for a plain ``python`` run)."""
+    if deepspeed_config is None:
+        return 0, 1
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    # NCCL on GPUs, gloo on the CPU accelerator; the timeout turns a dead peer into an error.
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()

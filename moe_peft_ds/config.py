@@ -157,6 +157,8 @@ class MixLoRAConfig(LoRAConfig):
     jitter_noise: float = field(default=0.0, metadata={"help": "training only: router input x U(1-eps, 1+eps), eps in [0, 1)"})
     expert_r: dict[int, int] = field(default_factory=dict, metadata={"help": "per-expert rank overrides {expert: r}"})
     expert_alpha: dict[int, float] = field(default_factory=dict, metadata={"help": "per-expert alpha overrides {expert: alpha}"})
+    expert_tasks: list[str] = field(default_factory=list, metadata={
+        "help": "continual learning (filled in): the task each expert was trained on, by expert id ('a+b' after a merge)"})
 
     def __post_init__(self):
         self.use_dora = self.use_dora or self.method == "mixdora"
@@ -185,6 +187,8 @@ class MixLoRAConfig(LoRAConfig):
             raise ConfigError(f"per-expert overrides name experts {outside} outside [0, {self.num_experts})")
         for e in range(self.num_experts):
             check_rank_alpha(f"expert {e}: ", self.rank_of(e), self.expert_alpha.get(e, self.alpha))
+        if self.expert_tasks and len(self.expert_tasks) != self.num_experts:
+            raise ConfigError(f"expert_tasks names {len(self.expert_tasks)} experts, num_experts={self.num_experts}")
 
     def rank_of(self, expert: int) -> int:
         return self.expert_r.get(expert, self.r)

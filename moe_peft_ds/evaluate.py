@@ -158,3 +158,29 @@ def score_distributed(model, tokenizer, items: list[MCItem], rank: int = 0, worl
         for j, s in enumerate(part):
             ordered[r + j * world] = s
     return ordered
+
+
+@torch.no_grad()
+def exact_match(model, loader) -> dict[str, float]:
+    """Teacher-forced exact match over ``loader``'s examples (labels -100 where not scored): a
+    sample counts when the model's most likely next token is right at every scored position
+    (for an instruction pair: the whole response, greedy). Also the token accuracy and the
+    mean loss per scored token. Works for any data format the data layer encodes."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hits = samples = right = tokens = 0
+    nll = 0.0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        scored = target != -100
+        correct = (logits.argmax(-1) == target) & scored
+        hits += int(((correct | ~scored).all(1) & scored.any(1)).sum())
+        samples += int(scored.any(1).sum())
+        right, tokens = right + int(correct.sum()), tokens + int(scored.sum())
+        nll += float(F.cross_entropy(logits[scored], target[scored], reduction="sum"))
+    model.train(was_training)
+    return {"exact_match": hits / max(samples, 1), "token_accuracy": right / max(tokens, 1),
+            "loss": nll / max(tokens, 1), "samples": samples}

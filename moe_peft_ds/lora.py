@@ -164,14 +164,19 @@ class ExpertLoRA(nn.Module):
         init_lora_pair(self.lora_A, self.lora_B, ranks)
         self.ranks = ranks
         self.magnitude = None
-        ids = torch.tensor(self.expert_ids, device=weight_out_in.device) - first_expert  # local indices
-        self.all_experts = len(ids) == num_experts  # then the base tensor is used whole (no copy of a shared view)
+        self.set_num_experts(num_experts, first_expert)
         if cfg.use_dora:
-            norms = (weight_out_in if self.all_experts else weight_out_in[ids]).detach().norm(dim=2)  # [n, out]
-            self.magnitude = nn.Parameter(norms.clone())
+            self.magnitude = nn.Parameter(self._base(weight_out_in).detach().norm(dim=2).clone())  # [n, out]
         self.register_buffer("scaling", torch.tensor([cfg.scaling_of(e) for e in self.expert_ids], **kw), persistent=False)
-        slot_of = torch.full((num_experts,), -1, dtype=torch.long, device=weight_out_in.device)
-        slot_of[ids] = torch.arange(len(ids), device=ids.device)
+
+    def set_num_experts(self, num_experts: int, first_expert: int = 0) -> None:
+        """Derive the index helpers for a base tensor of ``num_experts`` experts from global id
+        ``first_expert`` on (again when the layer's expert pool grows or shrinks; ``expert_ids`` stay)."""
+        device = self.lora_A.device
+        ids = torch.tensor(self.expert_ids, device=device) - first_expert  # local indices
+        self.all_experts = len(ids) == num_experts  # then the base tensor is used whole (no copy of a shared view)
+        slot_of = torch.full((num_experts,), -1, dtype=torch.long, device=device)
+        slot_of[ids] = torch.arange(len(ids), device=device)
         # Index helpers, derived from expert_ids: not saved, but moved with the module.
         self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("slot_of", slot_of, persistent=False)
@@ -195,8 +200,21 @@ class ExpertLoRA(nn.Module):
                            self.lora_B.transpose(1, 2).contiguous(), offsets) * self.scaling[slots, None]
         if self.magnitude is None:
             return rows, delta, None
-        weight = weight_out_in if self.all_experts else weight_out_in[self.ids]
+        weight = self._base(weight_out_in)
         return rows, delta, dora_scale(weight, self.lora_A, self.lora_B, self.scaling, self.magnitude)[slots]  # [n, out] -> rows
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
+
+    def _base(self, weight_out_in: torch.Tensor) -> torch.Tensor:
+        """The selected experts' base weights ``[n, out, in]``; a weight shared by all experts (stride 0)
+        stays a view, never n copies."""
+        if self.all_experts:
+            return weight_out_in
+        if weight_out_in.stride(0) == 0:
+            return weight_out_in[0].expand(len(self.ids), *weight_out_in.shape[1:])
+        return weight_out_in[self.ids]
 
     def expert_state(self, layer: int, tensor: str) -> dict[str, torch.Tensor]:
         """Each selected expert's tensors (views) under their checkpoint keys

@@ -83,6 +83,60 @@ class MixLoRAExperts(nn.Module):
         })
 
 
+class ExpertLoRAPool(nn.Module):
+    """One projection's LoRA experts of a layer, held as groups of ``ExpertLoRA`` with disjoint
+    expert ids: continual learning adds a group per task, and an earlier group is frozen by
+    ``requires_grad`` (no optimizer, DeepSpeed's included, sees it). Called like ``ExpertLoRA``:
+    the groups' updates cover disjoint rows and are concatenated."""
+
+    def __init__(self, groups: list[ExpertLoRA]):
+        super().__init__()
+        self.groups = nn.ModuleList(groups)
+
+    @property
+    def dora(self) -> bool:
+        return self.groups[0].dora
+
+    @property
+    def expert_ids(self) -> list[int]:
+        return sorted(e for g in self.groups for e in g.expert_ids)
+
+    def forward(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, weight_out_in: torch.Tensor):
+        if len(self.groups) == 1:
+            return self.groups[0](x, expert_of_row, counts, weight_out_in)
+        parts = [g(x, expert_of_row, counts, weight_out_in) for g in self.groups]
+        return (torch.cat([rows for rows, _, _ in parts]), torch.cat([delta for _, delta, _ in parts]),
+                torch.cat([scale for _, _, scale in parts]) if self.dora else None)
+
+    def merged_weight(self, expert: int, weight_out_in: torch.Tensor) -> torch.Tensor:
+        return next(g for g in self.groups if expert in g.slot).merged_weight(expert, weight_out_in)
+
+
+class RouterPool(nn.Module):
+    """A router whose rows come in blocks, one per expert group, so that earlier experts' rows can
+    be frozen (``requires_grad``) while new rows train: the logits are the blocks' outputs side by side."""
+
+    def __init__(self, blocks: list[nn.Linear]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([b.weight for b in self.blocks])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x) for b in self.blocks], dim=-1)
+
+
+def expert_groups(lora: nn.Module) -> list[ExpertLoRA]:
+    """The ``ExpertLoRA`` groups behind one projection of a MixLoRA layer."""
+    return list(lora.groups) if isinstance(lora, ExpertLoRAPool) else [lora]
+
+
+def router_blocks(router: nn.Module) -> list[nn.Linear]:
+    return list(router.blocks) if isinstance(router, RouterPool) else [router]
+
+
 class MixLoRAFFN(nn.Module):
     """Replaces a gated MLP; called like it, ``forward(x [..., H]) -> [..., H]``.
 
@@ -143,7 +197,7 @@ class MixLoRAFFN(nn.Module):
         projected = {name: routes.gather(F.linear(flat, getattr(self.base, name).weight)) for name in ("gate_proj", "up_proj")}
         gate, up = (self._lora(n, projected[n], rows, routes.expert, routes.counts) for n in ("gate_proj", "up_proj"))
         h = self.base.act_fn(gate) * up
-        if self.adapter.lora["down_proj"].magnitude is None:
+        if not self.adapter.lora["down_proj"].dora:
             return self._mixed_down(h, routes, weights, flat.shape[0]).to(flat.dtype)
         down = self._lora("down_proj", F.linear(h, self.base.down_proj.weight), h, routes.expert, routes.counts)
         return routes.combine(flat, down, weights)
@@ -153,7 +207,9 @@ class MixLoRAFFN(nn.Module):
         mixed activations, each expert's LoRA on its rows (LoRA only; see the module docstring)."""
         down = self.base.down_proj
         out = F.linear(routes.mix(h, weights, tokens).to(h.dtype), down.weight)
-        _, delta, _ = self.adapter.lora["down_proj"](h, routes.expert, routes.counts, _shared(down.weight, self.num_local))
+        rows, delta, _ = self.adapter.lora["down_proj"](h, routes.expert, routes.counts, _shared(down.weight, self.num_local))
+        if rows is not None:  # the experts' groups (continual learning) covered the rows in their own order
+            delta = delta.new_zeros(h.shape[0], delta.shape[1]).index_copy(0, rows, delta)
         out = out + routes.mix(delta, weights, tokens).to(out.dtype)
         if down.bias is not None:  # weights sum to 1 on routed tokens, 0 on the others
             out = out + routes.mix(down.bias.expand(h.shape[0], -1), weights, tokens).to(out.dtype)
@@ -176,7 +232,9 @@ class MixLoRAFFN(nn.Module):
         if unrouted.numel():
             out = out.index_add(0, unrouted, self.base(flat.index_select(0, unrouted)).to(out.dtype))
         aux = self.cfg.router_aux_loss_coef * load_balancing_loss(routing, valid) + self.cfg.router_z_loss_coef * z_loss(routing, valid)
-        self.last_stats = {"aux_loss": aux.detach(), "dropped": routing.dropped}
+        routed = routing.index[routing.index < self.num_experts]  # padding and drops carry the index E
+        self.last_stats = {"aux_loss": aux.detach(), "dropped": routing.dropped,
+                           "counts": torch.bincount(routed, minlength=self.num_experts).detach()}
         if aux.requires_grad:
             out = attach_loss(out, aux, self.aux_loss_scale)
         return out.reshape(x.shape)

@@ -33,10 +33,11 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> t
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def train_step(model: nn.Module, batch: dict, optimizer, scheduler, clip: float) -> float:
-    """One forward + backward + optimizer step; returns the loss (padding/prompt ignored)."""
+def train_step(model: nn.Module, batch: dict, optimizer, scheduler, clip: float, extra_loss=None) -> float:
+    """One forward + backward + optimizer step; returns the LM loss (padding/prompt ignored).
+    ``extra_loss()``, if given, is added before backward (e.g. continual learning's router KL)."""
     loss = model(**batch).loss
-    loss.backward()
+    (loss if extra_loss is None else loss + extra_loss()).backward()
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable_parameters(model), clip)
     optimizer.step()
@@ -78,12 +79,12 @@ def _run_steps(step, loader, steps: int, progress: bool, model, optimizer, sched
 
 
 def train(model: nn.Module, loader, steps: int, lr: float, warmup: int = 10, clip: float = 1.0,
-          progress: bool = True, ckpt: Checkpointing | None = None, monitor=None) -> list[float]:
+          progress: bool = True, ckpt: Checkpointing | None = None, monitor=None, extra_loss=None) -> list[float]:
     """Train for ``steps`` optimizer steps in one process; returns the loss of every step run."""
     optimizer = build_optimizer(model, lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
     model.train()
-    return _run_steps(lambda batch: train_step(model, batch, optimizer, scheduler, clip), loader, steps, progress,
+    return _run_steps(lambda batch: train_step(model, batch, optimizer, scheduler, clip, extra_loss), loader, steps, progress,
                       model, optimizer, scheduler, ckpt, monitor)
 
 
@@ -147,8 +148,11 @@ def deepspeed_config(path: str | Path, micro_batch_size: int) -> dict:
 
 
 def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dict, warmup: int = 10,
-                    progress: bool = True, ckpt: Checkpointing | None = None, monitor=None) -> list[float]:
+                    progress: bool = True, ckpt: Checkpointing | None = None, monitor=None, extra_loss=None,
+                    release: bool = False) -> list[float]:
     """Train under ``deepspeed.initialize``; returns the loss per step, averaged over ranks.
+    ``extra_loss()`` is added to each step's loss before backward; ``release`` destroys the engine
+    at the end (its gradient hooks go), for a process that trains several engines one after another.
 
     Adapter parameters go into optimizer groups split by DeepSpeed's MoE helper, so that
     expert-local ones (tagged ``allreduce=False``) are reduced and ZeRO-sharded over the
@@ -196,7 +200,7 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
             for layer in routers:
                 layer.aux_loss_scale = float(real * dist.get_world_size() / real_total) / accumulation
         loss = engine(**batch, num_items_in_batch=tokens / dist.get_world_size()).loss
-        engine.backward(loss)  # gradients are reduced here (data parallel / expert-data parallel)
+        engine.backward(loss if extra_loss is None else loss + extra_loss())  # gradients are reduced here
         if own_clipping and engine.is_gradient_accumulation_boundary():
             clip_grad_norm_expert_parallel(params, clip, ep_group)
         engine.step()
@@ -204,5 +208,8 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
         dist.all_reduce(mean)
         return mean.item() / dist.get_world_size()  # the global batch's loss per token
 
-    return _run_steps(step, loader, steps, progress and dist.get_rank() == 0, model, ds_optimizer, ds_scheduler, ckpt,
-                      monitor)
+    losses = _run_steps(step, loader, steps, progress and dist.get_rank() == 0, model, ds_optimizer, ds_scheduler, ckpt,
+                        monitor)
+    if release:
+        engine.destroy()
+    return losses

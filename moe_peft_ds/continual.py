@@ -1,0 +1,319 @@
+"""Continual learning with dynamic experts, on MixLoRA (``launch/continual.py`` runs a task sequence).
+
+Tasks arrive one after another over a frozen base model. Before each task every MixLoRA layer
+gets ``n`` fresh LoRA experts and router rows (``grow_experts``); all earlier experts become a
+frozen group of their own (``requires_grad=False``: no optimizer, DeepSpeed's included, can
+change them, so they stay bit-identical), and the router's earlier rows are frozen too unless
+asked otherwise. Forgetting can still come from the router sending old-task tokens elsewhere;
+two protections, combinable: ``router_kl`` (a KL penalty keeping the router's distribution on
+replayed old-task samples close to what it was before the task, against ``router_targets``
+computed before growing) and replaying a few old-task samples in training. ``prune_experts``
+drops rarely routed experts and ``merge_experts`` merges near-duplicates, so the pool does not
+grow without bound.
+
+Experts are grown, pruned and merged column-wise: expert ``e`` of every layer was added for the
+same task (``MixLoRAConfig.expert_tasks[e]``), so every layer keeps the same number of experts
+and a checkpoint is a plain MixLoRA checkpoint (loadable by ``load_adapter``) with the
+provenance in its ``adapter_config.json``. Attention LoRA, if any, trains in the first task
+only. Expert parallelism and several adapters on one model are refused for now.
+"""
+from __future__ import annotations
+
+import statistics
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError, MixLoRAConfig
+from .lora import ExpertLoRA, LoRALinear
+from .mixlora import (PROJECTIONS, ExpertLoRAPool, MixLoRAFFN, RouterPool, _shared, expert_groups, mixlora_layers,
+                      router_blocks)
+
+
+def _layers(model: nn.Module) -> list[MixLoRAFFN]:
+    """The model's MixLoRA layers, checked to be ones this module can change."""
+    cfg = getattr(model, "moe_peft_config", None)
+    layers = [layer for _, layer in mixlora_layers(model)]
+    if not isinstance(cfg, MixLoRAConfig) or not layers:
+        raise ConfigError("continual learning needs a model with a MixLoRA adapter (apply_mixlora or load_adapter first)")
+    if len(getattr(model, "moe_peft_configs", None) or {}) > 1:
+        raise ConfigError("continual learning on a model carrying several adapters is not supported; use one adapter")
+    if any(layer.dispatch is not None for layer in layers):
+        raise ConfigError("continual learning with expert-parallel MixLoRA layers is not supported yet; use ep_size 1")
+    if cfg.expert_r or cfg.expert_alpha:
+        raise ConfigError("continual learning needs one rank and alpha for every expert (no expert_r / expert_alpha)")
+    return layers
+
+
+def _set_num_experts(model: nn.Module, layers: list[MixLoRAFFN], tasks: list[str]) -> None:
+    cfg = model.moe_peft_config
+    for layer in layers:
+        layer.num_experts = layer.num_local = len(tasks)
+        for proj in PROJECTIONS:
+            for group in expert_groups(layer.adapter.lora[proj]):
+                group.set_num_experts(len(tasks))
+    cfg.num_experts, cfg.expert_tasks = len(tasks), list(tasks)
+    if cfg.top_k > cfg.num_experts:
+        raise ConfigError(f"top_k={cfg.top_k} exceeds the {cfg.num_experts} experts left")
+
+
+def task_of_experts(model: nn.Module) -> list[str]:
+    """The task of each expert id; experts of a MixLoRA adapter made without tasks belong to ''."""
+    cfg = model.moe_peft_config
+    return list(cfg.expert_tasks) or [""] * cfg.num_experts
+
+
+def grow_experts(model: nn.Module, n: int, task: str, train_old_router: bool = False) -> list[int]:
+    """Add ``n`` fresh experts (ids ``E .. E+n-1``) and router rows for ``task`` to every MixLoRA
+    layer; freeze every earlier expert, attention LoRA, and (unless ``train_old_router``) the
+    earlier router rows. The new experts start as the frozen FFN (LoRA B = 0). Returns the new ids."""
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"experts per task must be an integer >= 1, got {n!r}")
+    layers = _layers(model)
+    tasks = task_of_experts(model)
+    if task in tasks:
+        raise ConfigError(f"task {task!r} already has experts; task names must be unique")
+    cfg, old = model.moe_peft_config, len(tasks)
+    new_ids = list(range(old, old + n))
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.requires_grad_(False)
+    for layer in layers:
+        for proj in PROJECTIONS:
+            groups = expert_groups(layer.adapter.lora[proj])
+            for group in groups:
+                group.requires_grad_(False)
+                group.set_num_experts(old + n)
+            fresh = ExpertLoRA(new_ids, _shared(getattr(layer.base, proj).weight, old + n), cfg)
+            layer.adapter.lora[proj] = ExpertLoRAPool(groups + [fresh])
+        blocks = router_blocks(layer.adapter.router)
+        for block in blocks:
+            block.requires_grad_(train_old_router)
+        fresh = nn.Linear(blocks[0].in_features, n, bias=False, dtype=blocks[0].weight.dtype, device=blocks[0].weight.device)
+        nn.init.normal_(fresh.weight, std=cfg.router_init_range)
+        layer.adapter.router = RouterPool(blocks + [fresh])
+    _set_num_experts(model, layers, tasks + [task] * n)
+    return new_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# pool management: prune and merge rebuild every layer with one group per expert plan
+
+
+def _expert_tensors(layer: MixLoRAFFN, proj: str, e: int) -> dict[str, torch.Tensor]:
+    group = next(g for g in expert_groups(layer.adapter.lora[proj]) if e in g.slot)
+    slot = group.slot[e]
+    out = {"lora_A": group.lora_A[slot], "lora_B": group.lora_B[slot], "scaling": group.scaling[slot]}
+    if group.magnitude is not None:
+        out["magnitude"] = group.magnitude[slot]
+    return out
+
+
+def delta_weight(layer: MixLoRAFFN, proj: str, e: int) -> torch.Tensor:
+    """Expert ``e``'s effective LoRA update ``s B A`` (``[out, in]``) on projection ``proj``."""
+    t = _expert_tensors(layer, proj, e)
+    return (t["scaling"] * (t["lora_B"] @ t["lora_A"])).detach().float()
+
+
+def _merged_pair(tensors: list[dict[str, torch.Tensor]], r: int) -> dict[str, torch.Tensor]:
+    """The documented merge rule: the mean of the experts' updates ``s B A``, brought back to rank
+    ``r`` by a truncated SVD (exact when the mean has rank <= r; otherwise the closest rank-r
+    matrix in Frobenius norm), split as ``B = U sqrt(S) / sqrt(s)``, ``A = sqrt(S) V^T / sqrt(s)``;
+    DoRA magnitudes are averaged."""
+    s = tensors[0]["scaling"].float()
+    mean = sum(t["scaling"].float() * (t["lora_B"].float() @ t["lora_A"].float()) for t in tensors) / len(tensors)
+    U, S, Vh = torch.linalg.svd(mean, full_matrices=False)
+    k = min(r, len(S))  # a rank above min(out, in) keeps zero rows
+    root = (S[:k] / s).sqrt()
+    merged = {"lora_B": mean.new_zeros(mean.shape[0], r), "lora_A": mean.new_zeros(r, mean.shape[1])}
+    merged["lora_B"][:, :k], merged["lora_A"][:k] = U[:, :k] * root, root[:, None] * Vh[:k]
+    if "magnitude" in tensors[0]:
+        merged["magnitude"] = sum(t["magnitude"].float() for t in tensors) / len(tensors)
+    return merged
+
+
+def _rebuild(model: nn.Module, plan: list[list[int]], tasks: list[str]) -> None:
+    """Every layer anew with ``len(plan)`` experts: new expert ``i`` is old expert ``plan[i][0]``
+    or, for several, their merge (``_merged_pair``); router rows copied or averaged. The result is
+    one frozen group per projection (a later ``grow_experts`` adds trainable ones)."""
+    layers = _layers(model)
+    cfg, n = model.moe_peft_config, len(plan)
+    for layer in layers:
+        for proj in PROJECTIONS:
+            group = ExpertLoRA(list(range(n)), _shared(getattr(layer.base, proj).weight, n), cfg)
+            with torch.no_grad():
+                for i, sources in enumerate(plan):
+                    olds = [_expert_tensors(layer, proj, e) for e in sources]
+                    new = olds[0] if len(sources) == 1 else _merged_pair(olds, cfg.r)
+                    group.lora_A[i].copy_(new["lora_A"])
+                    group.lora_B[i].copy_(new["lora_B"])
+                    if group.magnitude is not None:
+                        group.magnitude[i].copy_(new["magnitude"])
+            layer.adapter.lora[proj] = group.requires_grad_(False)
+        weight = layer.adapter.router.weight.detach()
+        router = nn.Linear(weight.shape[1], n, bias=False, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            router.weight.copy_(torch.stack([weight[sources].mean(0) for sources in plan]))
+        layer.adapter.router = router.requires_grad_(False)
+    _set_num_experts(model, layers, tasks)
+
+
+@torch.no_grad()
+def expert_usage(model: nn.Module, loader) -> torch.Tensor:
+    """``[layers, E]``: each expert's share of the routed (token, expert) slots of its layer over
+    ``loader``'s batches (padding excluded)."""
+    layers = _layers(model)
+    counts = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for batch in loader:
+        model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        counts += torch.stack([layer.last_stats["counts"].double().cpu() for layer in layers])
+    model.train(was_training)
+    return counts / counts.sum(1, keepdim=True).clamp_min(1)
+
+
+def prune_experts(model: nn.Module, usage: torch.Tensor, threshold: float) -> list[int]:
+    """Remove every expert whose routed share, averaged over layers (``usage`` from
+    ``expert_usage``), is below ``threshold``; the others keep their order and are renumbered.
+    Keeps at least ``top_k`` experts (the most used). Returns the removed ids."""
+    layers = _layers(model)
+    if usage.shape != (len(layers), layers[0].num_experts):
+        raise ValueError(f"usage has shape {tuple(usage.shape)}, expected {(len(layers), layers[0].num_experts)}")
+    share = usage.mean(0)
+    keep = [e for e in range(len(share)) if share[e] >= threshold]
+    if len(keep) < model.moe_peft_config.top_k:
+        keep = sorted(share.argsort(descending=True)[: model.moe_peft_config.top_k].tolist())
+    removed = [e for e in range(len(share)) if e not in keep]
+    if removed:
+        tasks = task_of_experts(model)
+        _rebuild(model, [[e] for e in keep], [tasks[e] for e in keep])
+    return removed
+
+
+@torch.no_grad()
+def expert_similarity(model: nn.Module) -> torch.Tensor:
+    """``[E, E]``: cosine similarity of the experts' effective updates ``s B A``, each projection's
+    flattened and the three concatenated per layer, averaged over layers."""
+    layers = _layers(model)
+    sims = []
+    for layer in layers:
+        flat = torch.stack([torch.cat([delta_weight(layer, p, e).flatten() for p in PROJECTIONS])
+                            for e in range(layer.num_experts)])
+        flat = F.normalize(flat, dim=1)
+        sims.append(flat @ flat.T)
+    return torch.stack(sims).mean(0)
+
+
+def merge_experts(model: nn.Module, threshold: float) -> list[tuple[int, int]]:
+    """Merge pairs of experts whose ``expert_similarity`` is at least ``threshold``, most similar
+    first, each expert at most once per call (rule: ``_merged_pair``; router rows averaged; the
+    task becomes 'a+b'). The merged expert takes the lower id's place. Returns the merged pairs
+    (old ids)."""
+    sim = expert_similarity(model)
+    n = sim.shape[0]
+    pairs, used = [], set()
+    candidates = sorted(((float(sim[i, j]), i, j) for i in range(n) for j in range(i + 1, n)), reverse=True)
+    for value, i, j in candidates:
+        if value >= threshold and i not in used and j not in used:
+            pairs.append((i, j))
+            used |= {i, j}
+    if not pairs:
+        return []
+    if n - len(pairs) < model.moe_peft_config.top_k:
+        raise ConfigError(f"merging {len(pairs)} pairs would leave {n - len(pairs)} experts, fewer than "
+                          f"top_k={model.moe_peft_config.top_k}; raise the merge threshold")
+    partner = dict(pairs)
+    tasks = task_of_experts(model)
+    plan = [[e, partner[e]] if e in partner else [e] for e in range(n) if e not in partner.values()]
+    _rebuild(model, plan, ["+".join(dict.fromkeys(tasks[e] for e in sources)) for sources in plan])
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# router protection
+
+
+@contextmanager
+def _router_logits(model: nn.Module):
+    """Collects each MixLoRA layer's router logits ``[T, E]`` of the forwards run inside."""
+    captured: list[torch.Tensor] = []
+    hooks = [layer.adapter.router.register_forward_hook(lambda m, args, out: captured.append(out)) for layer in _layers(model)]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _valid(batch: dict) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    return (torch.ones_like(batch["input_ids"]) if mask is None else mask).reshape(-1).bool()
+
+
+@torch.no_grad()
+def router_targets(model: nn.Module, batches: list[dict]) -> list[list[torch.Tensor]]:
+    """For each batch, each layer's router distribution over the current experts on its real
+    tokens, ``[T_real, E]``: what ``router_kl`` keeps the router close to. Call before growing."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    targets = []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with _router_logits(model) as logits:
+            model(**batch)
+        valid = _valid(batch)
+        targets.append([F.softmax(x.float(), dim=-1)[valid] for x in logits])
+    model.train(was_training)
+    return targets
+
+
+def router_kl(model: nn.Module, batch: dict, targets: list[torch.Tensor]) -> torch.Tensor:
+    """``KL(p_before || p_now)`` of every layer's router on ``batch``'s real tokens, averaged over
+    tokens and layers. ``p_before`` covers the experts that existed then; the mass the router now
+    puts on newer experts counts against it (``log p_now`` of the old experts falls)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    with _router_logits(model) as logits:
+        model(**batch)
+    valid = _valid(batch)
+    terms = []
+    for x, p in zip(logits, targets):
+        log_now = F.log_softmax(x.float(), dim=-1)[valid][:, : p.shape[1]]
+        terms.append((p * (p.clamp_min(1e-12).log() - log_now)).sum(-1).mean())
+    return torch.stack(terms).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def continual_metrics(acc: list[list[float]]) -> dict:
+    """Metrics of an accuracy matrix ``acc[i][j]``: accuracy on task ``j`` after training task
+    ``i`` (``j <= i``; later entries are ignored).
+
+    - ``average_accuracy[i]``: mean of ``acc[i][0..i]``;
+    - ``forgetting[j]`` (``j < T-1``): best earlier accuracy ``max_{j<=k<T-1} acc[k][j]`` minus the
+      final ``acc[T-1][j]``; ``average_forgetting`` their mean (0 for one task);
+    - ``backward_transfer``: mean over ``j < T-1`` of ``acc[T-1][j] - acc[j][j]`` (negative: forgetting).
+    """
+    T = len(acc)
+    if T == 0 or any(len(row) < i + 1 for i, row in enumerate(acc)):
+        raise ValueError("acc must have a row per task, row i holding at least i+1 accuracies")
+    average = [statistics.mean(acc[i][: i + 1]) for i in range(T)]
+    forgetting = [max(acc[k][j] for k in range(j, T - 1)) - acc[T - 1][j] for j in range(T - 1)]
+    bwt = [acc[T - 1][j] - acc[j][j] for j in range(T - 1)]
+    return {"average_accuracy": average, "final_average_accuracy": average[-1], "forgetting": forgetting,
+            "average_forgetting": statistics.mean(forgetting) if forgetting else 0.0,
+            "backward_transfer": statistics.mean(bwt) if bwt else 0.0}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable and total adapter parameters (LoRA, DoRA magnitudes, routers) of ``model``."""
+    params = {id(p): p for n, p in model.named_parameters() if any(k in n for k in ("lora_", "magnitude", "router"))}
+    return {"trainable": sum(p.numel() for p in params.values() if p.requires_grad),
+            "total": sum(p.numel() for p in params.values())}

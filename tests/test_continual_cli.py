@@ -1,0 +1,98 @@
+"""launch/continual.py: a task sequence in one process and on 2 DeepSpeed ranks; bad input."""
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_peft_ds import MixLoRAConfig, load_adapter
+from moe_peft_ds.models import load_model
+from distributed import run_deepspeed
+from tiny_models import save_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+continual_main = runpy.run_path(str(ROOT / "launch" / "continual.py"), run_name="not_main")["main"]
+TASKS = ["--task", "arith=demo:arithmetic", "--task", "code=demo:code"]
+SMALL = ["--train-samples", "48", "--eval-samples", "8", "--steps-per-task", "4", "--batch-size", "4", "--no-progress",
+         "--lora-r", "4", "--lora-alpha", "8"]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+def _frozen_experts_unchanged(run: Path, first: str, second: str, old_experts: list[int]) -> None:
+    a, b = load_file(str(run / first / "adapter_model.safetensors")), load_file(str(run / second / "adapter_model.safetensors"))
+    experts = [k for k in a if ".experts." in k]
+    assert experts and all(torch.equal(a[k], b[k]) for k in experts), "an earlier expert changed"
+    for key in (k for k in a if k.endswith("router.weight")):
+        assert torch.equal(a[key], b[key][: len(old_experts)]) and b[key].shape[0] > a[key].shape[0]
+
+
+def test_sequence_with_protection_baselines_metrics_and_checkpoints(llama, tmp_path):
+    out = tmp_path / "run"
+    rc = continual_main(["--model", llama, *TASKS, *SMALL, "--strategies", "dynamic", "lora", "--kl-coef", "1",
+                         "--replay-size", "4", "--kl-samples", "4", "--output-dir", str(out)])
+    assert rc == 0
+    record = json.loads((out / "dynamic" / "metrics.json").read_text())
+    assert record["tasks"] == ["arith", "code"] and [len(row) for row in record["accuracy"]] == [1, 2]
+    assert set(record["metrics"]) >= {"average_accuracy", "average_forgetting", "backward_transfer", "forgetting"}
+    params = record["adapter_parameters"]
+    assert params[1]["total"] == 2 * params[0]["total"] and params[1]["trainable"] == params[0]["trainable"]
+    cfg = MixLoRAConfig.from_json(out / "dynamic" / "stage_1_code" / "adapter_config.json")
+    assert cfg.num_experts == 4 and cfg.expert_tasks == ["arith", "arith", "code", "code"]
+    _frozen_experts_unchanged(out / "dynamic", "stage_0_arith", "stage_1_code", [0, 1])
+    model, _ = load_model(llama)
+    load_adapter(model, out / "dynamic" / "stage_1_code")  # the grown pool is a plain MixLoRA checkpoint
+    lora = json.loads((out / "lora" / "metrics.json").read_text())
+    assert lora["adapter_parameters"][0] == lora["adapter_parameters"][1]  # one adapter, trained on and on
+    a = load_file(str(out / "lora" / "stage_0_arith" / "adapter_model.safetensors"))
+    b = load_file(str(out / "lora" / "stage_1_code" / "adapter_model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the baseline's weights move (and may forget)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["strategies"]) == {"dynamic", "lora"}
+    assert (out / "accuracy_vs_params.png").stat().st_size > 0 and (out / "dynamic" / "accuracy_vs_params.png").exists()
+
+
+@pytest.mark.parametrize("flags, match", [
+    ([], "no tasks"),
+    (["--task", "a=demo:arithmetic", "--task", "a=demo:code"], "unique"),
+    (["--task", "demo:arithmetic"], "NAME=DATA"),
+    ([*TASKS, "--experts-per-task", "0"], "--experts-per-task=0 must be > 0"),
+    ([*TASKS, "--experts-per-task", "1"], "--top-k 2 must be at most"),
+    ([*TASKS, "--kl-coef", "-1"], "--kl-coef=-1.0 must be >= 0"),
+    ([*TASKS, "--merge-threshold", "1.5"], "at most 1"),
+    (["--task", "a=/nonexistent/a.jsonl"], "does not exist"),
+    ([*TASKS, "--deepspeed_config", str(ROOT / "ds_configs" / "zero3_fp32.json")], "ZeRO-3"),
+])
+def test_bad_input_fails_with_one_line_and_writes_nothing(llama, tmp_path, capsys, flags, match):
+    out = tmp_path / "out"
+    assert continual_main(["--model", llama, *SMALL, *flags, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.startswith("error:"), err
+    assert not out.exists()
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        continual_main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--task", "--experts-per-task", "--kl-coef", "--replay-size", "--prune-threshold", "--merge-threshold",
+                 "--strategies", "--train-old-router"):
+        assert flag in text
+
+
+@pytest.mark.slow
+def test_two_deepspeed_ranks_run_the_sequence_and_keep_old_experts(llama, tmp_path):
+    out = tmp_path / "ds"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29611", str(ROOT / "launch" / "continual.py"),
+           "--model", llama, *TASKS, *SMALL, "--kl-coef", "1", "--replay-size", "4", "--kl-samples", "4",
+           "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_fp32.json"), "--output-dir", str(out)]
+    proc = run_deepspeed(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _frozen_experts_unchanged(out / "dynamic", "stage_0_arith", "stage_1_code", [0, 1])
+    record = json.loads((out / "dynamic" / "metrics.json").read_text())
+    assert [len(row) for row in record["accuracy"]] == [1, 2]
