@@ -36,6 +36,7 @@ BENCHMARKS = {
     "ep_dispatch": ("ep_dispatch.py", ["--quick"], [], "file"),
     "mixlora": ("mixlora.py", ["--quick"], [], "file"),
     "demo_routing": ("demo_routing.py", ["--calibration-samples", "32"], [], "dir"),
+    "demo_train": ("demo_train.py", ["--quick"], [], "file"),
     "sieve_study": ("sieve_study.py", ["--quick"], [], "file"),
     "mixlora_study": ("mixlora_study.py", ["--quick"], [], "file"),
     "continual_study": ("continual_study.py", ["--quick"], [], "file"),

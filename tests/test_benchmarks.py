@@ -109,7 +109,8 @@ def test_run_all_quick_writes_a_well_formed_report(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "REPORT.md").read_text()
-    for name in ("step_time", "ep_dispatch", "mixlora", "demo_routing", "sieve_study", "mixlora_study", "continual_study"):
+    for name in ("step_time", "ep_dispatch", "mixlora", "demo_routing", "demo_train", "sieve_study", "mixlora_study",
+                 "continual_study"):
         assert f"## {name}" in report and (results / f"{name}.json").exists(), name
         json.loads((results / f"{name}.json").read_text())
     assert "|---|" in report and "Written by `benchmarks/run_all.py --quick`" in report
