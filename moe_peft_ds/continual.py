@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, MixLoRAConfig
 from .lora import ExpertLoRA, LoRALinear
+from .routing import route
 from .mixlora import (PROJECTIONS, ExpertLoRAPool, MixLoRAFFN, RouterPool, _shared, expert_groups, mixlora_layers,
                       router_blocks)
 
@@ -84,8 +85,7 @@ def grow_experts(model: nn.Module, n: int, task: str, train_old_router: bool = F
         for proj in PROJECTIONS:
             groups = expert_groups(layer.adapter.lora[proj])
             for group in groups:
-                group.requires_grad_(False)
-                group.set_num_experts(old + n)
+                group.requires_grad_(False)  # _set_num_experts below re-derives their index helpers
             fresh = ExpertLoRA(new_ids, _shared(getattr(layer.base, proj).weight, old + n), cfg)
             layer.adapter.lora[proj] = ExpertLoRAPool(groups + [fresh])
         blocks = router_blocks(layer.adapter.router)
@@ -169,9 +169,14 @@ def expert_usage(model: nn.Module, loader) -> torch.Tensor:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    cfg = model.moe_peft_config
     for batch in loader:
-        model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-        counts += torch.stack([layer.last_stats["counts"].double().cpu() for layer in layers])
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with _router_logits(model) as logits:  # routed again here, so training forwards pay nothing for it
+            model(**batch)
+        for row, x in enumerate(logits):
+            index = route(x.float(), cfg, _valid(batch)).index
+            counts[row] += torch.bincount(index[index < x.shape[1]], minlength=x.shape[1]).double().cpu()
     model.train(was_training)
     return counts / counts.sum(1, keepdim=True).clamp_min(1)
 

@@ -97,19 +97,12 @@ class ExpertLoRAPool(nn.Module):
     def dora(self) -> bool:
         return self.groups[0].dora
 
-    @property
-    def expert_ids(self) -> list[int]:
-        return sorted(e for g in self.groups for e in g.expert_ids)
-
     def forward(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, weight_out_in: torch.Tensor):
         if len(self.groups) == 1:
             return self.groups[0](x, expert_of_row, counts, weight_out_in)
         parts = [g(x, expert_of_row, counts, weight_out_in) for g in self.groups]
         return (torch.cat([rows for rows, _, _ in parts]), torch.cat([delta for _, delta, _ in parts]),
                 torch.cat([scale for _, _, scale in parts]) if self.dora else None)
-
-    def merged_weight(self, expert: int, weight_out_in: torch.Tensor) -> torch.Tensor:
-        return next(g for g in self.groups if expert in g.slot).merged_weight(expert, weight_out_in)
 
 
 class RouterPool(nn.Module):
@@ -232,9 +225,7 @@ class MixLoRAFFN(nn.Module):
         if unrouted.numel():
             out = out.index_add(0, unrouted, self.base(flat.index_select(0, unrouted)).to(out.dtype))
         aux = self.cfg.router_aux_loss_coef * load_balancing_loss(routing, valid) + self.cfg.router_z_loss_coef * z_loss(routing, valid)
-        routed = routing.index[routing.index < self.num_experts]  # padding and drops carry the index E
-        self.last_stats = {"aux_loss": aux.detach(), "dropped": routing.dropped,
-                           "counts": torch.bincount(routed, minlength=self.num_experts).detach()}
+        self.last_stats = {"aux_loss": aux.detach(), "dropped": routing.dropped}
         if aux.requires_grad:
             out = attach_loss(out, aux, self.aux_loss_scale)
         return out.reshape(x.shape)
