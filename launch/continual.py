@@ -12,7 +12,7 @@ far and the whole pool is saved, each expert's task in adapter_config.json.
 
     python launch/continual.py --model tiny-llama --task mood=data/mood.jsonl --task parity=data/parity.jsonl \
         --experts-per-task 2 --kl-coef 1 --replay-size 16 --output-dir out/continual
-    deepspeed --num_gpus 2 launch/continual.py ... --deepspeed_config ds_configs/zero2_fp32.json
+    deepspeed --num_gpus 2 launch/continual.py ... --deepspeed_config ds_configs/zero2_fp32.json [--ep-size 2]
 
 --strategies also runs the baselines, on the same tasks, data and steps: ``lora`` (one LoRA
 adapter, every FFN and the same attention targets, fine-tuned on each task in turn) and
@@ -48,6 +48,7 @@ from moe_peft_ds.continual import (adapter_parameters, continual_metrics, expert
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
 from moe_peft_ds.evaluate import exact_match  # noqa: E402
 from moe_peft_ds.models import load_model  # noqa: E402
+from moe_peft_ds.parallel import deepspeed_expert_group, shard_experts  # noqa: E402
 from moe_peft_ds.train import deepspeed_config, train, train_deepspeed  # noqa: E402
 
 STRATEGIES = ("dynamic", "lora", "mixlora")
@@ -98,6 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = p.add_argument_group("distributed (under the deepspeed launcher)")
     d.add_argument("--deepspeed_config", default=None, help="a ZeRO-0/1/2 preset from ds_configs/; every task trains "
                                                             "under deepspeed.initialize (data parallel)")
+    d.add_argument("--ep-size", type=int, default=1,
+                   help="expert parallelism: split every FFN's LoRA experts over groups of this many ranks (each rank "
+                        "holds an equal share of every task's experts; --experts-per-task must be a multiple). Needs "
+                        "--deepspeed_config; the lora baseline (one expert) stays data parallel (default 1)")
     d.add_argument("--dist-timeout", type=int, default=1800, help="seconds a collective may wait (default 1800)")
     d.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself")
     return p.parse_args(argv)
@@ -124,7 +129,8 @@ def check_args(args) -> list[tuple[str, str]]:
     tasks = parse_tasks(args.task)
     check_positive(experts_per_task=args.experts_per_task, top_k=args.top_k, eval_samples=args.eval_samples,
                    steps_per_task=args.steps_per_task, batch_size=args.batch_size, max_length=args.max_length,
-                   kl_samples=args.kl_samples, profile_samples=args.profile_samples, dist_timeout=args.dist_timeout)
+                   kl_samples=args.kl_samples, profile_samples=args.profile_samples, dist_timeout=args.dist_timeout,
+                   ep_size=args.ep_size)
     if args.top_k > args.experts_per_task:
         raise ConfigError(f"--top-k {args.top_k} must be at most --experts-per-task {args.experts_per_task} "
                           "(the first task has only those experts)")
@@ -135,6 +141,11 @@ def check_args(args) -> list[tuple[str, str]]:
         raise ConfigError(f"--merge-threshold {args.merge_threshold} is a cosine similarity, at most 1")
     if args.train_samples is not None:
         check_positive(train_samples=args.train_samples)
+    if args.ep_size > 1 and args.deepspeed_config is None:
+        raise ConfigError("--ep-size > 1 needs --deepspeed_config (run under the deepspeed launcher)")
+    if args.experts_per_task % args.ep_size:
+        raise ConfigError(f"--experts-per-task {args.experts_per_task} must be a multiple of --ep-size {args.ep_size}: "
+                          "every rank holds an equal share of each task's experts")
     if args.deepspeed_config is not None:
         if not Path(args.deepspeed_config).is_file():
             raise ConfigError(f"--deepspeed_config {args.deepspeed_config} does not exist; presets are in ds_configs/")
@@ -203,6 +214,8 @@ def run_strategy(args, strategy: str, tasks, data, rank: int, world: int, log) -
         extra = kl_penalty(model, kl_batches, args.kl_coef) if protect and args.kl_coef > 0 else None
         if i == 0:
             apply_mixlora(model, adapter_config(args, strategy, len(tasks), name))
+            if args.ep_size > 1 and strategy != "lora":
+                shard_experts(model, deepspeed_expert_group(args.ep_size))
         elif strategy == "dynamic":
             grow_experts(model, args.experts_per_task, name, args.train_old_router)
         replay = [x for n in seen for x in data[n][0][: args.replay_size]] if protect else []
@@ -257,6 +270,8 @@ def plot(records: dict[str, dict], path: Path) -> None:
 def run(args) -> int:
     tasks = check_args(args)
     rank, world = init_distributed(args.deepspeed_config, args.dist_timeout)
+    if world % args.ep_size:
+        raise ConfigError(f"--ep-size {args.ep_size} must divide the number of ranks ({world})")
     log = print if rank == 0 else (lambda *a, **k: None)
     _, tokenizer = load_model(args.model, tokenizer=args.tokenizer)
     data = {}

@@ -15,7 +15,14 @@ Experts are grown, pruned and merged column-wise: expert ``e`` of every layer wa
 same task (``MixLoRAConfig.expert_tasks[e]``), so every layer keeps the same number of experts
 and a checkpoint is a plain MixLoRA checkpoint (loadable by ``load_adapter``) with the
 provenance in its ``adapter_config.json``. Attention LoRA, if any, trains in the first task
-only. Expert parallelism and several adapters on one model are refused for now.
+only. Several adapters on one model are refused.
+
+Under expert parallelism (``parallel.shard_experts``) every task's experts are spread evenly
+over the ranks (``MixLoRAFFN.shard``), so each rank keeps its share of every task. Growing,
+pruning and merging gather the experts (adapters only, small) on every rank, change the pool
+exactly as one process would, and shard it again; the pool must therefore stay a multiple of
+``ep_size``: ``n`` per task is, and pruning and merging remove a multiple of it (the
+candidates beyond are kept: the most used, the least similar).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import statistics
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -41,20 +49,39 @@ def _layers(model: nn.Module) -> list[MixLoRAFFN]:
         raise ConfigError("continual learning needs a model with a MixLoRA adapter (apply_mixlora or load_adapter first)")
     if len(getattr(model, "moe_peft_configs", None) or {}) > 1:
         raise ConfigError("continual learning on a model carrying several adapters is not supported; use one adapter")
-    if any(layer.dispatch is not None for layer in layers):
-        raise ConfigError("continual learning with expert-parallel MixLoRA layers is not supported yet; use ep_size 1")
     if cfg.expert_r or cfg.expert_alpha:
         raise ConfigError("continual learning needs one rank and alpha for every expert (no expert_r / expert_alpha)")
     return layers
+
+
+def _ep_size(layers: list[MixLoRAFFN]) -> int:
+    return layers[0].dispatch.ep_size if layers[0].dispatch is not None else 1
+
+
+@contextmanager
+def _unsharded(layers: list[MixLoRAFFN]):
+    """Inside, every layer holds all its experts (gathered over its expert-parallel group, if
+    any); on the way out, even on an error, each is sharded again over the same group."""
+    groups = [layer.dispatch.group if layer.dispatch is not None else None for layer in layers]
+    for layer, group in zip(layers, groups):
+        if group is not None:
+            layer.unshard()
+    try:
+        yield
+    finally:
+        for layer, group in zip(layers, groups):
+            if group is not None:
+                layer.shard(group)
 
 
 def _set_num_experts(model: nn.Module, layers: list[MixLoRAFFN], tasks: list[str]) -> None:
     cfg = model.moe_peft_config
     for layer in layers:
         layer.num_experts = layer.num_local = len(tasks)
+        layer.local_experts = list(range(len(tasks)))
         for proj in PROJECTIONS:
             for group in expert_groups(layer.adapter.lora[proj]):
-                group.set_num_experts(len(tasks))
+                group.set_layout(layer.local_experts)
     cfg.num_experts, cfg.expert_tasks = len(tasks), list(tasks)
     if cfg.top_k > cfg.num_experts:
         raise ConfigError(f"top_k={cfg.top_k} exceeds the {cfg.num_experts} experts left")
@@ -76,6 +103,15 @@ def grow_experts(model: nn.Module, n: int, task: str, train_old_router: bool = F
     tasks = task_of_experts(model)
     if task in tasks:
         raise ConfigError(f"task {task!r} already has experts; task names must be unique")
+    if n % _ep_size(layers):
+        raise ConfigError(f"experts per task ({n}) must be a multiple of ep_size={_ep_size(layers)}: "
+                          "every rank holds an equal share of each task's experts")
+    with _unsharded(layers):
+        _grow(model, layers, n, task, tasks, train_old_router)
+    return list(range(len(tasks), len(tasks) + n))
+
+
+def _grow(model: nn.Module, layers: list[MixLoRAFFN], n: int, task: str, tasks: list[str], train_old_router: bool) -> None:
     cfg, old = model.moe_peft_config, len(tasks)
     new_ids = list(range(old, old + n))
     for module in model.modules():
@@ -95,7 +131,6 @@ def grow_experts(model: nn.Module, n: int, task: str, train_old_router: bool = F
         nn.init.normal_(fresh.weight, std=cfg.router_init_range)
         layer.adapter.router = RouterPool(blocks + [fresh])
     _set_num_experts(model, layers, tasks + [task] * n)
-    return new_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +198,8 @@ def _rebuild(model: nn.Module, plan: list[list[int]], tasks: list[str]) -> None:
 @torch.no_grad()
 def expert_usage(model: nn.Module, loader) -> torch.Tensor:
     """``[layers, E]``: each expert's share of the routed (token, expert) slots of its layer over
-    ``loader``'s batches (padding excluded)."""
+    ``loader``'s batches (padding excluded). Under torch.distributed every rank calls this, and the
+    counts are summed over the ranks, so that all of them take the same pruning decision."""
     layers = _layers(model)
     counts = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.float64)
     was_training = model.training
@@ -178,24 +214,31 @@ def expert_usage(model: nn.Module, loader) -> torch.Tensor:
             index = route(x.float(), cfg, _valid(batch)).index
             counts[row] += torch.bincount(index[index < x.shape[1]], minlength=x.shape[1]).double().cpu()
     model.train(was_training)
+    if dist.is_initialized():
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
     return counts / counts.sum(1, keepdim=True).clamp_min(1)
 
 
 def prune_experts(model: nn.Module, usage: torch.Tensor, threshold: float) -> list[int]:
     """Remove every expert whose routed share, averaged over layers (``usage`` from
     ``expert_usage``), is below ``threshold``; the others keep their order and are renumbered.
-    Keeps at least ``top_k`` experts (the most used). Returns the removed ids."""
+    Keeps at least ``top_k`` experts, and under expert parallelism a multiple of ``ep_size``
+    (the most used candidates stay). Returns the removed ids."""
     layers = _layers(model)
     if usage.shape != (len(layers), layers[0].num_experts):
         raise ValueError(f"usage has shape {tuple(usage.shape)}, expected {(len(layers), layers[0].num_experts)}")
     share = usage.mean(0)
-    keep = [e for e in range(len(share)) if share[e] >= threshold]
-    if len(keep) < model.moe_peft_config.top_k:
-        keep = sorted(share.argsort(descending=True)[: model.moe_peft_config.top_k].tolist())
-    removed = [e for e in range(len(share)) if e not in keep]
+    by_use = share.argsort(descending=True, stable=True).tolist()
+    keep = max(int((share >= threshold).sum()), model.moe_peft_config.top_k)
+    keep += -keep % _ep_size(layers)  # round up: the pool stays shardable
+    kept = sorted(by_use[:keep])
+    removed = sorted(by_use[keep:])
     if removed:
         tasks = task_of_experts(model)
-        _rebuild(model, [[e] for e in keep], [tasks[e] for e in keep])
+        with _unsharded(layers):
+            _rebuild(model, [[e] for e in kept], [tasks[e] for e in kept])
     return removed
 
 
@@ -205,19 +248,21 @@ def expert_similarity(model: nn.Module) -> torch.Tensor:
     flattened and the three concatenated per layer, averaged over layers."""
     layers = _layers(model)
     sims = []
-    for layer in layers:
-        flat = torch.stack([torch.cat([delta_weight(layer, p, e).flatten() for p in PROJECTIONS])
-                            for e in range(layer.num_experts)])
-        flat = F.normalize(flat, dim=1)
-        sims.append(flat @ flat.T)
+    with _unsharded(layers):
+        for layer in layers:
+            flat = torch.stack([torch.cat([delta_weight(layer, p, e).flatten() for p in PROJECTIONS])
+                                for e in range(layer.num_experts)])
+            flat = F.normalize(flat, dim=1)
+            sims.append(flat @ flat.T)
     return torch.stack(sims).mean(0)
 
 
 def merge_experts(model: nn.Module, threshold: float) -> list[tuple[int, int]]:
     """Merge pairs of experts whose ``expert_similarity`` is at least ``threshold``, most similar
     first, each expert at most once per call (rule: ``_merged_pair``; router rows averaged; the
-    task becomes 'a+b'). The merged expert takes the lower id's place. Returns the merged pairs
-    (old ids)."""
+    task becomes 'a+b'), under expert parallelism a multiple of ``ep_size`` pairs (the least
+    similar wait). The merged expert takes the lower id's place. Returns the merged pairs (old ids)."""
+    layers = _layers(model)
     sim = expert_similarity(model)
     n = sim.shape[0]
     pairs, used = [], set()
@@ -226,6 +271,7 @@ def merge_experts(model: nn.Module, threshold: float) -> list[tuple[int, int]]:
         if value >= threshold and i not in used and j not in used:
             pairs.append((i, j))
             used |= {i, j}
+    pairs = pairs[: len(pairs) - len(pairs) % _ep_size(layers)]
     if not pairs:
         return []
     if n - len(pairs) < model.moe_peft_config.top_k:
@@ -234,7 +280,8 @@ def merge_experts(model: nn.Module, threshold: float) -> list[tuple[int, int]]:
     partner = dict(pairs)
     tasks = task_of_experts(model)
     plan = [[e, partner[e]] if e in partner else [e] for e in range(n) if e not in partner.values()]
-    _rebuild(model, plan, ["+".join(dict.fromkeys(tasks[e] for e in sources)) for sources in plan])
+    with _unsharded(layers):
+        _rebuild(model, plan, ["+".join(dict.fromkeys(tasks[e] for e in sources)) for sources in plan])
     return pairs
 
 
@@ -318,7 +365,18 @@ def continual_metrics(acc: list[list[float]]) -> dict:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, int]:
-    """Trainable and total adapter parameters (LoRA, DoRA magnitudes, routers) of ``model``."""
+    """Trainable and total adapter parameters (LoRA, DoRA magnitudes, routers) of ``model``, the
+    experts of every expert-parallel rank included (every rank of the group calls this then)."""
+    from .parallel import expert_parallel_group
+
     params = {id(p): p for n, p in model.named_parameters() if any(k in n for k in ("lora_", "magnitude", "router"))}
-    return {"trainable": sum(p.numel() for p in params.values() if p.requires_grad),
-            "total": sum(p.numel() for p in params.values())}
+    counts = torch.zeros(2, 2, dtype=torch.long, device=next(model.parameters()).device)  # [replicated, expert-local]
+    for p in params.values():
+        local = int(not getattr(p, "allreduce", True))
+        counts[local, 0] += p.numel() if p.requires_grad else 0
+        counts[local, 1] += p.numel()
+    group = expert_parallel_group(model)
+    if group is not None:
+        dist.all_reduce(counts[1], group=group)
+    trainable, total = counts.sum(0).tolist()
+    return {"trainable": trainable, "total": total}

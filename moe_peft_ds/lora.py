@@ -142,7 +142,8 @@ class ExpertLoRA(nn.Module):
     (MixLoRA): it is never copied per expert, DoRA included.
 
     Under expert parallelism the base tensor holds only this rank's experts, global ids
-    ``first_expert .. first_expert + E_local - 1``; ``expert_ids`` stay global.
+    ``first_expert .. first_expert + E_local - 1`` (or any ascending ids, ``set_layout``);
+    ``expert_ids`` stay global.
     """
 
     def __init__(self, expert_ids: list[int], weight_out_in: torch.Tensor, cfg: LoRAConfig, first_expert: int = 0):
@@ -151,8 +152,6 @@ class ExpertLoRA(nn.Module):
         num_experts, out_f, in_f = weight_out_in.shape
         if not expert_ids:
             raise ValueError("ExpertLoRA needs at least one selected expert")
-        if not all(first_expert <= e < first_expert + num_experts for e in expert_ids):
-            raise ValueError(f"expert ids {expert_ids} are not all in [{first_expert}, {first_expert + num_experts})")
         # Ascending ids: the rows of the selected experts, sorted by expert, then line up with the slots.
         self.expert_ids = sorted(expert_ids)
         self.slot = {e: i for i, e in enumerate(self.expert_ids)}
@@ -164,18 +163,23 @@ class ExpertLoRA(nn.Module):
         init_lora_pair(self.lora_A, self.lora_B, ranks)
         self.ranks = ranks
         self.magnitude = None
-        self.set_num_experts(num_experts, first_expert)
+        self.set_layout(range(first_expert, first_expert + num_experts))
         if cfg.use_dora:
             self.magnitude = nn.Parameter(self._base(weight_out_in).detach().norm(dim=2).clone())  # [n, out]
         self.register_buffer("scaling", torch.tensor([cfg.scaling_of(e) for e in self.expert_ids], **kw), persistent=False)
 
-    def set_num_experts(self, num_experts: int, first_expert: int = 0) -> None:
-        """Derive the index helpers for a base tensor of ``num_experts`` experts from global id
-        ``first_expert`` on (again when the layer's expert pool grows or shrinks; ``expert_ids`` stay)."""
+    def set_layout(self, local_experts) -> None:
+        """Derive the index helpers for a base tensor whose experts are the global ids
+        ``local_experts`` (ascending), in that order: ``first_expert ..`` at construction, and
+        again when a MixLoRA layer's pool grows, shrinks or is sharded (``expert_ids`` stay)."""
+        local = {e: i for i, e in enumerate(local_experts)}
+        if any(e not in local for e in self.expert_ids):
+            held = f"[{local_experts[0]}, {local_experts[-1]}]" if local_experts else "none"
+            raise ValueError(f"expert ids {self.expert_ids} are not all among the base tensor's experts {held}")
         device = self.lora_A.device
-        ids = torch.tensor(self.expert_ids, device=device) - first_expert  # local indices
-        self.all_experts = len(ids) == num_experts  # then the base tensor is used whole (no copy of a shared view)
-        slot_of = torch.full((num_experts,), -1, dtype=torch.long, device=device)
+        ids = torch.tensor([local[e] for e in self.expert_ids], dtype=torch.long, device=device)  # local indices
+        self.all_experts = len(ids) == len(local)  # then the base tensor is used whole (no copy of a shared view)
+        slot_of = torch.full((len(local),), -1, dtype=torch.long, device=device)
         slot_of[ids] = torch.arange(len(ids), device=device)
         # Index helpers, derived from expert_ids: not saved, but moved with the module.
         self.register_buffer("ids", ids, persistent=False)

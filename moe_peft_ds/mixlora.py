@@ -69,6 +69,12 @@ def _shared(weight: torch.Tensor, num_experts: int) -> torch.Tensor:
     return weight.expand(num_experts, *weight.shape)
 
 
+def _rng_untouched(device: torch.device):
+    """Building experts that are then overwritten (sharding, gathering) must not move the seeded
+    RNG: an expert-parallel run then draws what one process draws (e.g. experts added later)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 class MixLoRAExperts(nn.Module):
     """One adapter's router and LoRA experts for one FFN."""
 
@@ -148,7 +154,8 @@ class MixLoRAFFN(nn.Module):
         self.num_experts = cfg.num_experts
         self.adapter = MixLoRAExperts(mlp, cfg)
         self.dispatch = None  # expert parallel: a parallel.ExpertParallelDispatch (see shard)
-        self.num_local = cfg.num_experts  # LoRA experts held here
+        self.num_local = cfg.num_experts  # LoRA experts held here: global ids local_experts
+        self.local_experts = list(range(cfg.num_experts))
         mlp.requires_grad_(False)
         self.aux_loss_scale = 1.0  # set per step under DeepSpeed: this rank's share of real tokens / accumulation steps
         self.token_mask: torch.Tensor | None = None
@@ -231,11 +238,13 @@ class MixLoRAFFN(nn.Module):
         return out.reshape(x.shape)
 
     def shard(self, group) -> None:
-        """Keep only this rank's ``E/N`` LoRA experts (global ids ``rank * E/N ..``), tagged for
-        DeepSpeed; the router, the frozen FFN and attention stay replicated. Routed rows then
-        reach their expert's rank by the dropless all-to-all (``parallel.ExpertParallelDispatch``)
-        and run there row by row (``expert_rows``): a token's experts may sit on different
-        ranks, so the fast path's once-per-token projections do not apply."""
+        """Keep only this rank's ``E/N`` LoRA experts, tagged for DeepSpeed; the router, the frozen
+        FFN and attention stay replicated. Every expert group (one, or one per task after
+        ``continual.grow_experts``) is split evenly, rank ``r`` holding the ``r``-th slice of each,
+        so that every rank keeps its share of each task and frozen groups stay frozen. Routed
+        rows then reach their expert's rank by the dropless all-to-all
+        (``parallel.ExpertParallelDispatch``) and run there row by row (``expert_rows``): a token's
+        experts may sit on different ranks, so the fast path's once-per-token projections do not apply."""
         import torch.distributed as dist
 
         from .parallel import ExpertParallelDispatch, copy_expert_slots, tag_expert_local
@@ -243,18 +252,59 @@ class MixLoRAFFN(nn.Module):
         ep_size, rank = dist.get_world_size(group), dist.get_rank(group)
         if self.dispatch is not None:
             raise ValueError("this MixLoRA layer is expert-parallel already")
-        if self.num_experts % ep_size:
-            raise ValueError(f"{self.num_experts} LoRA experts cannot be split over ep_size={ep_size}")
+        groups = {name: expert_groups(self.adapter.lora[name]) for name in PROJECTIONS}
+        sizes = [len(g.expert_ids) for g in groups["gate_proj"]]
+        if any(size % ep_size for size in sizes):
+            raise ValueError(f"LoRA expert groups of {sizes} experts cannot be split over ep_size={ep_size}")
+
+        def part(ids: list[int], r: int) -> list[int]:
+            share = len(ids) // ep_size
+            return ids[r * share: (r + 1) * share]
+
+        order = [e for r in range(ep_size) for g in groups["gate_proj"] for e in part(g.expert_ids, r)]
         self.num_local = self.num_experts // ep_size
-        first = rank * self.num_local
-        local_ids = list(range(first, first + self.num_local))
+        self.local_experts = order[rank * self.num_local: (rank + 1) * self.num_local]
         for name in PROJECTIONS:
             weight = getattr(self.base, name).weight
-            local = ExpertLoRA(local_ids, _shared(weight, self.num_local), self.cfg, first_expert=first)
-            copy_expert_slots(self.adapter.lora[name], local)
-            tag_expert_local(local.parameters(), ep_size)
-            self.adapter.lora[name] = local
-        self.dispatch = ExpertParallelDispatch(group, self.num_experts)
+            local = []
+            for full in groups[name]:
+                ids = part(full.expert_ids, rank)
+                with _rng_untouched(weight.device):  # overwritten below
+                    shard = ExpertLoRA(ids, _shared(weight, ids[-1] + 1), self.cfg)
+                copy_expert_slots(full, shard)
+                shard.set_layout(self.local_experts)
+                tag_expert_local(shard.requires_grad_(full.lora_A.requires_grad).parameters(), ep_size)
+                local.append(shard)
+            self.adapter.lora[name] = local[0] if len(local) == 1 else ExpertLoRAPool(local)
+        self.dispatch = ExpertParallelDispatch(group, self.num_experts, order, device=self.adapter.router.weight.device)
+
+    @torch.no_grad()
+    def unshard(self) -> None:
+        """The inverse of ``shard``: every rank of the group gathers all the LoRA experts (each group
+        kept, with its ``requires_grad``) and runs them locally again. Call on every rank."""
+        import torch.distributed as dist
+
+        if self.dispatch is None:
+            raise ValueError("this MixLoRA layer is not expert-parallel")
+        group = self.dispatch.group
+
+        def gathered(t: torch.Tensor) -> torch.Tensor:
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            return torch.cat(parts)
+
+        for name in PROJECTIONS:
+            weight = getattr(self.base, name).weight
+            whole = []
+            for shard in expert_groups(self.adapter.lora[name]):
+                ids = gathered(torch.tensor(shard.expert_ids, device=shard.lora_A.device)).tolist()
+                with _rng_untouched(weight.device):  # overwritten below
+                    full = ExpertLoRA(ids, _shared(weight, self.num_experts), self.cfg)
+                for pname, p in full.named_parameters():
+                    p.copy_(gathered(getattr(shard, pname)))
+                whole.append(full.requires_grad_(shard.lora_A.requires_grad))
+            self.adapter.lora[name] = whole[0] if len(whole) == 1 else ExpertLoRAPool(whole)
+        self.num_local, self.local_experts, self.dispatch = self.num_experts, list(range(self.num_experts)), None
 
 
 def mixlora_layers(model: nn.Module) -> list[tuple[int, MixLoRAFFN]]:

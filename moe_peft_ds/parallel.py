@@ -53,9 +53,13 @@ class ExpertParallelDispatch(MoE):
     It subclasses DeepSpeed's ``MoE`` only so that ``deepspeed.initialize`` sees an MoE model
     and reduces expert-local gradients over the expert-data-parallel group; DeepSpeed's own
     gate and capacity-padded dispatch are not used (``MoE.__init__`` is not called).
+
+    Rank ``r`` owns the experts ``order[r * E/N : (r+1) * E/N]`` (ascending; default: the
+    contiguous block ``r * E/N ..``), its local expert ``i`` being the ``i``-th of them. A
+    MixLoRA pool grown task by task (``continual``) spreads every task's experts over the ranks.
     """
 
-    def __init__(self, group, num_experts: int):
+    def __init__(self, group, num_experts: int, order: list[int] | None = None, device=None):
         nn.Module.__init__(self)
         self.group = group
         self.ep_size = dist.get_world_size(group)
@@ -64,6 +68,13 @@ class ExpertParallelDispatch(MoE):
         self.expert_group_name = ep_group_name(self.ep_size)
         self.enable_expert_tensor_parallelism = False
         self.sent_rows = 0  # rows this rank sent by all-to-all since the last reset (for benchmarks)
+        position = None  # [E + 1]: each global expert's rank-major position (E, "no expert", stays E)
+        if order is not None and list(order) != list(range(num_experts)):
+            if sorted(order) != list(range(num_experts)):
+                raise ValueError(f"order {order} is not a permutation of the {num_experts} experts")
+            position = torch.empty(num_experts + 1, dtype=torch.long, device=device)
+            position[torch.tensor(list(order) + [num_experts], device=device)] = torch.arange(num_experts + 1, device=device)
+        self.register_buffer("position", position, persistent=False)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by ``deepspeed.initialize``: the groups exist already (``deepspeed_expert_group``)."""
@@ -74,6 +85,8 @@ class ExpertParallelDispatch(MoE):
         ``expert_rows(x, local_expert_of_row, counts)`` computes this rank's experts on the rows
         it receives (sorted by local expert)."""
         n_local = self.num_local_experts
+        if self.position is not None:  # rank-major positions: each rank's experts side by side
+            top_k_index = self.position[top_k_index]
         routes = Routes.of(top_k_index, self.num_experts)
         send_counts = routes.counts.view(self.ep_size, n_local)  # [destination rank, its local expert]
         recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
