@@ -57,6 +57,11 @@ def _sgd_step(model, reference, rank: int, world: int) -> dict:
 
 
 def _continual_ep_on_rank(rank, world, method, out_dir):
+    uneven = continual_model(method)
+    grow_experts(uneven, 1, "t1")  # grown in one process: a task of one expert cannot be split over 2 ranks
+    with pytest.raises(ValueError, match=r"groups of \[2, 1\] experts cannot be split over ep_size=2"):
+        shard_experts(uneven, dist.group.WORLD)
+
     model = continual_model(method)  # 2 experts of task t0, randomized
     reference = copy.deepcopy(model)
     shard_experts(model, dist.group.WORLD)
