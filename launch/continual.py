@@ -47,7 +47,7 @@ from moe_peft_ds.continual import (adapter_parameters, continual_metrics, expert
                                    prune_experts, router_kl, router_targets)
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
 from moe_peft_ds.evaluate import exact_match  # noqa: E402
-from moe_peft_ds.models import load_model  # noqa: E402
+from moe_peft_ds.models import DTYPES, load_model, load_tokenizer  # noqa: E402
 from moe_peft_ds.parallel import deepspeed_expert_group, shard_experts  # noqa: E402
 from moe_peft_ds.train import deepspeed_config, train, train_deepspeed  # noqa: E402
 
@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("model, tasks, output")
     add_model_data_args(io, data=False)
+    io.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the base model (default fp32)")
     io.add_argument("--task", action="append", default=[], metavar="NAME=DATA",
                     help=f"a task, in training order (repeat the flag; names unique); DATA: {DATA_HELP}")
     io.add_argument("--eval-samples", type=int, default=100, help="held-out samples per task, never trained on (default 100)")
@@ -201,7 +202,7 @@ def manage_pool(args, model, tokenizer, profile: list[dict], log) -> dict:
 def run_strategy(args, strategy: str, tasks, data, rank: int, world: int, log) -> dict:
     """Train ``strategy`` over the task sequence; returns its metrics (also written to metrics.json)."""
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, tokenizer=args.tokenizer)
+    model, tokenizer = load_model(args.model, args.dtype, args.tokenizer)
     out = Path(args.output_dir) / strategy
     out.mkdir(parents=True, exist_ok=True)
     record = {"strategy": strategy, "tasks": [n for n, _ in tasks], "accuracy": [], "exact_match_detail": [],
@@ -273,7 +274,7 @@ def run(args) -> int:
     if world % args.ep_size:
         raise ConfigError(f"--ep-size {args.ep_size} must divide the number of ranks ({world})")
     log = print if rank == 0 else (lambda *a, **k: None)
-    _, tokenizer = load_model(args.model, tokenizer=args.tokenizer)
+    tokenizer = load_tokenizer(args.model, args.tokenizer)  # the data's; each strategy loads the model
     data = {}
     for name, spec in tasks:
         examples = load_examples(spec, tokenizer, args.max_length, args.train_split, fmt=data_format(args))

@@ -28,18 +28,26 @@ def resolve_model(spec: str) -> str:
 def load_model(spec: str, dtype: str = "fp32", tokenizer: str | None = None):
     """``(model, tokenizer)`` for ``--model`` (and ``--tokenizer``, by default the model's own);
     the hub is only reached for ids that are not local."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
-    path = resolve_model(spec)
-    tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer) if tokenizer else path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    tok = load_tokenizer(spec, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=DTYPES[dtype])
     check_tokenizer(model, tok)
     model.config._name_or_path = spec if spec in PRESETS or not Path(spec).exists() else str(Path(spec).resolve())
     return model, tok
+
+
+def load_tokenizer(spec: str, tokenizer: str | None = None):
+    """The tokenizer ``load_model`` pairs with ``--model`` (``--tokenizer`` if given), with a pad
+    token; without loading the model."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer) if tokenizer else resolve_model(spec))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def check_tokenizer(model, tokenizer) -> None:

@@ -85,7 +85,7 @@ def test_help_explains_every_flag(capsys):
         continual_main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--task", "--experts-per-task", "--kl-coef", "--replay-size", "--prune-threshold", "--merge-threshold",
-                 "--strategies", "--train-old-router", "--ep-size"):
+                 "--strategies", "--train-old-router", "--ep-size", "--dtype"):
         assert flag in text
 
 

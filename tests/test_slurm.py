@@ -50,3 +50,13 @@ def test_one_node_run_through_the_slurm_path(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert "2 rank(s)" in proc.stdout
+
+
+@pytest.mark.parametrize("sbatch", sorted((ROOT / "launch" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
+def test_every_sbatch_script_passes_flags_its_launcher_accepts(sbatch):
+    """The command after ``node_launch.py ... --`` parses with the launcher's own argument parser."""
+    command = shlex.split(sbatch.read_text().split("node_launch.py", 1)[1].replace("\\\n", " "), comments=True)
+    script, *args = command[command.index("--") + 1:]
+    parse_args = runpy.run_path(str(ROOT / script), run_name="not_main")["parse_args"]
+    parsed = parse_args(args)
+    assert parsed.deepspeed_config and Path(ROOT / parsed.deepspeed_config).is_file() and parsed.ep_size > 1
