@@ -245,8 +245,8 @@ def main(argv=None) -> int:
         for name in args.only or BENCHMARKS:
             print(f"running {name} ...", flush=True)
             runs[name] = run_benchmark(name, args.quick, args.results_dir)
-        record_runs(args.results_dir, runs, args.quick)
-    report = write_report(args.results_dir, runs, args.quick)
+    recorded = record_runs(args.results_dir, runs, args.quick)["benchmarks"]  # earlier runs' too (--only)
+    report = write_report(args.results_dir, recorded, args.quick)
     print(f"wrote {report}")
     if args.readme is not None:
         print(f"README blocks rewritten: {update_readme(args.readme, args.results_dir)}")
