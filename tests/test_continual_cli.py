@@ -90,31 +90,36 @@ def test_help_explains_every_flag(capsys):
 
 
 @pytest.mark.slow
-def test_two_deepspeed_ranks_data_and_expert_parallel_train_what_one_process_trains(llama, tmp_path):
+def test_deepspeed_ranks_data_and_expert_parallel_train_what_one_process_trains(llama, tmp_path):
     """ZeRO-2 on 2 ranks x 4 samples, data parallel and with every task's experts split over the
-    ranks (EP=2), against one process x 8: the same stage checkpoints, accuracies and losses
-    (KL penalty and replay on), and earlier experts unchanged. The load-balancing loss is per
-    rank (a nonlinear function of the batch) and so differs between the layouts: it is off here."""
-    flags = ["--model", llama, *TASKS, *SMALL, "--kl-coef", "1", "--replay-size", "4", "--kl-samples", "4",
+    ranks (EP=2), and on 4 ranks x 2 (EP=2 x 2 expert-data-parallel replicas), against one process
+    x 8: the same stage checkpoints, accuracies and losses (KL penalty and replay on), and earlier
+    experts unchanged. The load-balancing loss is per rank (a nonlinear function of the batch)
+    and so differs between the layouts: it is off here."""
+    # Each step's KL term takes one batch of --batch-size (per rank) KL samples: 2 samples are one
+    # batch in every layout here.
+    flags = ["--model", llama, *TASKS, *SMALL, "--kl-coef", "1", "--replay-size", "4", "--kl-samples", "2",
              "--router-aux-loss-coef", "0"]
     runs = {0: tmp_path / "single"}
     assert continual_main([*flags, "--batch-size", "8", "--output-dir", str(runs[0])]) == 0
-    for ep, port in ((1, 29611), (2, 29612)):
-        out = runs[ep] = tmp_path / f"ep{ep}"
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "launch" / "continual.py"), *flags,
-               "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_fp32.json"), "--ep-size", str(ep), "--output-dir", str(out)]
+    layouts = {"dp2": (2, 1, 29611), "ep2": (2, 2, 29612), "ep2x2": (4, 2, 29613)}  # ranks, ep size, port
+    for name, (ranks, ep, port) in layouts.items():
+        out = runs[name] = tmp_path / name
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "launch" / "continual.py"),
+               *flags, "--batch-size", str(8 // ranks), "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_fp32.json"),
+               "--ep-size", str(ep), "--output-dir", str(out)]
         proc = run_deepspeed(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    _frozen_experts_unchanged(runs[1] / "dynamic", "stage_0_arith", "stage_1_code", [0, 1])
+    _frozen_experts_unchanged(runs["dp2"] / "dynamic", "stage_0_arith", "stage_1_code", [0, 1])
     single = json.loads((runs[0] / "dynamic" / "metrics.json").read_text())
     assert [len(row) for row in single["accuracy"]] == [1, 2]
-    for ep in (1, 2):
+    for ep in layouts:
         record = json.loads((runs[ep] / "dynamic" / "metrics.json").read_text())
         assert record["accuracy"] == single["accuracy"] and record["adapter_parameters"] == single["adapter_parameters"]
         for got, expected in zip(record["losses"], single["losses"], strict=True):
-            assert got == pytest.approx(expected, rel=1e-4), f"EP={ep}"
+            assert got == pytest.approx(expected, rel=1e-4), ep
         for stage in ("stage_0_arith", "stage_1_code"):
             a, b = (load_file(str(run / "dynamic" / stage / "adapter_model.safetensors")) for run in (runs[0], runs[ep]))
             assert a.keys() == b.keys()
             for key in a:
-                torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"EP={ep} {stage} {key}")
+                torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{ep} {stage} {key}")
