@@ -77,7 +77,7 @@ def _unsharded(layers: list[MixLoRAFFN]):
 def _set_num_experts(model: nn.Module, layers: list[MixLoRAFFN], tasks: list[str]) -> None:
     cfg = model.moe_peft_config
     for layer in layers:
-        layer.num_experts = layer.num_local = len(tasks)
+        layer.num_experts = len(tasks)
         layer.local_experts = list(range(len(tasks)))
         for proj in PROJECTIONS:
             for group in expert_groups(layer.adapter.lora[proj]):
@@ -106,14 +106,15 @@ def grow_experts(model: nn.Module, n: int, task: str, train_old_router: bool = F
     if n % _ep_size(layers):
         raise ConfigError(f"experts per task ({n}) must be a multiple of ep_size={_ep_size(layers)}: "
                           "every rank holds an equal share of each task's experts")
+    new_ids = list(range(len(tasks), len(tasks) + n))
     with _unsharded(layers):
-        _grow(model, layers, n, task, tasks, train_old_router)
-    return list(range(len(tasks), len(tasks) + n))
+        _grow(model, layers, new_ids, task, tasks, train_old_router)
+    return new_ids
 
 
-def _grow(model: nn.Module, layers: list[MixLoRAFFN], n: int, task: str, tasks: list[str], train_old_router: bool) -> None:
-    cfg, old = model.moe_peft_config, len(tasks)
-    new_ids = list(range(old, old + n))
+def _grow(model: nn.Module, layers: list[MixLoRAFFN], new_ids: list[int], task: str, tasks: list[str],
+          train_old_router: bool) -> None:
+    cfg, old, n = model.moe_peft_config, len(tasks), len(new_ids)
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.requires_grad_(False)
@@ -263,25 +264,31 @@ def merge_experts(model: nn.Module, threshold: float) -> list[tuple[int, int]]:
     task becomes 'a+b'), under expert parallelism a multiple of ``ep_size`` pairs (the least
     similar wait). The merged expert takes the lower id's place. Returns the merged pairs (old ids)."""
     layers = _layers(model)
-    sim = expert_similarity(model)
-    n = sim.shape[0]
+    ep_size = _ep_size(layers)
+    with _unsharded(layers):  # once, for the similarity and the rebuild
+        sim = expert_similarity(model)
+        pairs = _most_similar_pairs(sim, threshold)
+        pairs = pairs[: len(pairs) - len(pairs) % ep_size]
+        n = sim.shape[0]
+        if pairs and n - len(pairs) < model.moe_peft_config.top_k:
+            raise ConfigError(f"merging {len(pairs)} pairs would leave {n - len(pairs)} experts, fewer than "
+                              f"top_k={model.moe_peft_config.top_k}; raise the merge threshold")
+        if pairs:
+            partner = dict(pairs)
+            tasks = task_of_experts(model)
+            plan = [[e, partner[e]] if e in partner else [e] for e in range(n) if e not in partner.values()]
+            _rebuild(model, plan, ["+".join(dict.fromkeys(tasks[e] for e in sources)) for sources in plan])
+    return pairs
+
+
+def _most_similar_pairs(sim: torch.Tensor, threshold: float) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)``, ``i < j``, with similarity at least ``threshold``, most similar first, each expert once."""
     pairs, used = [], set()
-    candidates = sorted(((float(sim[i, j]), i, j) for i in range(n) for j in range(i + 1, n)), reverse=True)
+    candidates = sorted(((float(sim[i, j]), i, j) for i in range(len(sim)) for j in range(i + 1, len(sim))), reverse=True)
     for value, i, j in candidates:
         if value >= threshold and i not in used and j not in used:
             pairs.append((i, j))
             used |= {i, j}
-    pairs = pairs[: len(pairs) - len(pairs) % _ep_size(layers)]
-    if not pairs:
-        return []
-    if n - len(pairs) < model.moe_peft_config.top_k:
-        raise ConfigError(f"merging {len(pairs)} pairs would leave {n - len(pairs)} experts, fewer than "
-                          f"top_k={model.moe_peft_config.top_k}; raise the merge threshold")
-    partner = dict(pairs)
-    tasks = task_of_experts(model)
-    plan = [[e, partner[e]] if e in partner else [e] for e in range(n) if e not in partner.values()]
-    with _unsharded(layers):
-        _rebuild(model, plan, ["+".join(dict.fromkeys(tasks[e] for e in sources)) for sources in plan])
     return pairs
 
 

@@ -154,8 +154,7 @@ class MixLoRAFFN(nn.Module):
         self.num_experts = cfg.num_experts
         self.adapter = MixLoRAExperts(mlp, cfg)
         self.dispatch = None  # expert parallel: a parallel.ExpertParallelDispatch (see shard)
-        self.num_local = cfg.num_experts  # LoRA experts held here: global ids local_experts
-        self.local_experts = list(range(cfg.num_experts))
+        self.local_experts = list(range(cfg.num_experts))  # global ids of the LoRA experts held here
         mlp.requires_grad_(False)
         self.aux_loss_scale = 1.0  # set per step under DeepSpeed: this rank's share of real tokens / accumulation steps
         self.token_mask: torch.Tensor | None = None
@@ -165,6 +164,10 @@ class MixLoRAFFN(nn.Module):
 
         for p in mlp.parameters():
             register_external_parameter(self, p)
+
+    @property
+    def num_local(self) -> int:
+        return len(self.local_experts)
 
     def _valid(self, x: torch.Tensor) -> torch.Tensor:
         """``[T]``: True for real tokens of ``x [B, S, H]`` (all of them without a mask)."""
@@ -262,8 +265,8 @@ class MixLoRAFFN(nn.Module):
             return ids[r * share: (r + 1) * share]
 
         order = [e for r in range(ep_size) for g in groups["gate_proj"] for e in part(g.expert_ids, r)]
-        self.num_local = self.num_experts // ep_size
-        self.local_experts = order[rank * self.num_local: (rank + 1) * self.num_local]
+        share = self.num_experts // ep_size
+        self.local_experts = order[rank * share: (rank + 1) * share]
         for name in PROJECTIONS:
             weight = getattr(self.base, name).weight
             local = []
@@ -304,7 +307,7 @@ class MixLoRAFFN(nn.Module):
                     p.copy_(gathered(getattr(shard, pname)))
                 whole.append(full.requires_grad_(shard.lora_A.requires_grad))
             self.adapter.lora[name] = whole[0] if len(whole) == 1 else ExpertLoRAPool(whole)
-        self.num_local, self.local_experts, self.dispatch = self.num_experts, list(range(self.num_experts)), None
+        self.local_experts, self.dispatch = list(range(self.num_experts)), None
 
 
 def mixlora_layers(model: nn.Module) -> list[tuple[int, MixLoRAFFN]]:
