@@ -14,7 +14,7 @@ Accuracy: teacher-forced exact match of the one-word answer (and its end of sequ
 task's held-out samples. Reports, per variant (mean +- std over seeds): final average accuracy,
 average forgetting, backward transfer and adapter parameters.
 
-    python benchmarks/continual_study.py            # 6 variants x 2 seeds (~15 min on 2 cores)
+    python benchmarks/continual_study.py            # 6 variants x 2 seeds (~6 min on 2 cores)
     python benchmarks/continual_study.py --quick    # a few steps (about a minute)
 
 Writes ``benchmarks/results/continual_study.json`` and ``continual_study.md``.

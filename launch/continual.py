@@ -211,8 +211,10 @@ def run_strategy(args, strategy: str, tasks, data, rank: int, world: int, log) -
     for i, (name, _) in enumerate(tasks):
         train_ex, _ = data[name]
         protect = strategy == "dynamic" and i > 0
-        kl_batches = [b for n in seen for b in make_loader(data[n][0][: args.kl_samples], tokenizer, args.batch_size)]
-        extra = kl_penalty(model, kl_batches, args.kl_coef) if protect and args.kl_coef > 0 else None
+        extra = None
+        if protect and args.kl_coef > 0:
+            kl_batches = [b for n in seen for b in make_loader(data[n][0][: args.kl_samples], tokenizer, args.batch_size)]
+            extra = kl_penalty(model, kl_batches, args.kl_coef)
         if i == 0:
             apply_mixlora(model, adapter_config(args, strategy, len(tasks), name))
             if args.ep_size > 1 and strategy != "lora":
