@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .config import ConfigError, MixLoRAConfig
 from .lora import ExpertLoRA, LoRALinear
 from .routing import route
-from .mixlora import (PROJECTIONS, ExpertLoRAPool, MixLoRAFFN, RouterPool, _shared, expert_groups, mixlora_layers,
+from .mixlora import (PROJECTIONS, ExpertLoRAPool, MixLoRAFFN, Router, RouterPool, _shared, expert_groups, mixlora_layers,
                       router_blocks)
 
 
@@ -128,8 +128,7 @@ def _grow(model: nn.Module, layers: list[MixLoRAFFN], new_ids: list[int], task: 
         blocks = router_blocks(layer.adapter.router)
         for block in blocks:
             block.requires_grad_(train_old_router)
-        fresh = nn.Linear(blocks[0].in_features, n, bias=False, dtype=blocks[0].weight.dtype, device=blocks[0].weight.device)
-        nn.init.normal_(fresh.weight, std=cfg.router_init_range)
+        fresh = Router(blocks[0].in_features, n, cfg.router_init_range, device=blocks[0].weight.device)
         layer.adapter.router = RouterPool(blocks + [fresh])
     _set_num_experts(model, layers, tasks + [task] * n)
 
@@ -189,7 +188,7 @@ def _rebuild(model: nn.Module, plan: list[list[int]], tasks: list[str]) -> None:
                         group.magnitude[i].copy_(new["magnitude"])
             layer.adapter.lora[proj] = group.requires_grad_(False)
         weight = layer.adapter.router.weight.detach()
-        router = nn.Linear(weight.shape[1], n, bias=False, dtype=weight.dtype, device=weight.device)
+        router = Router(weight.shape[1], n, cfg.router_init_range, device=weight.device)
         with torch.no_grad():
             router.weight.copy_(torch.stack([weight[sources].mean(0) for sources in plan]))
         layer.adapter.router = router.requires_grad_(False)

@@ -50,30 +50,37 @@ def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scal
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``x [S, in]`` (rows grouped by expert) times ``weight [E, in, out]`` -> ``[S, out]``.
 
-    ``offsets [E]`` (int32) are the cumulative row counts. Delegates to transformers'
-    dispatcher, which uses torch's grouped GEMM kernel where the device supports it and
-    a per-expert loop with its own backward elsewhere, the same path the base experts take.
-    torch's kernel needs 16-byte aligned strides, which a LoRA rank that is not a multiple of
-    16 bytes (r=2 in fp32) breaks; such operands take transformers' per-expert loop.
+    ``offsets [E]`` (int32) are the cumulative row counts; rows from ``offsets[-1]`` on belong to
+    no group, and torch's kernel leaves their output (and their input gradient) uninitialised:
+    callers that pass such rows mask them. Delegates to transformers' dispatcher, which uses
+    torch's grouped GEMM kernel where the device supports it. That kernel needs operands laid out
+    as ``_aligned`` says; others (a LoRA rank below 16 bytes, e.g. r=2 in fp32) take transformers'
+    per-expert loop, which reads ``offsets`` on the host (a device sync) and also computes the
+    gradient of a frozen weight.
     """
-    if _aligned(x) and _aligned(weight):
+    # The output [S, out] is an operand of the backward too: its rows must be 16-byte multiples.
+    if _aligned(x) and _aligned(weight) and weight.shape[-1] * weight.element_size() % 16 == 0:
         return _transformers_grouped_mm(x, weight, offsets)
     return torch.ops.transformers.grouped_mm_fallback(x.to(weight.dtype), weight, offs=offsets)
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+    """torch's grouped GEMM layout rule: a 16-byte aligned start, one of the last two strides 1
+    (row- or column-major: ``w.transpose(1, 2)`` of a contiguous expert weight qualifies) and every
+    other stride a multiple of 16 bytes."""
+    *lead, rows, cols = (s * t.element_size() for s in t.stride())
+    unit = t.element_size()
+    inner_ok = (cols == unit and rows % 16 == 0) or (rows == unit and cols % 16 == 0)
+    return t.data_ptr() % 16 == 0 and inner_ok and all(s % 16 == 0 for s in lead)
 
 
-def apply_expert_update(base_out: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor,
-                        scale: torch.Tensor | None) -> torch.Tensor:
-    """``base_out [S, out]`` with ``ExpertLoRA``'s update on ``rows``: ``+ delta`` (LoRA) or
-    ``(base + delta) * scale`` (DoRA). In place: grouped_mm keeps its inputs for backward, not its output."""
+def apply_expert_update(base_out: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``base_out [S, out]`` with ``ExpertLoRA``'s update, ``+ delta`` (LoRA) or ``(base + delta) * scale``
+    (DoRA). LoRA adds in place: grouped_mm keeps its inputs for backward, not its output."""
     delta = delta.to(base_out.dtype)
     if scale is None:
-        return base_out.add_(delta) if rows is None else base_out.index_add_(0, rows, delta)
-    updated = ((base_out if rows is None else base_out[rows]) + delta) * scale.to(base_out.dtype)
-    return updated if rows is None else base_out.index_copy_(0, rows, updated)
+        return base_out.add_(delta)
+    return (base_out + delta) * scale.to(base_out.dtype)
 
 
 def init_lora_pair(A: torch.Tensor, B: torch.Tensor, ranks: list[int] | None = None) -> None:
@@ -186,26 +193,47 @@ class ExpertLoRA(nn.Module):
         self.register_buffer("slot_of", slot_of, persistent=False)
 
     def forward(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor,
-                weight_out_in: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """The update of the selected experts for the rows routed to them: ``(rows, delta, scale)``.
+                weight_out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The update of every row: ``(delta [S, out], scale)``, zero (scale 1) on the rows of
+        experts without an adapter.
 
         ``x [S, in]`` holds the routed rows sorted by expert, ``expert_of_row [S]`` the expert
-        of each row and ``counts [E]`` the rows per expert. ``rows`` are the indices of the
-        selected experts' rows (None: all rows), ``delta [len(rows), out]`` their LoRA update and
-        ``scale`` their DoRA factor (None without DoRA); ``apply_expert_update`` combines them
-        with the base output. Only ``x`` enters here with a gradient, so ZeRO-3 keeps this
-        module's parameters gathered until its whole backward has run.
+        of each row and ``counts [E]`` the rows per expert. ``scale [S, out]`` is the DoRA factor
+        (None without DoRA); ``apply_expert_update`` combines both with the base output. Only
+        ``x`` enters here with a gradient, so ZeRO-3 keeps this module's parameters gathered
+        until its whole backward has run.
+
+        No host sync: how many rows the selected experts have is never read. Their rows are
+        moved to the front (a stable sort keeps them grouped by expert), the LoRA GEMMs stop at
+        the selected experts' last row, and the rows behind it, which the kernel leaves
+        uninitialised, are masked in both directions.
         """
-        rows = None if self.all_experts else (self.slot_of[expert_of_row] >= 0).nonzero().squeeze(1)
-        xs = x if self.all_experts else x.index_select(0, rows)
-        slots = self.slot_of[expert_of_row if self.all_experts else expert_of_row[rows]]
+        slots = self.slot_of[expert_of_row]  # [S], -1: no adapter
+        if self.all_experts:
+            return self._update(x, slots, counts, weight_out_in)
+        selected = slots >= 0
+        front = torch.argsort(~selected, stable=True)  # [S]: the selected experts' rows first, still by expert
+        xs = torch.where(selected.index_select(0, front)[:, None], x.index_select(0, front), 0)  # masks the tail's gradient
+        delta, scale = self._update(xs, slots.index_select(0, front), counts, weight_out_in)
+
+        def back(t: torch.Tensor) -> torch.Tensor:  # rows back in x's order
+            return torch.empty_like(t).index_copy_(0, front, t)
+
+        return back(delta), None if scale is None else back(scale)
+
+    def _update(self, xs: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, weight_out_in: torch.Tensor):
+        """``(delta, scale)`` of rows ``xs`` whose adapted rows come first, grouped by slot; ``slots``
+        is -1 on the others, which get delta 0 and scale 1."""
         offsets = counts[self.ids].cumsum(0).to(torch.int32)
-        delta = grouped_mm(grouped_mm(self.dropout(xs).to(self.lora_A.dtype), self.lora_A.transpose(1, 2).contiguous(), offsets),
-                           self.lora_B.transpose(1, 2).contiguous(), offsets) * self.scaling[slots, None]
+        adapted = (slots >= 0)[:, None]
+        slots = slots.clamp_min(0)
+        hidden = grouped_mm(self.dropout(xs).to(self.lora_A.dtype), self.lora_A.transpose(1, 2), offsets)  # [S, r]
+        delta = grouped_mm(hidden, self.lora_B.transpose(1, 2), offsets) * self.scaling[slots, None]  # [S, out]
+        delta = delta if self.all_experts else torch.where(adapted, delta, 0)
         if self.magnitude is None:
-            return rows, delta, None
-        weight = self._base(weight_out_in)
-        return rows, delta, dora_scale(weight, self.lora_A, self.lora_B, self.scaling, self.magnitude)[slots]  # [n, out] -> rows
+            return delta, None
+        scale = dora_scale(self._base(weight_out_in), self.lora_A, self.lora_B, self.scaling, self.magnitude)[slots]
+        return delta, scale if self.all_experts else torch.where(adapted, scale, 1)
 
     @property
     def dora(self) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends.hf import Routes, UnsupportedModelError, inject_attention_lora
+from .backends.hf import Routes, UnsupportedModelError, add_unrouted, inject_attention_lora, unrouted_tokens
 from .config import MixLoRAConfig
 from .lora import ExpertLoRA, apply_expert_update
 from .routing import attach_loss, load_balancing_loss, route, z_loss
@@ -75,14 +75,25 @@ def _rng_untouched(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
+class Router(nn.Linear):
+    """A MixLoRA router (no bias): logits in fp32 whatever dtype its weight was cast to
+    (DeepSpeed's bf16/fp16 configs cast every module; the routing stays in full precision)."""
+
+    def __init__(self, hidden: int, num_experts: int, std: float, device=None):
+        super().__init__(hidden, num_experts, bias=False, dtype=torch.float32, device=device)
+        nn.init.normal_(self.weight, std=std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
 class MixLoRAExperts(nn.Module):
     """One adapter's router and LoRA experts for one FFN."""
 
     def __init__(self, mlp: nn.Module, cfg: MixLoRAConfig):
         super().__init__()
         hidden = mlp.gate_proj.in_features
-        self.router = nn.Linear(hidden, cfg.num_experts, bias=False, dtype=torch.float32, device=mlp.gate_proj.weight.device)
-        nn.init.normal_(self.router.weight, std=cfg.router_init_range)
+        self.router = Router(hidden, cfg.num_experts, cfg.router_init_range, device=mlp.gate_proj.weight.device)
         experts = list(range(cfg.num_experts))
         self.lora = nn.ModuleDict({
             name: ExpertLoRA(experts, _shared(getattr(mlp, name).weight, cfg.num_experts), cfg) for name in PROJECTIONS
@@ -93,7 +104,7 @@ class ExpertLoRAPool(nn.Module):
     """One projection's LoRA experts of a layer, held as groups of ``ExpertLoRA`` with disjoint
     expert ids: continual learning adds a group per task, and an earlier group is frozen by
     ``requires_grad`` (no optimizer, DeepSpeed's included, sees it). Called like ``ExpertLoRA``:
-    the groups' updates cover disjoint rows and are concatenated."""
+    the groups cover disjoint experts, so their updates (zero elsewhere) add up."""
 
     def __init__(self, groups: list[ExpertLoRA]):
         super().__init__()
@@ -104,11 +115,12 @@ class ExpertLoRAPool(nn.Module):
         return self.groups[0].dora
 
     def forward(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, weight_out_in: torch.Tensor):
-        if len(self.groups) == 1:
-            return self.groups[0](x, expert_of_row, counts, weight_out_in)
         parts = [g(x, expert_of_row, counts, weight_out_in) for g in self.groups]
-        return (torch.cat([rows for rows, _, _ in parts]), torch.cat([delta for _, delta, _ in parts]),
-                torch.cat([scale for _, _, scale in parts]) if self.dora else None)
+        if len(parts) == 1:
+            return parts[0]
+        # Each row belongs to one group: the others give it delta 0 and scale 1.
+        delta = torch.stack([delta for delta, _ in parts]).sum(0)
+        return delta, torch.stack([scale for _, scale in parts]).prod(0) if self.dora else None
 
 
 class RouterPool(nn.Module):
@@ -210,9 +222,7 @@ class MixLoRAFFN(nn.Module):
         mixed activations, each expert's LoRA on its rows (LoRA only; see the module docstring)."""
         down = self.base.down_proj
         out = F.linear(routes.mix(h, weights, tokens).to(h.dtype), down.weight)
-        rows, delta, _ = self.adapter.lora["down_proj"](h, routes.expert, routes.counts, _shared(down.weight, self.num_local))
-        if rows is not None:  # the experts' groups (continual learning) covered the rows in their own order
-            delta = delta.new_zeros(h.shape[0], delta.shape[1]).index_copy(0, rows, delta)
+        delta, _ = self.adapter.lora["down_proj"](h, routes.expert, routes.counts, _shared(down.weight, self.num_local))
         out = out + routes.mix(delta, weights, tokens).to(out.dtype)
         if down.bias is not None:  # weights sum to 1 on routed tokens, 0 on the others
             out = out + routes.mix(down.bias.expand(h.shape[0], -1), weights, tokens).to(out.dtype)
@@ -226,15 +236,17 @@ class MixLoRAFFN(nn.Module):
             router_in = router_in * torch.empty_like(router_in).uniform_(1 - self.cfg.jitter_noise, 1 + self.cfg.jitter_noise)
         routing = route(self.adapter.router(router_in), self.cfg, valid)
         if self.dispatch is not None:  # each expert's rows go to the rank that holds it, and come back
-            out = self.dispatch(flat, routing.index, routing.weights, self.expert_rows)
+            out = self.dispatch(flat, routing.index, routing.weights, self.expert_rows, fallback=self.base)
         else:
-            routes = Routes.of(routing.index, self.num_experts)
+            unrouted = unrouted_tokens(routing.index, self.num_experts)  # padding, capacity drops
+            rows, n_unrouted = torch.stack([(routing.index < self.num_experts).sum(), unrouted.sum()]).tolist()  # the one host sync
+            routes = Routes.of(routing.index, self.num_experts, rows)
             out = self._fast(flat, routes, routing.weights) if self.fast else \
                 routes.combine(flat, self.expert_rows(routes.gather(flat), routes.expert, routes.counts), routing.weights)
-        unrouted = (routing.index == self.num_experts).all(-1).nonzero().squeeze(1)  # padding, capacity drops
-        if unrouted.numel():
-            out = out.index_add(0, unrouted, self.base(flat.index_select(0, unrouted)).to(out.dtype))
-        aux = self.cfg.router_aux_loss_coef * load_balancing_loss(routing, valid) + self.cfg.router_z_loss_coef * z_loss(routing, valid)
+            out = add_unrouted(out, flat, unrouted, n_unrouted, self.base)
+        aux = self.cfg.router_aux_loss_coef * load_balancing_loss(routing, valid)
+        if self.cfg.router_z_loss_coef:
+            aux = aux + self.cfg.router_z_loss_coef * z_loss(routing, valid)
         self.last_stats = {"aux_loss": aux.detach(), "dropped": routing.dropped}
         if aux.requires_grad:
             out = attach_loss(out, aux, self.aux_loss_scale)

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from .backends.hf import FusedExpertsWithLoRA, Routes, base_experts, family_of, find_moe_blocks
+from .backends.hf import (FusedExpertsWithLoRA, Routes, add_unrouted, base_experts, expert_counts, family_of,
+                          find_moe_blocks, unrouted_tokens)
 from .config import AdapterConfig
 
 EXPERT_TENSORS_AND_BIASES = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -80,26 +81,33 @@ class ExpertParallelDispatch(MoE):
         """Called by ``deepspeed.initialize``: the groups exist already (``deepspeed_expert_group``)."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                expert_rows) -> torch.Tensor:
+                expert_rows, fallback=None) -> torch.Tensor:
         """``[T, H]``: every token's weighted sum of its experts' outputs, where
         ``expert_rows(x, local_expert_of_row, counts)`` computes this rank's experts on the rows
-        it receives (sorted by local expert)."""
-        n_local = self.num_local_experts
+        it receives (sorted by local expert). Tokens routed to no expert get ``fallback(rows)``
+        (MixLoRA: the frozen FFN) when it is given. One host sync: the split sizes."""
+        n_local, ep = self.num_local_experts, self.ep_size
         if self.position is not None:  # rank-major positions: each rank's experts side by side
             top_k_index = self.position[top_k_index]
-        routes = Routes.of(top_k_index, self.num_experts)
-        send_counts = routes.counts.view(self.ep_size, n_local)  # [destination rank, its local expert]
+        counts = expert_counts(top_k_index, self.num_experts)
+        send_counts = counts.view(ep, n_local)  # [destination rank, its local expert]
         recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send, recv = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        unrouted = unrouted_tokens(top_k_index, self.num_experts) if fallback is not None else None
+        sizes = [send_counts.sum(1), recv_counts.sum(1)] + ([unrouted.sum().view(1)] if fallback is not None else [])
+        host = torch.cat(sizes).tolist()  # the one host sync
+        send, recv = host[:ep], host[ep:2 * ep]
+        routes = Routes.of(top_k_index, self.num_experts, rows=sum(send), counts=counts)
         x = all_to_all_v(routes.gather(hidden_states), send, recv, self.group)  # grouped by source, then expert
         # Regroup the received rows by local expert (stable: sources stay in rank order).
-        local_expert = torch.arange(n_local, device=x.device).repeat(self.ep_size)
-        local_of_row, perm = torch.sort(torch.repeat_interleave(local_expert, recv_counts.reshape(-1)), stable=True)
+        local_expert = torch.arange(n_local, device=x.device).repeat(ep)
+        source_major = torch.repeat_interleave(local_expert, recv_counts.reshape(-1), output_size=sum(recv))
+        local_of_row, perm = torch.sort(source_major, stable=True)
         y = expert_rows(x.index_select(0, perm), local_of_row, recv_counts.sum(0))
-        y = all_to_all_v(y[torch.argsort(perm)], recv, send, self.group)  # back in the order sent
+        y = all_to_all_v(torch.empty_like(y).index_copy_(0, perm, y), recv, send, self.group)  # back in the order sent
         self.sent_rows += sum(send) + sum(recv)
-        return routes.combine(hidden_states, y, top_k_weights)
+        out = routes.combine(hidden_states, y, top_k_weights)
+        return out if fallback is None else add_unrouted(out, hidden_states, unrouted, host[-1], fallback)
 
 
 class ExpertParallelExperts(ExpertParallelDispatch):

@@ -7,7 +7,6 @@ to no expert (padding, a top-p cut, a capacity drop), which ``backends.hf.Routes
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,14 @@ class Routing:
     logits: torch.Tensor  # [T, E] router logits
     assigned: torch.Tensor  # [T, k] expert per slot before capacity drops (what the balancing loss counts)
     dropped: torch.Tensor  # () tokens dropped by the capacity limit (switch)
+
+
+def expert_counts(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[E]`` assignments per expert of ``top_k_index [T, k]``; index E (a masked slot) is not
+    counted. A scatter-add, not ``bincount``, which reads the largest index on the host on GPUs."""
+    flat = top_k_index.reshape(-1)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
 
 
 def route(logits: torch.Tensor, cfg: MixLoRAConfig, valid: torch.Tensor) -> Routing:
@@ -46,7 +53,7 @@ def route(logits: torch.Tensor, cfg: MixLoRAConfig, valid: torch.Tensor) -> Rout
     index = index.masked_fill(~valid[:, None], num_experts)
     assigned = index
     if cfg.routing == "switch":
-        index = _capacity_limit(index, num_experts, cfg.capacity_factor, int(valid.sum()))
+        index = _capacity_limit(index, num_experts, cfg.capacity_factor, valid.sum())
         dropped = (index != assigned).sum()
     weights = weights.masked_fill(index == num_experts, 0.0)
     return Routing(weights, index, probs, logits, assigned, dropped)
@@ -63,10 +70,10 @@ def _top_p(probs: torch.Tensor, top_p: float, max_k: int) -> tuple[torch.Tensor,
     return weights / weights.sum(-1, keepdim=True), order.masked_fill(~keep, probs.shape[1])
 
 
-def _capacity_limit(index: torch.Tensor, num_experts: int, factor: float, tokens: int) -> torch.Tensor:
+def _capacity_limit(index: torch.Tensor, num_experts: int, factor: float, tokens: torch.Tensor) -> torch.Tensor:
     """Top-1 ``index [T, 1]`` with the tokens beyond each expert's capacity
-    ``ceil(factor * tokens / E)`` (in token order) sent to no expert."""
-    capacity = math.ceil(factor * tokens / num_experts)
+    ``ceil(factor * tokens / E)`` (in token order) sent to no expert. ``tokens`` stays on the device."""
+    capacity = torch.ceil(factor * tokens.double() / num_experts)
     one_hot = torch.nn.functional.one_hot(index[:, 0], num_experts + 1)[:, :num_experts]  # [T, E]
     position = (one_hot.cumsum(0) * one_hot).sum(-1)  # 1-based place of the token in its expert's queue
     return index.masked_fill((position > capacity)[:, None], num_experts)
@@ -78,13 +85,14 @@ def load_balancing_loss(routing: Routing, valid: torch.Tensor) -> torch.Tensor:
     probability. 1.0 when both are uniform with top-1."""
     num_experts = routing.probs.shape[1]
     n = valid.sum().clamp_min(1)
-    counts = torch.bincount(routing.assigned[valid].reshape(-1), minlength=num_experts + 1)[:num_experts]
-    return num_experts * (counts.to(routing.probs.dtype) / n * routing.probs[valid].sum(0) / n).sum()
+    counts = expert_counts(routing.assigned, num_experts)  # padding's slots are index E: not counted
+    probs = (routing.probs * valid[:, None]).sum(0)  # a mask product, not indexing: no host sync
+    return num_experts * (counts.to(routing.probs.dtype) / n * probs / n).sum()
 
 
 def z_loss(routing: Routing, valid: torch.Tensor) -> torch.Tensor:
     """ST-MoE's router z-loss, ``mean(logsumexp(logits)^2)`` over the non-padding tokens."""
-    return torch.logsumexp(routing.logits[valid], dim=-1).pow(2).sum() / valid.sum().clamp_min(1)
+    return (torch.logsumexp(routing.logits, dim=-1).pow(2) * valid).sum() / valid.sum().clamp_min(1)
 
 
 class _AttachLoss(torch.autograd.Function):

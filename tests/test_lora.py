@@ -168,23 +168,45 @@ def test_unsupported_model_names_supported_families():
     assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
 
 
-@pytest.mark.parametrize("r", [2, 3])
-def test_ranks_whose_rows_are_not_16_byte_aligned_work(r):
-    """torch's grouped GEMM needs 16-byte aligned strides; r=2 or 3 in fp32 takes the per-expert loop."""
+@pytest.mark.parametrize("r", [2, 3, 8])
+def test_expert_lora_updates_only_selected_rows_with_exact_gradients(r):
+    """Every row gets an update, zero on experts without an adapter. r=2 or 3 in fp32 is not
+    16-byte aligned and takes transformers' per-expert loop; r=8 takes torch's grouped GEMM, which
+    leaves the rows past the selected experts uninitialised (forward and input gradient): both
+    must be masked, or garbage reaches the unselected rows and x's gradient."""
     from moe_peft_ds.lora import ExpertLoRA
 
     torch.manual_seed(0)
-    weight = torch.randn(4, 6, 10)
+    weight = torch.randn(4, 8, 12)
     lora = ExpertLoRA([1, 3], weight, AdapterConfig(r=r, alpha=r))
     with torch.no_grad():
         lora.lora_B.normal_()
     counts = torch.tensor([2, 3, 1, 4])
     expert_of_row = torch.repeat_interleave(torch.arange(4), counts)
-    x = torch.randn(10, 10, requires_grad=True)
-    rows, delta, _ = lora(x, expert_of_row, counts, weight)
+    x = torch.randn(10, 12, requires_grad=True)
+    delta, scale = lora(x, expert_of_row, counts, weight)
+    assert scale is None
     want = torch.stack([x[i] @ lora.lora_A[lora.slot[int(e)]].t() @ lora.lora_B[lora.slot[int(e)]].t()
-                        for i, e in enumerate(expert_of_row) if int(e) in (1, 3)])
+                        if int(e) in (1, 3) else x.new_zeros(8) for i, e in enumerate(expert_of_row)])
     torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-6)
-    assert rows.tolist() == [i for i, e in enumerate(expert_of_row.tolist()) if e in (1, 3)]
-    delta.sum().backward()
-    assert lora.lora_A.grad is not None and x.grad is not None
+    grad_out = torch.randn_like(delta)
+    (delta * grad_out).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    want = torch.stack([x_ref[i] @ lora.lora_A[lora.slot[int(e)]].t() @ lora.lora_B[lora.slot[int(e)]].t()
+                        if int(e) in (1, 3) else x_ref.new_zeros(8) for i, e in enumerate(expert_of_row)])
+    (want * grad_out).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    assert (x.grad[~torch.isin(expert_of_row, torch.tensor([1, 3]))] == 0).all()
+
+
+def test_grouped_gemm_alignment_rule_accepts_transposed_expert_weights():
+    """torch's rule: one of the last two strides 1, the other a multiple of 16 bytes. The transposed
+    view of a contiguous [E, out, in] weight qualifies (the base experts must take the grouped GEMM,
+    not the per-expert loop); rows of 2 fp32 values (8 bytes) do not."""
+    from moe_peft_ds.lora import _aligned
+
+    w = torch.randn(4, 32, 16)
+    assert _aligned(w) and _aligned(w.transpose(1, 2))
+    assert not _aligned(torch.randn(4, 16, 2))  # row-major rows of 8 bytes
+    assert _aligned(torch.randn(4, 2, 16).transpose(1, 2))  # column-major, columns of 64 bytes
+    assert not _aligned(torch.randn(65)[1:].view(4, 16))  # start not 16-byte aligned

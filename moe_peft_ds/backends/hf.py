@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ATTENTION_TARGETS, AdapterConfig
 from ..lora import ExpertLoRA, LoRALinear, apply_expert_update, grouped_mm
+from ..routing import expert_counts
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
@@ -140,13 +141,14 @@ class Routes:
     counts: torch.Tensor  # [E] assignments per expert
 
     @classmethod
-    def of(cls, top_k_index: torch.Tensor, num_experts: int) -> "Routes":
-        flat = top_k_index.reshape(-1)  # [T*k]
-        expert, order = torch.sort(flat, stable=True)
-        # Index E (one past the last expert) marks a masked slot in transformers: it sorts last and is dropped.
-        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
-        n_rows = int(counts.sum())  # the one host sync
-        order, expert = order[:n_rows], expert[:n_rows]
+    def of(cls, top_k_index: torch.Tensor, num_experts: int, rows: int, counts: torch.Tensor | None = None) -> "Routes":
+        """``rows`` is how many slots go to an expert (``top_k_index.numel()`` when none is masked):
+        the caller knows it on the host, so building the routes never syncs with the device.
+        Index E (one past the last expert) marks a masked slot: it sorts last and is dropped.
+        ``counts``: ``expert_counts`` of ``top_k_index``, if the caller has them already."""
+        expert, order = torch.sort(top_k_index.reshape(-1), stable=True)
+        order, expert = order[:rows], expert[:rows]
+        counts = expert_counts(top_k_index, num_experts) if counts is None else counts
         return cls(order, expert, order // top_k_index.shape[1], counts)
 
     def gather(self, per_token: torch.Tensor) -> torch.Tensor:
@@ -160,9 +162,29 @@ class Routes:
         return self.mix(y, top_k_weights, hidden_states.shape[0]).to(hidden_states.dtype)
 
     def mix(self, y: torch.Tensor, top_k_weights: torch.Tensor, tokens: int) -> torch.Tensor:
-        """``[tokens, D]``: the rows ``y [S, D]`` (in sorted order) weighted and summed per token."""
+        """``[tokens, D]``: the rows ``y [S, D]`` (in sorted order) weighted and summed per token.
+        With every slot routed, the rows go back to slot order and each token sums its k rows
+        (deterministic, as transformers does); masked slots make S smaller and take an index_add."""
+        k = top_k_weights.shape[-1]
+        if y.shape[0] == tokens * k:
+            slotted = torch.empty_like(y).index_copy_(0, self.order, y).view(tokens, k, -1)  # [T, k, D]
+            return (slotted * top_k_weights.reshape(tokens, k, 1)).sum(1)
         y = y * top_k_weights.reshape(-1)[self.order, None]
         return y.new_zeros((tokens, y.shape[1])).index_add_(0, self.token, y)
+
+
+def unrouted_tokens(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[T]``: True for tokens whose every slot is masked (index E): MixLoRA's padding and capacity drops."""
+    return (top_k_index == num_experts).all(-1)
+
+
+def add_unrouted(out: torch.Tensor, hidden: torch.Tensor, unrouted: torch.Tensor, count: int, fallback) -> torch.Tensor:
+    """``out [T, H]`` plus ``fallback(rows)`` on the ``count`` tokens ``unrouted [T]`` marks; ``count``
+    comes from the host already, so picking them does not sync."""
+    if not count:
+        return out
+    tokens = torch.argsort(~unrouted, stable=True)[:count]
+    return out.index_add(0, tokens, fallback(hidden.index_select(0, tokens)).to(out.dtype))
 
 
 class FusedExpertsWithLoRA(nn.Module):
@@ -213,7 +235,11 @@ class FusedExpertsWithLoRA(nn.Module):
         return self._project("down_proj", h, expert_of_row, counts)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        routes = Routes.of(top_k_index, self.num_experts)
+        # A slot transformers masks (index E) runs on expert 0 with weight 0: every slot then has a
+        # row, and how many there are is known without asking the device.
+        masked = top_k_index == self.num_experts
+        top_k_index, top_k_weights = top_k_index.masked_fill(masked, 0), top_k_weights.masked_fill(masked, 0)
+        routes = Routes.of(top_k_index, self.num_experts, rows=top_k_index.numel())
         return routes.combine(hidden_states, self.expert_rows(routes.gather(hidden_states), routes.expert, routes.counts),
                               top_k_weights)
 

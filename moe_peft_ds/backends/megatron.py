@@ -121,11 +121,11 @@ def tag_expert_params(module: nn.Module) -> None:
             p.allreduce = False
 
 
-def _adapter_out(out: torch.Tensor, rows, delta, scale) -> torch.Tensor:
+def _adapter_out(out: torch.Tensor, delta, scale) -> torch.Tensor:
     """``out [..., O]`` with an ``ExpertLoRA`` update; a copy, never in place: the base output
     belongs to Megatron's (or Transformer Engine's) autograd functions."""
     flat = out.reshape(-1, out.shape[-1])
-    return apply_expert_update(flat.clone(), rows, delta, scale).view(out.shape)
+    return apply_expert_update(flat.clone(), delta, scale).view(out.shape)
 
 
 def _check_dora_bias(base: nn.Module, cfg: AdapterConfig, where: str) -> None:
