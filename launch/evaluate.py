@@ -28,6 +28,7 @@ from moe_peft_ds.checkpoint import load_adapter  # noqa: E402
 from moe_peft_ds.cli import check_positive, run_cli  # noqa: E402
 from moe_peft_ds.config import ConfigError  # noqa: E402
 from moe_peft_ds.evaluate import METRICS, accuracy, score_distributed  # noqa: E402
+from moe_peft_ds.device import bind_accelerator  # noqa: E402
 from moe_peft_ds.models import DTYPES, PRESETS, load_model  # noqa: E402
 from moe_peft_ds.tasks import TASKS, get_task, load_items  # noqa: E402
 
@@ -60,6 +61,7 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    bind_accelerator()
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=1800))
     return dist.get_rank(), dist.get_world_size()
 

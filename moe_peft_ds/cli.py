@@ -11,6 +11,7 @@ from .backends.hf import UnsupportedModelError
 from .checkpoint import AdapterMismatchError
 from .config import ConfigError
 from .data import FORMATS, DataError, DataFormat
+from .device import bind_accelerator
 from .models import PRESETS
 from .tasks import TaskError
 
@@ -77,6 +78,7 @@ def init_distributed(deepspeed_config: str | None, timeout_s: int) -> tuple[int,
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    bind_accelerator()
     # NCCL on GPUs, gloo on the CPU accelerator; the timeout turns a dead peer into an error.
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError, MixLoRAConfig
+from .device import model_device
 from .lora import ExpertLoRA, LoRALinear
 from .routing import route
 from .mixlora import (PROJECTIONS, ExpertLoRAPool, MixLoRAFFN, Router, RouterPool, _shared, expert_groups, mixlora_layers,
@@ -204,7 +205,7 @@ def expert_usage(model: nn.Module, loader) -> torch.Tensor:
     counts = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     cfg = model.moe_peft_config
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
@@ -318,7 +319,7 @@ def router_targets(model: nn.Module, batches: list[dict]) -> list[list[torch.Ten
     tokens, ``[T_real, E]``: what ``router_kl`` keeps the router close to. Call before growing."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     targets = []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
@@ -334,7 +335,7 @@ def router_kl(model: nn.Module, batch: dict, targets: list[torch.Tensor]) -> tor
     """``KL(p_before || p_now)`` of every layer's router on ``batch``'s real tokens, averaged over
     tokens and layers. ``p_before`` covers the experts that existed then; the mass the router now
     puts on newer experts counts against it (``log p_now`` of the old experts falls)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     with _router_logits(model) as logits:
         model(**batch)
@@ -376,7 +377,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, int]:
     from .parallel import expert_parallel_group
 
     params = {id(p): p for n, p in model.named_parameters() if any(k in n for k in ("lora_", "magnitude", "router"))}
-    counts = torch.zeros(2, 2, dtype=torch.long, device=next(model.parameters()).device)  # [replicated, expert-local]
+    counts = torch.zeros(2, 2, dtype=torch.long, device=model_device(model))  # [replicated, expert-local]
     for p in params.values():
         local = int(not getattr(p, "allreduce", True))
         counts[local, 0] += p.numel() if p.requires_grad else 0

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .device import model_device
 from .tasks import MCItem, TaskError
 
 METRICS = ("acc", "acc_norm", "acc_letter")
@@ -108,7 +109,7 @@ def score_items(model, tokenizer, items: list[MCItem], pool: list[MCItem] | None
     """Per-item scores: ``loglik`` and ``chars`` per option, ``letter`` logits, ``answer``.
     ``prefixes`` (one per item) replaces the few-shot draw from ``pool``."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     if prefixes is None:
         prefixes = few_shot_prefixes(pool or [], shots, seed, len(items)) if shots else [("", "")] * len(items)
     pairs = [(pre + ctx, cont) for item, (pre, _) in zip(items, prefixes) for ctx, cont in item.options]
@@ -168,7 +169,7 @@ def exact_match(model, loader) -> dict[str, float]:
     mean loss per scored token. Works for any data format the data layer encodes."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     hits = samples = right = tokens = 0
     nll = 0.0
     for batch in loader:

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .device import run_device
 
 PRESETS = {"tiny-mixtral": "the pretrained 16-expert demo MoE shipped in moe_peft_ds/assets (see launch/build_demo_model.py)",
            "tiny-llama": "the pretrained dense demo LLaMA shipped in moe_peft_ds/assets (launch/build_demo_model.py --arch llama)"}
@@ -26,14 +27,15 @@ def resolve_model(spec: str) -> str:
 
 
 def load_model(spec: str, dtype: str = "fp32", tokenizer: str | None = None):
-    """``(model, tokenizer)`` for ``--model`` (and ``--tokenizer``, by default the model's own);
-    the hub is only reached for ids that are not local."""
+    """``(model, tokenizer)`` for ``--model`` (and ``--tokenizer``, by default the model's own),
+    the model on this process's accelerator (``device.run_device``); the hub is only reached for
+    ids that are not local."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
     tok = load_tokenizer(spec, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=DTYPES[dtype]).to(run_device())
     check_tokenizer(model, tok)
     model.config._name_or_path = spec if spec in PRESETS or not Path(spec).exists() else str(Path(spec).resolve())
     return model, tok

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data import make_loader, target_tokens
+from .device import model_device, to_device
 from .resume import rank_world
 
 
@@ -31,14 +32,14 @@ def validation_loss(model: nn.Module, examples: list[dict], tokenizer, batch_siz
     per_rank = len(examples) // world
     if per_rank == 0:
         raise ValueError(f"{len(examples)} validation samples cannot be split over {world} ranks")
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [summed loss, target tokens], on the device: no sync per batch
     for batch in make_loader(examples[rank * per_rank:(rank + 1) * per_rank], tokenizer, batch_size):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         summed = model(**batch, num_items_in_batch=torch.tensor(1.0, device=device)).loss  # the sum, not the mean
-        total += torch.tensor([float(summed), float(target_tokens(batch))], dtype=torch.float64)
+        total += torch.stack([summed.double(), target_tokens(batch).double()])
     model.train(was_training)
     if world > 1:
         dist.all_reduce(total)

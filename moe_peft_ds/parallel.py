@@ -231,7 +231,7 @@ def clip_grad_norm_expert_parallel(params: list[nn.Parameter], max_norm: float, 
     with_grad = [p for p in params if p.grad is not None]
     local = [p.grad for p in params if p.grad is not None and not getattr(p, "allreduce", True)]
     shared = [p.grad for p in params if p.grad is not None and getattr(p, "allreduce", True)]
-    zero = torch.zeros((), device=with_grad[0].device) if with_grad else torch.zeros(())
+    zero = torch.zeros((), device=params[0].device)  # on the device even where no gradient exists (NCCL)
     local_sq = torch.nn.utils.get_total_norm(local).double() ** 2 if local else zero.double()
     dist.all_reduce(local_sq, group=group)
     shared_sq = torch.nn.utils.get_total_norm(shared).double() ** 2 if shared else zero.double()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .backends.deepspeed_moe import ds_moe_layers, gate_choice, is_ds_moe_model
 from .backends.hf import family_of, find_moe_blocks
 from .backends.megatron import is_megatron_model
+from .device import model_device
 
 
 @dataclass
@@ -80,7 +81,7 @@ class _Counter:
 
     def __init__(self, model: nn.Module, layers: list[int], num_experts: int, top_k: int):
         self.layers, self.num_experts, self.top_k = layers, num_experts, top_k
-        device = next(model.parameters()).device
+        device = model_device(model)
         self.counts = torch.zeros(len(layers), num_experts, dtype=torch.int64, device=device)
         self.gate_sums = torch.zeros(len(layers), num_experts, dtype=torch.float64, device=device)
         self.mask: torch.Tensor | None = None  # [B, S] True for real (non-padding) tokens

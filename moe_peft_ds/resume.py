@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from .checkpoint import zero3_gathered
+from .device import model_device
 
 
 def rank_world() -> tuple[int, int]:
@@ -38,6 +40,8 @@ def save_training_state(directory: str | Path, model: nn.Module, optimizer, sche
     state = {
         "step": step, "world_size": world, "adapter": adapter,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+        # dropout and jitter draw from the accelerator's generator on GPUs
+        "device_rng": get_accelerator().get_rng_state() if get_accelerator().device_name() != "cpu" else None,
     }
     tmp = out / f".rank{rank}.pt.tmp"
     torch.save(state, tmp)
@@ -63,7 +67,8 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer, scheduler
     """
     rank, world = rank_world()
     path = resolve_resume(path)
-    state = torch.load(path / f"rank{rank}.pt", weights_only=False)
+    device = model_device(model)
+    state = _load_state(path / f"rank{rank}.pt", device)
     if state["world_size"] != world:
         raise ValueError(f"{path} was saved by {state['world_size']} ranks; resume with the same number, not {world}")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -73,12 +78,26 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer, scheduler
         for name, p in params.items():
             p.copy_(state["adapter"][name])
     if _is_zero_optimizer(optimizer):  # each rank reads its own partition out of the list, fp32 masters included
-        states = [torch.load(path / f"rank{r}.pt", weights_only=False)["optimizer"] for r in range(world)]
+        states = [_load_state(path / f"rank{r}.pt", device)["optimizer"] for r in range(world)]
         optimizer.load_state_dict(states, load_from_fp32_weights=True)
         if hasattr(optimizer, "checkpoint_event_epilogue"):  # ZeRO-3: re-gather the persistent parameters it partitioned
             optimizer.checkpoint_event_epilogue()
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"].cpu())
+    if state.get("device_rng") is not None and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["device_rng"].cpu())
     return state["step"]
+
+
+def _load_state(path: Path, device: torch.device) -> dict:
+    """One rank's state file, its tensors on ``device`` (not on the GPU of the rank that wrote it);
+    tensors and plain containers only, never code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # ZeRO's optimizer state holds these: plain attributes and an enum, allowed by name (no code runs)
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=device, weights_only=True)

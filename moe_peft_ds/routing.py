@@ -74,7 +74,8 @@ def _capacity_limit(index: torch.Tensor, num_experts: int, factor: float, tokens
     """Top-1 ``index [T, 1]`` with the tokens beyond each expert's capacity
     ``ceil(factor * tokens / E)`` (in token order) sent to no expert. ``tokens`` stays on the device."""
     capacity = torch.ceil(factor * tokens.double() / num_experts)
-    one_hot = torch.nn.functional.one_hot(index[:, 0], num_experts + 1)[:, :num_experts]  # [T, E]
+    # [T, E]; a comparison, not F.one_hot, which checks the index range on the host
+    one_hot = (index == torch.arange(num_experts, device=index.device)).long()
     position = (one_hot.cumsum(0) * one_hot).sum(-1)  # 1-based place of the token in its expert's queue
     return index.masked_fill((position > capacity)[:, None], num_experts)
 
@@ -110,9 +111,9 @@ class _AttachLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (loss,) = ctx.saved_tensors
-        return grad, torch.full_like(loss, ctx.scale), None
+        return grad, torch.ones_like(loss) * ctx.scale, None  # scale: a float, or a tensor on the device
 
 
-def attach_loss(out: torch.Tensor, loss: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def attach_loss(out: torch.Tensor, loss: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """``out``, carrying ``loss`` into the backward pass (see ``_AttachLoss``)."""
     return _AttachLoss.apply(out, loss, scale)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .data import target_tokens
+from .device import model_device, to_device
 from .mixlora import mixlora_layers
 from .resume import load_training_state, save_training_state
 
@@ -84,8 +85,9 @@ def train(model: nn.Module, loader, steps: int, lr: float, warmup: int = 10, cli
     optimizer = build_optimizer(model, lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
     model.train()
-    return _run_steps(lambda batch: train_step(model, batch, optimizer, scheduler, clip, extra_loss), loader, steps, progress,
-                      model, optimizer, scheduler, ckpt, monitor)
+    device = model_device(model)
+    return _run_steps(lambda batch: train_step(model, to_device(batch, device), optimizer, scheduler, clip, extra_loss),
+                      loader, steps, progress, model, optimizer, scheduler, ckpt, monitor)
 
 
 def train_multi_adapter(model: nn.Module, loaders: dict, steps: int, lrs: dict[str, float], warmup: int = 10,
@@ -107,8 +109,9 @@ def train_multi_adapter(model: nn.Module, loaders: dict, steps: int, lrs: dict[s
     streams = {n: itertools.chain.from_iterable(itertools.repeat(loaders[n])) for n in names}
     losses = {n: [] for n in names}
     model.train()
+    device = model_device(model)
     for _ in tqdm(range(steps), desc="training", disable=not progress):
-        batches = {n: next(streams[n]) for n in names}
+        batches = {n: to_device(next(streams[n]), device) for n in names}
         width = max(b["input_ids"].shape[1] for b in batches.values())
         pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}  # right padding: real tokens never see it
         batch = {k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1]), value=v) for b in batches.values()]) for k, v in pad.items()}
@@ -188,18 +191,19 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
     engine.train()
 
     def step(batch: dict) -> float:
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        batch = to_device(batch, engine.device)
         # Per token over the global batch, as one process would compute it: DeepSpeed averages
         # the ranks' gradients, so each rank divides its summed loss by (global tokens / ranks).
-        tokens = target_tokens(batch).float()
-        dist.all_reduce(tokens)
-        if routers:  # their losses are means over this rank's real tokens: weight them the same way,
-            real = batch["attention_mask"].sum().float()  # and by 1/accumulation as DeepSpeed scales the loss
-            real_total = real.clone()
-            dist.all_reduce(real_total)
+        # MixLoRA's router losses are means over this rank's real tokens: they are weighted the
+        # same way, and by 1/accumulation as DeepSpeed scales the loss. One all-reduce for both.
+        local = torch.stack([target_tokens(batch), batch["attention_mask"].sum()]).float()
+        totals = local.clone()
+        dist.all_reduce(totals)
+        if routers:
+            scale = local[1] * dist.get_world_size() / totals[1] / accumulation  # stays on the device
             for layer in routers:
-                layer.aux_loss_scale = float(real * dist.get_world_size() / real_total) / accumulation
-        loss = engine(**batch, num_items_in_batch=tokens / dist.get_world_size()).loss
+                layer.aux_loss_scale = scale
+        loss = engine(**batch, num_items_in_batch=totals[0] / dist.get_world_size()).loss
         engine.backward(loss if extra_loss is None else loss + extra_loss())  # gradients are reduced here
         if own_clipping and engine.is_gradient_accumulation_boundary():
             clip_grad_norm_expert_parallel(params, clip, ep_group)

@@ -81,3 +81,22 @@ def test_two_ranks_data_and_expert_parallel_train_the_mixlora_of_one_process(lla
         assert log["losses"] == pytest.approx(la, rel=1e-4)
         for got, expected in zip(log["evaluations"], evals, strict=True):  # evaluation is collective, and exact
             assert got == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_mixlora_trains_under_a_bf16_deepspeed_preset(llama, tmp_path):
+    """DeepSpeed's bf16 config casts every module, the fp32 router included; the router must still
+    take the (fp32) router input and compute in fp32 (it crashed with a dtype mismatch before)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--model", llama, *FLAGS, "--method", "mixlora",
+                           "--max-steps", "3", "--batch-size", "4", "--output-dir", str(out),
+                           "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_bf16.json")],
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "MASTER_PORT": "29633"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads((out / "train_log.json").read_text())["losses"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    state = load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t.float()).all() for t in state.values())

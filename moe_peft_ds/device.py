@@ -1,0 +1,39 @@
+"""Where tensors live. The model goes to the run's accelerator right after loading (before
+profiling), and every batch and every collective's tensor follows the model: NCCL takes no CPU
+tensors, and a CPU tensor in a GPU step is a hidden copy."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+
+def run_device() -> torch.device:
+    """This process's device: DeepSpeed's accelerator at ``LOCAL_RANK`` (``cuda:N`` on GPUs, the
+    CPU where there is none), for ``python`` and ``deepspeed`` runs alike."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(accelerator.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (the one its inputs and collectives must use)."""
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on ``device`` (asynchronously from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def bind_accelerator() -> None:
+    """Make ``run_device()`` this process's current device before the process group starts, so
+    NCCL's communicator and every allocation land on the rank's own GPU (a no-op on CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
