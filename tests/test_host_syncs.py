@@ -157,3 +157,30 @@ def test_expert_parallel_dispatch_syncs_once_per_layer(method):
     from distributed import run_ranks
 
     run_ranks(_ep_syncs, world=2, args=(method,))
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_base_experts_and_lora_take_the_grouped_gemm_and_frozen_experts_get_no_gradient(family):
+    """The transposed expert weight view is a valid grouped-GEMM operand: the base experts must not
+    fall back to transformers' per-expert loop, which syncs on the offsets and, in backward, computes
+    the frozen weights' gradient only to throw it away."""
+    model = mp.apply_sieve_lora(tiny_model(family), {0: [1, 5], 1: [0, 2, 7]}, mp.AdapterConfig(r=8))
+    model.train()
+    ids, mask = _padded_batch(model.config.vocab_size)
+    with OpNames() as ops:
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert not [n for n in ops.names if "fallback" in n]
+    gemms = ops.names.count("_grouped_mm") + ops.names.count("grouped_mm")
+    assert gemms >= 2 * 2 * 3  # per layer: base + 2 LoRA GEMMs for each of the two expert tensors (and more in backward)
+    experts = [m.base for m in model.modules() if isinstance(m, FusedExpertsWithLoRA)]
+    assert all(p.grad is None for e in experts for p in e.parameters())
