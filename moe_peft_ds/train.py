@@ -150,6 +150,25 @@ def deepspeed_config(path: str | Path, micro_batch_size: int) -> dict:
     return cfg
 
 
+def one_gradient_flush(config: dict, params: list[nn.Parameter]) -> dict:
+    """``config`` with a ZeRO-1/2 gradient bucket that holds every rank's adapter gradients.
+
+    Under expert parallelism the ranks hold different adapters (the sieve selects different
+    experts on each), so a bucket that fills mid-backward would start its reduction at a
+    different point on each rank, relative to the backward all-to-alls: on NCCL, collectives on
+    one stream in different orders deadlock. With one bucket for everything, each rank reduces
+    once, after its last all-to-all. Adapters are small, so the bucket stays small."""
+    import torch.distributed as dist
+
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage", 0) not in (1, 2):
+        return config
+    largest = torch.tensor(sum(p.numel() for p in params), device=params[0].device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    bucket = max(int(zero.get("reduce_bucket_size", 500_000_000)), int(largest))  # DeepSpeed's default: 5e8
+    return {**config, "zero_optimization": {**zero, "reduce_bucket_size": bucket}}
+
+
 def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dict, warmup: int = 10,
                     progress: bool = True, ckpt: Checkpointing | None = None, monitor=None, extra_loss=None,
                     release: bool = False) -> list[float]:
@@ -176,6 +195,8 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
     own_clipping = ep_group is not None and config.get("zero_optimization", {}).get("stage", 0) == 0 and clip > 0
     if own_clipping:  # ZeRO-0's clipping norm leaves out the experts of the other ranks; ZeRO-1/2 count them
         config = {**config, "gradient_clipping": 0.0}
+    if ep_group is not None:
+        config = one_gradient_flush(config, params)
     groups = split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "adapters"})
     groups = [g for g in groups if g["params"]]  # e.g. no replicated adapters at all under expert parallelism
     offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"

@@ -231,3 +231,22 @@ def test_mixlora_ep2_equals_one_process(tmp_path, method):
     assert ep2.keys() == ep1.keys()
     for key in ep1:
         torch.testing.assert_close(ep2[key], ep1[key], rtol=0, atol=0)
+
+
+def _bucket_on_rank(rank, world):
+    from moe_peft_ds.train import one_gradient_flush
+
+    params = [torch.nn.Parameter(torch.zeros(1000 if rank == 0 else 10))]  # ranks hold different adapters
+    small = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 100}}
+    assert one_gradient_flush(small, params)["zero_optimization"]["reduce_bucket_size"] == 1000  # the largest rank's
+    assert small["zero_optimization"]["reduce_bucket_size"] == 100  # the caller's config is not changed
+    big = {"zero_optimization": {"stage": 1, "reduce_bucket_size": 5000}}
+    assert one_gradient_flush(big, params) == big
+    assert one_gradient_flush({"zero_optimization": {"stage": 0}}, params) == {"zero_optimization": {"stage": 0}}
+
+
+def test_expert_parallel_ranks_reduce_their_gradients_in_one_bucket():
+    """Under EP, a ZeRO-1/2 bucket that fills mid-backward on one rank and not on another would
+    order its reduction differently against the backward all-to-alls (a deadlock on NCCL): the
+    bucket is sized to hold every rank's adapters."""
+    run_ranks(_bucket_on_rank, world=2)

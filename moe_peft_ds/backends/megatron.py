@@ -159,7 +159,7 @@ class ExpertLinearLoRA(nn.Module):
         out, bias = self.base(x, m_splits, *args, **kwargs) if self.grouped else self.base(x, *args, **kwargs)
         flat = x.reshape(-1, x.shape[-1])
         counts = torch.tensor(list(m_splits) if self.grouped else [flat.shape[0]], device=x.device)
-        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
+        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts, output_size=flat.shape[0])
         update = self.lora(flat, expert_of_row, counts, self.weights() if self.lora.magnitude is not None else None)
         return _adapter_out(out, *update), bias
 
@@ -206,7 +206,7 @@ class GroupedMLPWithLoRA(nn.Module):
         if self.base.config.moe_apply_probs_on_input:  # as GroupedMLP: top-1 only, probs folded into the input
             x, probs = (probs.unsqueeze(-1) * x).to(x.dtype), torch.ones_like(probs)
         counts = tokens_per_expert.to(device=x.device, dtype=torch.long)
-        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
+        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0])
         h = self.base.activation_func_with_probs(self._project("gate_up_proj", x, expert_of_row, counts), probs.unsqueeze(-1))
         return self._project("down_proj", h, expert_of_row, counts), None
 
