@@ -41,30 +41,39 @@ class MultiAdapter(nn.Module):
                              "name per sample to its forward")
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]} samples")
+        groups = sample_groups(names, x.device)
+        if all(isinstance(samples, slice) for samples in groups.values()):
+            # Each adapter's samples side by side, in order (as train_multi_adapter builds its batches):
+            # views in, one concatenation out. Nothing is copied per adapter, so backward keeps no
+            # second copy of x per adapted module (index-selected inputs would be saved as copies).
+            return torch.cat([self._run(self.adapters[name], x, samples) for name, samples in groups.items()])
         out = None
-        for name, samples in sample_groups(names, x.device).items():
+        for name, samples in groups.items():
             y = self._run(self.adapters[name], x, samples)
             out = (y.new_zeros(x.shape[:-1] + y.shape[-1:]) if out is None else out).index_copy(0, samples, y)
         return out
 
     @staticmethod
-    def _run(module: nn.Module, x: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    def _run(module: nn.Module, x: torch.Tensor, samples: torch.Tensor | slice) -> torch.Tensor:
         """``module`` on the samples ``samples`` of ``x``, its padding mask cut to them too."""
         if not isinstance(module, MixLoRAFFN) or module.token_mask is None:
             return module(x[samples])
         full = module.token_mask
-        module.token_mask = full[samples.to(full.device)]
+        module.token_mask = full[samples if isinstance(samples, slice) else samples.to(full.device)]
         try:
             return module(x[samples])
         finally:
             module.token_mask = full
 
 
-def sample_groups(names: list[str], device) -> dict[str, torch.Tensor]:
-    """Sample indices of each adapter, in the order the adapters first appear."""
+def sample_groups(names: list[str], device) -> dict[str, torch.Tensor | slice]:
+    """Sample indices of each adapter, in the order the adapters first appear; a ``slice`` for every
+    adapter when each one's samples are contiguous and the adapters come in that order."""
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         groups.setdefault(name, []).append(i)
+    if all(idx[-1] - idx[0] == len(idx) - 1 for idx in groups.values()):  # contiguous, and first appearance = order
+        return {name: slice(idx[0], idx[-1] + 1) for name, idx in groups.items()}
     return {name: torch.tensor(idx, device=device) for name, idx in groups.items()}
 
 

@@ -59,6 +59,10 @@ def test_a_mixed_batch_gives_each_sample_its_own_adapter(initial):
             alone = load_adapter(dense_model(), initial / f"init-{name}")
             expected = alone(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).logits
             torch.testing.assert_close(mixed[row:row + 1], expected, rtol=1e-5, atol=1e-5)
+        # samples of one adapter apart (indexed, not sliced) give each sample the same result
+        apart = model(input_ids=ids, attention_mask=mask, adapter_names=["a", "b", "a"]).logits
+        together = model(input_ids=ids[[0, 2, 1]], attention_mask=mask[[0, 2, 1]], adapter_names=["a", "a", "b"]).logits
+        torch.testing.assert_close(apart[[0, 2, 1]], together, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="adapter_names"):
         model(input_ids=ids)
     with pytest.raises(ValueError, match="does not carry"):
