@@ -1,10 +1,12 @@
-"""One small helper for multi-process tests: spawn N gloo ranks on CPU and run a function."""
+"""One small helper for multi-process tests: spawn N gloo ranks on CPU (or NCCL ranks, one GPU
+each) and run a function."""
 from __future__ import annotations
 
 import datetime
 import os
 import socket
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -15,11 +17,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, args, timeout_s):
+def _entry(rank, world, port, fn, args, timeout_s, backend="gloo"):
     # LOCAL_RANK as the deepspeed launcher sets it (one host), so deepspeed.initialize runs here too
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    device = None
+    if backend == "nccl":  # rank r on cuda:r, bound at init so that NCCL's barrier knows the device
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device)
     try:
         fn(rank, world, *args)
         dist.barrier()  # on success, no rank tears gloo down while another still uses it
@@ -27,10 +34,11 @@ def _entry(rank, world, port, fn, args, timeout_s):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int = 2, args: tuple = (), timeout_s: float = 300) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; any rank's exception fails the call.
+def run_ranks(fn, world: int = 2, args: tuple = (), timeout_s: float = 300, backend: str = "gloo") -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` ranks of ``backend`` (gloo on CPU; "nccl": rank
+    r on ``cuda:r``, set as its current device); any rank's exception fails the call.
     Collectives that wait longer than ``timeout_s`` raise."""
-    mp.spawn(_entry, args=(world, _free_port(), fn, args, timeout_s), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, _free_port(), fn, args, timeout_s, backend), nprocs=world, join=True)
 
 
 def _drop_deepspeed_shm(port: str) -> None:

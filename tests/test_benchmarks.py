@@ -15,11 +15,50 @@ def test_step_time_quick_run_writes_results(tmp_path):
     out = tmp_path / "step_time.json"
     assert main(["--quick", "--steps", "2", "--warmup", "0", "--no-memory", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["variants"]) == {"sieve25", "ours_all", "peft_all", "frozen_base"}
-    assert result["checks"] == {"identical_first_loss": True, "ours_all_params_equal_peft_all": True}
-    assert result["ratios"]["trainable_params sieve25/ours_all"]["value"] == pytest.approx(0.25)
-    assert all(len(v["step_times_s"]) == 2 for v in result["variants"].values())
-    assert "| ratio |" in out.with_suffix(".md").read_text()
+    assert result["device"] == "cpu" and set(result["cells"]) == {"e16k2/fp32", "e16k2/bf16", "e64k8/fp32", "e64k8/bf16"}
+    for name, cell in result["cells"].items():
+        assert set(cell["variants"]) == {"sieve25", "ours_all", "peft_all", "frozen_base"}, name
+        assert cell["checks"] == {"identical_first_loss": True, "ours_all_params_equal_peft_all": True}, name
+        assert cell["ratios"]["trainable_params sieve25/ours_all"]["value"] == pytest.approx(0.25), name
+        assert all(len(v["step_times_s"]) == 2 for v in cell["variants"].values()), name
+        assert cell["profile"] is None and cell["config"]["memory_kind"] is None, name  # --quick, --no-memory
+        assert "peak_memory sieve25/ours_all" not in cell["ratios"], name
+        assert cell["ratios"]["step_time sieve25/frozen_base"]["applies"] == name.endswith("fp32"), name
+    assert result["cells"]["e64k8/fp32"]["config"]["experts"] == 16 and result["cells"]["e64k8/bf16"]["config"]["top_k"] == 4
+    assert result["cells"]["e16k2/bf16"]["variants"]["ours_all"]["adapter_dtype"] == "bfloat16"
+    md = out.with_suffix(".md").read_text()
+    assert "| ratio |" in md and "| cell | sieve/base |" in md and "### e64k8/bf16" in md
+
+
+@pytest.mark.slow
+def test_step_time_profiles_one_cell_and_measures_memory(tmp_path):
+    main = runpy.run_path(str(ROOT / "benchmarks" / "step_time.py"), run_name="not_main")["main"]
+    out = tmp_path / "step_time.json"
+    assert main(["--quick", "--steps", "1", "--warmup", "0", "--shapes", "e16k2", "--dtypes", "fp32", "--profile",
+                 "--output", str(out)]) == 0
+    cell = json.loads(out.read_text())["cells"]["e16k2/fp32"]
+    assert set(cell["profile"]["tables"]) == {"sieve25", "ours_all"}
+    assert all("Self CPU" in table for table in cell["profile"]["tables"].values())
+    assert cell["config"]["memory_kind"].startswith("cpu_peak_rss_delta")
+    if Path("/proc/self/clear_refs").exists():  # Linux: the peak memory of a step is measured
+        assert isinstance(cell["ratios"]["peak_memory sieve25/ours_all"]["pass"], bool)
+    assert "<details><summary>e16k2/fp32 <code>sieve25</code>" in out.with_suffix(".md").read_text()
+
+
+def test_step_time_cells_take_per_shape_sizes_unless_given():
+    step_time = runpy.run_path(str(ROOT / "benchmarks" / "step_time.py"), run_name="not_main")
+    args = step_time["parse_args"](["--quick"])
+    assert args.profile is False and args.shapes == ["e16k2", "e64k8"] and args.dtypes == ["fp32", "bf16"]
+    cells = {s: step_time["make_cell"](args, s, "bf16") for s in args.shapes}
+    assert (cells["e16k2"].experts, cells["e16k2"].top_k, cells["e64k8"].experts, cells["e64k8"].top_k) == (8, 2, 16, 4)
+    for cell in cells.values():  # same routed expert FLOPs per token in every shape
+        assert cell.top_k * cell.intermediate == cells["e16k2"].top_k * cells["e16k2"].intermediate
+    full = step_time["parse_args"](["--experts", "32", "--layers", "1"])
+    assert full.profile is True
+    cell = step_time["make_cell"](full, "e64k8", "fp32")
+    assert (cell.experts, cell.top_k, cell.intermediate, cell.layers) == (32, 8, 128, 1)
+    with pytest.raises(SystemExit):
+        step_time["parse_args"](["--top-k", "10", "--experts", "8"])
 
 
 @pytest.mark.slow
