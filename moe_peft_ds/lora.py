@@ -185,12 +185,10 @@ class ExpertLoRA(nn.Module):
             raise ValueError(f"expert ids {self.expert_ids} are not all among the base tensor's experts {held}")
         device = self.lora_A.device
         ids = torch.tensor([local[e] for e in self.expert_ids], dtype=torch.long, device=device)  # local indices
-        self.all_experts = len(ids) == len(local)  # then the base tensor is used whole (no copy of a shared view)
-        slot_of = torch.full((len(local),), -1, dtype=torch.long, device=device)
-        slot_of[ids] = torch.arange(len(ids), device=device)
-        # Index helpers, derived from expert_ids: not saved, but moved with the module.
+        self.num_local = len(local)
+        self.all_experts = len(ids) == len(local)  # then the adapter's slots are the base tensor's experts, in order
+        # Derived from expert_ids: not saved, but moved with the module.
         self.register_buffer("ids", ids, persistent=False)
-        self.register_buffer("slot_of", slot_of, persistent=False)
 
     def forward(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor,
                 weight_out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -203,37 +201,27 @@ class ExpertLoRA(nn.Module):
         ``x`` enters here with a gradient, so ZeRO-3 keeps this module's parameters gathered
         until its whole backward has run.
 
-        No host sync: how many rows the selected experts have is never read. Their rows are
-        moved to the front (a stable sort keeps them grouped by expert), the LoRA GEMMs stop at
-        the selected experts' last row, and the rows behind it, which the kernel leaves
-        uninitialised, are masked in both directions.
+        The two LoRA GEMMs run on ``x`` itself, with the base GEMM's offsets, over adapters laid
+        out for every expert (``_spread``): no host sync (how many rows the selected experts have
+        is never read) and no copy of ``x`` kept for backward. Picking the selected experts' rows
+        instead would need either their count on the host or a gathered copy of the rows.
         """
-        slots = self.slot_of[expert_of_row]  # [S], -1: no adapter
-        if self.all_experts:
-            return self._update(x, slots, counts, weight_out_in)
-        selected = slots >= 0
-        front = torch.argsort(~selected, stable=True)  # [S]: the selected experts' rows first, still by expert
-        xs = torch.where(selected.index_select(0, front)[:, None], x.index_select(0, front), 0)  # masks the tail's gradient
-        delta, scale = self._update(xs, slots.index_select(0, front), counts, weight_out_in)
-
-        def back(t: torch.Tensor) -> torch.Tensor:  # rows back in x's order
-            return torch.empty_like(t).index_copy_(0, front, t)
-
-        return back(delta), None if scale is None else back(scale)
-
-    def _update(self, xs: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, weight_out_in: torch.Tensor):
-        """``(delta, scale)`` of rows ``xs`` whose adapted rows come first, grouped by slot; ``slots``
-        is -1 on the others, which get delta 0 and scale 1."""
-        offsets = counts[self.ids].cumsum(0).to(torch.int32)
-        adapted = (slots >= 0)[:, None]
-        slots = slots.clamp_min(0)
-        hidden = grouped_mm(self.dropout(xs).to(self.lora_A.dtype), self.lora_A.transpose(1, 2), offsets)  # [S, r]
-        delta = grouped_mm(hidden, self.lora_B.transpose(1, 2), offsets) * self.scaling[slots, None]  # [S, out]
-        delta = delta if self.all_experts else torch.where(adapted, delta, 0)
+        A, B, scaling = (self._spread(t) for t in (self.lora_A, self.lora_B, self.scaling))
+        offsets = counts.cumsum(0).to(torch.int32)
+        hidden = grouped_mm(self.dropout(x).to(A.dtype), A.transpose(1, 2), offsets)  # [S, r]
+        delta = grouped_mm(hidden, B.transpose(1, 2), offsets) * scaling[expert_of_row, None]  # [S, out]
         if self.magnitude is None:
             return delta, None
-        scale = dora_scale(self._base(weight_out_in), self.lora_A, self.lora_B, self.scaling, self.magnitude)[slots]
-        return delta, scale if self.all_experts else torch.where(adapted, scale, 1)
+        scale = dora_scale(self._base(weight_out_in), self.lora_A, self.lora_B, self.scaling, self.magnitude)  # [n, out]
+        return delta, self._spread(scale, fill=1.0)[expert_of_row]
+
+    def _spread(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``t [n, ...]`` (one slot per selected expert) laid out over every expert of the base tensor,
+        ``fill`` where an expert has no adapter (zero A, B and scaling give it a zero update). A small
+        copy of the adapter, not of any activation; ``t`` itself when every expert has an adapter."""
+        if self.all_experts:
+            return t
+        return t.new_full((self.num_local, *t.shape[1:]), fill).index_copy(0, self.ids, t)
 
     @property
     def dora(self) -> bool:
