@@ -579,10 +579,10 @@ def cell_config(cell: Cell, args: argparse.Namespace, variants: list[Variant]) -
 
 def rounds_of(cell: Cell, args: argparse.Namespace) -> tuple[int, int]:
     """(timed, warm-up) rounds of a cell. A CPU without native bf16 runs bf16 GEMMs about 15x slower
-    than fp32 (measured here): its bf16 cells take a quarter of the rounds (at least 3) and one warm-up,
+    than fp32 (measured here): its bf16 cells take a quarter of the rounds (at least 3, at most all) and one warm-up,
     so that the whole grid fits in about a quarter of an hour."""
     if cell.device == "cpu" and cell.dtype != "fp32":
-        return max(3, args.steps // 4), min(args.warmup, 1)
+        return min(args.steps, max(3, args.steps // 4)), min(args.warmup, 1)
     return args.steps, args.warmup
 
 
