@@ -15,9 +15,10 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from .backends.hf import (FusedExpertsWithLoRA, Routes, add_unrouted, base_experts, expert_counts, family_of,
-                          find_moe_blocks, unrouted_tokens)
+from .backends.hf import (FusedExpertsWithLoRA, Routes, add_unrouted, base_experts, family_of, find_moe_blocks,
+                          unrouted_tokens)
 from .config import AdapterConfig
+from .routing import expert_counts
 
 EXPERT_TENSORS_AND_BIASES = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
 
