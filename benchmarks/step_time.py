@@ -667,7 +667,7 @@ def ratio_table(c: dict) -> list[str]:
 
 
 def profile_section(name: str, profile: dict | None) -> list[str]:
-    """Collapsed, so the profiler's wide tables do not swamp the report or the README."""
+    """One collapsed block per profiled variant (the profiler's tables are wide)."""
     if profile is None:
         return []
     lines = []
@@ -686,7 +686,7 @@ def cell_section(name: str, c: dict) -> list[str]:
     lines += variant_table(c) + [""] + ratio_table(c) + [""]
     if not checks_pass(c):
         lines += [f"**Sanity checks failed:** {c['checks']}", ""]
-    return lines + profile_section(name, c["profile"])
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -708,7 +708,16 @@ def markdown(result: dict) -> str:
     ]
     for name, c in result["cells"].items():
         lines += cell_section(name, c)
+    if any(c["profile"] for c in result["cells"].values()):
+        lines += ["Where the time goes: the profiler tables are in the `*_profile.md` file next to this one.", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def profile_markdown(result: dict) -> str | None:
+    """The profiler tables of every cell (None without ``--profile``); kept apart from the
+    report, which the README quotes."""
+    lines = [line for name, c in result["cells"].items() for line in profile_section(name, c["profile"])]
+    return "\n".join(["# step_time: where the time goes", "", *lines]).rstrip() + "\n" if lines else None
 
 
 def main(argv=None) -> int:
@@ -719,6 +728,9 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     report = markdown(result)
     out.with_suffix(".md").write_text(report)
+    profiles = profile_markdown(result)
+    if profiles:
+        out.with_name(out.stem + "_profile.md").write_text(profiles)
     print(report)
     failed = {name: c["checks"] for name, c in result["cells"].items() if not checks_pass(c)}
     if failed:
