@@ -27,18 +27,15 @@ size, the target ratios with pass/MISS, and with ``--profile`` the top 12 ops by
 2 steps of ``sieve25`` and ``ours_all`` (where the remaining time goes). The step-time targets
 are for fp32; bf16 cells report the same ratios for information only.
 
-    python benchmarks/step_time.py                 # full grid: 4 cells, 20-35 minutes on 2 CPU cores (below)
-    python benchmarks/step_time.py --dtypes fp32   # the fp32 cells only, 2-3 minutes on 2 CPU cores
+    python benchmarks/step_time.py                 # full grid: 4 cells, about 12 minutes on 2 CPU cores
+    python benchmarks/step_time.py --dtypes fp32   # the fp32 cells only, about 2.5 minutes on 2 CPU cores
     python benchmarks/step_time.py --device cuda   # on a GPU (timers synchronize first)
     python benchmarks/step_time.py --quick         # tiny models, one thread, no profile (about 25 s)
 
-How long the full run takes on 2 CPU cores (AVX2, no native bf16), estimated, not yet run:
-an fp32 cell is 23 rounds x 4 variants x 0.25-0.4 s plus building, the memory steps and the
-profile, about 1-1.5 minutes (the fp32-only e16k2 run took 66 s before the profile was
-added). bf16 matrix products on such a CPU take a slow path: one frozen-base bf16 step at
-full size took 9-10 s on one thread against 0.5-0.6 s in fp32, so each bf16 cell takes
-roughly 8-15 minutes. On a CPU without bf16 support run ``--dtypes fp32`` when only the
-targets matter, and the bf16 cells on a GPU or a CPU with AVX512-BF16/AMX.
+Measured on 2 CPU cores (AVX2, no native bf16), 2026-12-01: the full grid took 12 min 17 s, the
+fp32 cells 2 min 22 s. bf16 matrix products take a slow path on such a CPU (a frozen-base bf16
+step at full size takes 8-10 s against 0.3 s in fp32), so bf16 cells on a CPU run a quarter of
+the rounds (``rounds_of``); run them on a GPU for numbers that matter.
 
 Writes ``benchmarks/results/step_time.json`` and a Markdown report next to it (``.md``).
 Absolute times on a shared machine mean little; read the ratios.
