@@ -9,15 +9,19 @@ import torch
 from torch import nn
 
 
-def run_device() -> torch.device:
-    """This process's device: DeepSpeed's accelerator at ``LOCAL_RANK`` (``cuda:N`` on GPUs, the
-    CPU where there is none), for ``python`` and ``deepspeed`` runs alike."""
+def accelerator():
+    """DeepSpeed's accelerator object when this machine has one (a GPU), else None (its CPU accelerator)."""
     from deepspeed.accelerator import get_accelerator
 
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":
-        return torch.device("cpu")
-    return torch.device(accelerator.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+    found = get_accelerator()
+    return None if found.device_name() == "cpu" else found
+
+
+def run_device() -> torch.device:
+    """This process's device: the accelerator at ``LOCAL_RANK`` (``cuda:N`` on GPUs, the CPU where
+    there is none), for ``python`` and ``deepspeed`` runs alike."""
+    found = accelerator()
+    return torch.device(found.device_name(int(os.environ.get("LOCAL_RANK", "0")))) if found else torch.device("cpu")
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -33,7 +37,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def bind_accelerator() -> None:
     """Make ``run_device()`` this process's current device before the process group starts, so
     NCCL's communicator and every allocation land on the rank's own GPU (a no-op on CPU)."""
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    found = accelerator()
+    if found:
+        found.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from .checkpoint import zero3_gathered
-from .device import model_device
+from .device import accelerator, model_device
 
 
 def rank_world() -> tuple[int, int]:
@@ -41,7 +40,7 @@ def save_training_state(directory: str | Path, model: nn.Module, optimizer, sche
         "step": step, "world_size": world, "adapter": adapter,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
         # dropout and jitter draw from the accelerator's generator on GPUs
-        "device_rng": get_accelerator().get_rng_state() if get_accelerator().device_name() != "cpu" else None,
+        "device_rng": accelerator().get_rng_state() if accelerator() else None,
     }
     tmp = out / f".rank{rank}.pt.tmp"
     torch.save(state, tmp)
@@ -86,8 +85,8 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer, scheduler
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"].cpu())
-    if state.get("device_rng") is not None and get_accelerator().device_name() != "cpu":
-        get_accelerator().set_rng_state(state["device_rng"].cpu())
+    if state.get("device_rng") is not None and accelerator():
+        accelerator().set_rng_state(state["device_rng"].cpu())
     return state["step"]
 
 
