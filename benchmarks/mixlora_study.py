@@ -12,6 +12,11 @@ task's held-out multiple-choice items. Four methods at matched trainable-paramet
   that its trainable-parameter count is the closest to ``mixlora``'s (a plain LoRA adapter on a
   dense model is MixLoRA with one expert; tested equal to PEFT's LoRA and DoRA).
 
+And a sweep of MixLoRA's router settings (``--sweep``, on by default): the balancing-loss
+coefficient (0, 0.001 as the reference's default, 0.01 as the paper's) with top-k and with
+dynamic (top-p 0.8) routing, each on the same seeds; ``mixlora`` itself is the top-k / 0.01 cell.
+The loss is pooled over the layers (``router_aux_loss_pooling="pooled"``, the default).
+
 For every seed the four run one after the other in one process on the same batches. Each run
 reports the held-out accuracy per task, trainable parameters, the peak memory one training step
 adds (RSS high-water mark over the step; CPU, approximate) and the median time of a step. The
@@ -19,7 +24,7 @@ summary gives mean +- std over seeds and, against the MixLoRA paper's claims, th
 differences in points and the memory and step-time ratios. Nothing is chosen on the eval split:
 the hyper-parameters are fixed, the same for every method, and recorded.
 
-    python benchmarks/mixlora_study.py            # 4 tasks x 3 seeds x 4 methods (~15 min on 2 cores)
+    python benchmarks/mixlora_study.py            # 4 tasks x 3 seeds x (4 methods + 5 sweep cells) (~20 min on 2 cores)
     python benchmarks/mixlora_study.py --quick    # 1 task, 1 seed, a few steps (seconds)
 
 Writes ``benchmarks/results/mixlora_study.json`` and ``mixlora_study.md``.
@@ -50,6 +55,9 @@ from measure import fill_defaults, write_result  # noqa: E402
 from testbed import TASK_NAMES, fine_tune, held_out_accuracy, mean_std, task_pairs  # noqa: E402
 
 METHODS = ("lora", "dora", "mixlora", "mixdora")
+SWEEP = {  # name -> MixLoRA router settings; "mixlora" is routing topk, coefficient 0.01
+    f"mixlora[{routing},aux={coef:g}]": dict(routing=routing, router_aux_loss_coef=coef)
+    for routing in ("topk", "dynamic") for coef in (0.0, 0.001, 0.01) if (routing, coef) != ("topk", 0.01)}
 DEFAULTS = dict(tasks=list(TASK_NAMES), seeds=[0, 1, 2], methods=list(METHODS), steps=300, eval_every=100, batch_size=16,
                 lr=2e-3, n_train=1000, n_eval=200)
 QUICK = dict(tasks=["parity"], seeds=[0], methods=list(METHODS), steps=4, eval_every=2, batch_size=8, lr=2e-3, n_train=64, n_eval=16)
@@ -81,10 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=4, help="MixLoRA rank of every expert and of attention LoRA (default 4); "
                    "LoRA/DoRA get the rank that matches MixLoRA's trainable parameters")
     p.add_argument("--alpha-over-r", type=float, default=2.0, help="alpha = this x rank, every method (default 2)")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"also run the router sweep {list(SWEEP)} (default: on, off with --quick)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "mixlora_study.json"), help="result JSON path")
     args = p.parse_args(argv)
     fill_defaults(args, DEFAULTS, QUICK)
+    if args.sweep is None:
+        args.sweep = not args.quick
     if args.eval_every < 1:
         p.error(f"--eval-every {args.eval_every} must be >= 1")
     if not 1 <= args.top_k <= args.experts:
@@ -94,8 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def method_config(method: str, rank: int, args) -> MixLoRAConfig:
     mixture = method.startswith("mix")
-    return MixLoRAConfig(method="mixdora" if "dora" in method else "mixlora", r=rank, alpha=args.alpha_over_r * rank,
-                         num_experts=args.experts if mixture else 1, top_k=args.top_k if mixture else 1)
+    return MixLoRAConfig(method="mixdora" if method.startswith("mixdora") else "mixlora", r=rank, alpha=args.alpha_over_r * rank,
+                         num_experts=args.experts if mixture else 1, top_k=args.top_k if mixture else 1, **SWEEP.get(method, {}))
 
 
 def trainable_with(base, method: str, rank: int, args) -> int:
@@ -195,18 +207,22 @@ def main(argv=None) -> int:
     random.Random(0).shuffle(examples)
     base_accuracy = {task: held_out_accuracy(base, tokenizer, items) for task, items in items_by_task.items()}
     ranks = matched_ranks(base, args)
+    methods = list(args.methods) + (list(SWEEP) if args.sweep else [])
+    ranks.update({name: args.r for name in SWEEP})
     runs = []
     for seed in args.seeds:
-        for method in args.methods:
+        for method in methods:
             row = run_one(base, tokenizer, examples, items_by_task, method, ranks[method], seed, args)
             runs.append({"method": method, "seed": seed, **row})
-            print(f"seed {seed} {method:8s} r={row['rank']:<3d} params {row['trainable_params']:>7,d} acc {row['mean_accuracy']:.3f} "
+            print(f"seed {seed} {method:22s} r={row['rank']:<3d} params {row['trainable_params']:>7,d} acc {row['mean_accuracy']:.3f} "
                   f"step {1000 * row['step_time_s']:.1f} ms", flush=True)
-    table = summarise(runs, args.tasks, args.methods)
+    table = summarise(runs, args.tasks, methods)
     result = {"benchmark": "mixlora_study", "date": _dt.date.today().isoformat(),
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "settings": {k: getattr(args, k) for k in ("tasks", "seeds", "methods", "steps", "eval_every", "batch_size", "lr", "n_train", "n_eval",
-                                                         "experts", "top_k", "r", "alpha_over_r")},
+                                                         "experts", "top_k", "r", "alpha_over_r", "sweep")},
+              "router_defaults": {k: getattr(MixLoRAConfig(), k) for k in ("router_aux_loss_coef", "router_aux_loss_pooling", "top_p",
+                                                                          "top_p_renormalize", "top_p_max_experts")},
               "paper_claims": CLAIMS, "base_accuracy": base_accuracy, "runs": runs,
               "table": table, "claims": claims(table)}
     write_result(args.output, result, markdown(result))

@@ -29,7 +29,8 @@ from moe_peft_ds import AdapterConfig, SieveConfig, apply_sieve_lora, profile_ro
 from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, all_experts_selection, describe_model  # noqa: E402
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
 from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, init_distributed, run_cli  # noqa: E402
-from moe_peft_ds.config import ATTENTION_TARGETS, MIXLORA_METHODS, POLICIES, ROUTINGS, ConfigError, MixLoRAConfig  # noqa: E402
+from moe_peft_ds.config import (ADAPTER_DTYPES, ATTENTION_TARGETS, AUX_LOSS_POOLINGS, CAPACITY_SCOPES, MIXLORA_METHODS, POLICIES,  # noqa: E402
+                                ROUTINGS, ConfigError, MixLoRAConfig)
 from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
 from moe_peft_ds.monitor import TrainingMonitor  # noqa: E402
 from moe_peft_ds.tasks import get_task, load_items  # noqa: E402
@@ -60,20 +61,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"plain LoRA on these attention projections too, any of {ATTENTION_TARGETS}; the flag alone: "
                         "none (default: none for sieve/lora/dora, all four for mixlora/mixdora)")
     m.add_argument("--shared-expert-lora", action="store_true", help="plain LoRA on shared experts (Qwen2-MoE, DeepSeek)")
+    m.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
+                   help="adapter parameters in float32 over a bf16/fp16 base (as PEFT; default), or in the base's dtype. "
+                        "A DeepSpeed bf16/fp16 config casts every parameter itself (its optimizer keeps fp32 master weights)")
     x = p.add_argument_group("mixlora / mixdora")
     x.add_argument("--num-experts", type=int, default=8, help="LoRA experts per FFN (default 8)")
-    x.add_argument("--top-k", type=int, default=2, help="experts per token; the most per token with --routing dynamic (default 2)")
+    x.add_argument("--top-k", type=int, default=2, help="experts per token with --routing topk (default 2)")
     x.add_argument("--routing", default="topk", choices=ROUTINGS,
                    help="topk: softmax top-k, renormalised; dynamic: top-p; switch: top-1 with a capacity (default topk)")
-    x.add_argument("--top-p", type=float, default=0.75, help="--routing dynamic: probability mass to reach (default 0.75)")
+    x.add_argument("--top-p", type=float, default=0.8,
+                   help="--routing dynamic: experts in order of probability up to the first at which their cumulative "
+                        "probability exceeds this; weights are their probabilities (default 0.8, as the MixLoRA reference)")
+    x.add_argument("--top-p-renormalize", action="store_true", help="--routing dynamic: renormalise the kept experts' weights to sum to 1")
+    x.add_argument("--top-p-max-experts", type=int, default=None, help="--routing dynamic: at most this many experts per token (default: no cap)")
+    x.add_argument("--router-temperature", type=float, default=0.0, help="router softmax temperature, softmax(logits / t) (default 0: off)")
     x.add_argument("--capacity-factor", type=float, default=1.0,
                    help="--routing switch: tokens per expert = ceil(factor x tokens / experts); the rest skip the "
-                        "experts' LoRA (default 1.0)")
+                        "experts' LoRA and keep the frozen FFN (default 1.0)")
+    x.add_argument("--capacity-scope", default="batch", choices=CAPACITY_SCOPES,
+                   help="--routing switch: the tokens a capacity counts, the micro-batch or each sequence (default batch)")
     x.add_argument("--router-aux-loss-coef", type=float, default=0.01, help="load-balancing loss coefficient (default 0.01)")
+    x.add_argument("--router-aux-loss-pooling", default="pooled", choices=AUX_LOSS_POOLINGS,
+                   help="pooled: one balancing loss over all layers' tokens, as transformers and the MixLoRA reference "
+                        "(default); per_layer_sum: each layer's loss, summed (about num_layers times stronger)")
     x.add_argument("--router-z-loss-coef", type=float, default=None,
                    help="router z-loss coefficient (default 0.001 with --routing switch, else 0)")
     x.add_argument("--router-init-range", type=float, default=0.02, help="std of the router's initialisation (default 0.02)")
-    x.add_argument("--jitter-noise", type=float, default=0.0, help="multiplicative noise on the router input while training")
+    x.add_argument("--jitter-noise", type=float, default=0.0,
+                   help="multiplicative U(1-eps, 1+eps) noise while training on the router's input, and with topk/dynamic "
+                        "routing on the experts' input too, as the MixLoRA reference (default 0)")
     x.add_argument("--expert-r", default="", metavar="E:R,...", help="per-expert ranks, e.g. 0:16,1:4 (default: --lora-r)")
     x.add_argument("--expert-alpha", default="", metavar="E:A,...", help="per-expert alphas (default: --lora-alpha)")
     x.add_argument("--reference-path", action="store_true",
@@ -144,13 +160,16 @@ def per_expert(flag: str, text: str, cast) -> dict:
 
 
 def build_adapter_config(args) -> AdapterConfig | MixLoRAConfig:
-    lora = dict(method=args.method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+    lora = dict(method=args.method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, adapter_dtype=args.adapter_dtype,
                 use_rslora=args.use_rslora, use_dora=args.use_dora or args.method in ("dora", "mixdora"))
     if args.method in MIXLORA_METHODS:
         attention = ATTENTION_TARGETS if args.attention_lora is None else args.attention_lora
         return MixLoRAConfig(**lora, attention_targets=list(attention), num_experts=args.num_experts, top_k=args.top_k,
-                             routing=args.routing, top_p=args.top_p, capacity_factor=args.capacity_factor,
-                             router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
+                             routing=args.routing, top_p=args.top_p, top_p_renormalize=args.top_p_renormalize,
+                             top_p_max_experts=args.top_p_max_experts, router_temperature=args.router_temperature,
+                             capacity_factor=args.capacity_factor, capacity_scope=args.capacity_scope,
+                             router_aux_loss_coef=args.router_aux_loss_coef, router_aux_loss_pooling=args.router_aux_loss_pooling,
+                             router_z_loss_coef=args.router_z_loss_coef,
                              router_init_range=args.router_init_range, jitter_noise=args.jitter_noise,
                              expert_r=per_expert("--expert-r", args.expert_r, int),
                              expert_alpha=per_expert("--expert-alpha", args.expert_alpha, float))

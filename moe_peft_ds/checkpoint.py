@@ -192,7 +192,8 @@ def _write(out: Path, cfg: LoRAConfig, state: dict[str, torch.Tensor]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     weights_tmp, config_tmp = out / f".{WEIGHTS_NAME}.tmp", out / f".{CONFIG_NAME}.tmp"
     try:
-        save_file(state, str(weights_tmp), metadata={"format": "pt", "library": "moe_peft_ds"})
+        dtypes = ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}))
+        save_file(state, str(weights_tmp), metadata={"format": "pt", "library": "moe_peft_ds", "dtype": dtypes})
         cfg.to_json(config_tmp)
     except BaseException:
         weights_tmp.unlink(missing_ok=True)
@@ -315,7 +316,7 @@ def remove_adapter(model: nn.Module) -> nn.Module:
     for name, _ in list(adapter_sites(model).items() if multi else adapter_modules(model)):
         module = model.get_submodule(name)
         replace_module(model, name, module.unwrapped() if hasattr(module, "unwrapped") else module.base)
-    for hook in ("_mixlora_mask_hook", "_adapter_names_hook", "_megatron_grad_hooks"):
+    for hook in ("_mixlora_mask_hook", "_mixlora_pass_hook", "_adapter_names_hook", "_megatron_grad_hooks"):
         if getattr(model, hook, None) is not None:
             getattr(model, hook).remove()
             delattr(model, hook)

@@ -16,6 +16,9 @@ MIXLORA_METHODS = ("mixlora", "mixdora")
 POLICIES = ("topk", "coverage", "random", "greedy", "all")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ROUTINGS = ("topk", "dynamic", "switch")
+AUX_LOSS_POOLINGS = ("pooled", "per_layer_sum")
+CAPACITY_SCOPES = ("batch", "sequence")
+ADAPTER_DTYPES = ("float32", "base")
 
 
 class ConfigError(ValueError):
@@ -39,6 +42,9 @@ class LoRAConfig:
         default_factory=list,
         metadata={"help": f"attention projections that get plain LoRA, any of {ATTENTION_TARGETS}"},
     )
+    adapter_dtype: str = field(default="float32", metadata={
+        "help": f"dtype of the adapter parameters, one of {ADAPTER_DTYPES}: float32 whatever the base's dtype (as PEFT "
+                "and the MixLoRA reference: a bf16/fp16 base computes its LoRA updates in fp32), or the base's own"})
     base_model: str = field(default="", metadata={"help": "name or path of the base model (recorded, checked on load)"})
     model_type: str = field(default="", metadata={"help": "transformers model_type of the base model (filled in)"})
     hidden_size: int = field(default=0, metadata={"help": "hidden size of the base model (filled in)"})
@@ -52,6 +58,8 @@ class LoRAConfig:
         bad = set(self.attention_targets) - set(ATTENTION_TARGETS)
         if bad:
             raise ConfigError(f"attention_targets has {sorted(bad)}; allowed: {ATTENTION_TARGETS}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ConfigError(f"adapter_dtype={self.adapter_dtype!r} is unknown; choose one of {ADAPTER_DTYPES}")
 
     @property
     def scaling(self) -> float:
@@ -148,13 +156,27 @@ class MixLoRAConfig(LoRAConfig):
     top_k: int = field(default=2, metadata={"help": "experts per token (topk), the most experts per token (dynamic)"})
     routing: str = field(default="topk", metadata={"help": f"routing strategy, one of {ROUTINGS}: softmax top-k "
                                                           "renormalised; dynamic: top-p; switch: top-1 with capacity"})
-    top_p: float = field(default=0.75, metadata={"help": "dynamic routing: smallest expert set whose probability reaches this, in (0, 1]"})
+    top_p: float = field(default=0.8, metadata={"help": "dynamic routing: experts in order of probability up to the first at which "
+                                                        "their cumulative probability exceeds this, in (0, 1]"})
+    top_p_renormalize: bool = field(default=False, metadata={
+        "help": "dynamic routing: renormalise the kept experts' weights to sum to 1 (default: the router probabilities, as the reference)"})
+    top_p_max_experts: int | None = field(default=None, metadata={
+        "help": "dynamic routing: keep at most this many experts per token (default: no cap, as the reference)"})
+    router_temperature: float = field(default=0.0, metadata={
+        "help": "softmax temperature of the router, probabilities = softmax(logits / t) (0: off, i.e. 1)"})
     capacity_factor: float = field(default=1.0, metadata={"help": "switch routing: tokens per expert = ceil(factor x tokens / experts)"})
+    capacity_scope: str = field(default="batch", metadata={
+        "help": f"switch routing, one of {CAPACITY_SCOPES}: the tokens a capacity counts, the whole batch or each sequence"})
     router_init_range: float = field(default=0.02, metadata={"help": "std of the router's N(0, std) initialisation"})
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing loss coef x E x sum_e f_e P_e (>= 0)"})
+    router_aux_loss_pooling: str = field(default="pooled", metadata={
+        "help": f"one of {AUX_LOSS_POOLINGS}: one loss over all layers' tokens (as transformers and the reference), "
+                "or each layer's loss summed (about num_layers times stronger)"})
     router_z_loss_coef: float | None = field(default=None, metadata={
         "help": "router z-loss coef x mean(logsumexp(logits)^2) (>= 0; default 0.001 with switch routing, else 0)"})
-    jitter_noise: float = field(default=0.0, metadata={"help": "training only: router input x U(1-eps, 1+eps), eps in [0, 1)"})
+    jitter_noise: float = field(default=0.0, metadata={
+        "help": "training only: input x U(1-eps, 1+eps), eps in [0, 1); the router's and the experts' input "
+                "(topk/dynamic, as the reference), the router's only (switch)"})
     expert_r: dict[int, int] = field(default_factory=dict, metadata={"help": "per-expert rank overrides {expert: r}"})
     expert_alpha: dict[int, float] = field(default_factory=dict, metadata={"help": "per-expert alpha overrides {expert: alpha}"})
     expert_tasks: list[str] = field(default_factory=list, metadata={
@@ -171,6 +193,14 @@ class MixLoRAConfig(LoRAConfig):
             raise ConfigError(f"routing={self.routing!r} is unknown; choose one of {ROUTINGS}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p={self.top_p!r} must be in (0, 1]")
+        cap = self.top_p_max_experts
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or not 1 <= cap):
+            raise ConfigError(f"top_p_max_experts={cap!r} must be a positive integer (or None: no cap)")
+        if not (isinstance(self.router_temperature, (int, float)) and 0.0 <= self.router_temperature < math.inf):
+            raise ConfigError(f"router_temperature={self.router_temperature!r} must be a finite number >= 0 (0: off)")
+        for name, allowed in (("capacity_scope", CAPACITY_SCOPES), ("router_aux_loss_pooling", AUX_LOSS_POOLINGS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is unknown; choose one of {allowed}")
         if self.router_z_loss_coef is None:  # Switch Transformers train their router with a z-loss
             self.router_z_loss_coef = 0.001 if self.routing == "switch" else 0.0
         if not self.capacity_factor > 0:

@@ -212,7 +212,7 @@ def expert_usage(model: nn.Module, loader) -> torch.Tensor:
         with _router_logits(model) as logits:  # routed again here, so training forwards pay nothing for it
             model(**batch)
         for row, x in enumerate(logits):
-            index = route(x.float(), cfg, _valid(batch)).index
+            index = route(x.float(), cfg, _valid(batch), sequence=batch["input_ids"].shape[-1]).index
             counts[row] += torch.bincount(index[index < x.shape[1]], minlength=x.shape[1]).double().cpu()
     model.train(was_training)
     if dist.is_initialized():
@@ -298,14 +298,21 @@ def _most_similar_pairs(sim: torch.Tensor, threshold: float) -> list[tuple[int, 
 
 @contextmanager
 def _router_logits(model: nn.Module):
-    """Collects each MixLoRA layer's router logits ``[T, E]`` of the forwards run inside."""
+    """Collects each MixLoRA layer's router logits ``[T, E]`` of the forwards run inside. Those
+    forwards add no router losses: the router KL runs one between a training step's forward and
+    its backward, whose pooled losses must stay those of the training batch."""
     captured: list[torch.Tensor] = []
-    hooks = [layer.adapter.router.register_forward_hook(lambda m, args, out: captured.append(out)) for layer in _layers(model)]
+    layers = _layers(model)
+    hooks = [layer.adapter.router.register_forward_hook(lambda m, args, out: captured.append(out)) for layer in layers]
+    for layer in layers:
+        layer.collect_router_losses = False
     try:
         yield captured
     finally:
         for hook in hooks:
             hook.remove()
+        for layer in layers:
+            layer.collect_router_losses = True
 
 
 def _valid(batch: dict) -> torch.Tensor:

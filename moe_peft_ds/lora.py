@@ -18,6 +18,15 @@ from transformers.integrations.moe import _grouped_mm as _transformers_grouped_m
 from .config import LoRAConfig
 
 
+def adapter_dtype(cfg: LoRAConfig, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an adapter over a base weight of ``base_dtype``: at least fp32 (a bf16/fp16 base
+    gets fp32 LoRA, as PEFT's ``autocast_adapter_dtype`` and the MixLoRA reference do: small
+    updates to A and B would round away in bf16), or the base's own with ``adapter_dtype="base"``."""
+    if cfg.adapter_dtype == "base" or base_dtype.itemsize >= 4:
+        return base_dtype
+    return torch.float32
+
+
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """``scaling * x @ A.T @ B.T`` for x ``[T, in]`` -> ``[T, out]``, in the adapter's dtype."""
     return (x.to(A.dtype) @ A.t() @ B.t()) * scaling
@@ -106,13 +115,14 @@ class LoRALinear(nn.Module):
         self.base = base
         self.scaling = cfg.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
-        dtype = base.weight.dtype
+        dtype = adapter_dtype(cfg, base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_features, dtype=dtype, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, cfg.r, dtype=dtype, device=base.weight.device))
         init_lora_pair(self.lora_A, self.lora_B)
         self.magnitude = None
         if cfg.use_dora:
-            self.magnitude = nn.Parameter(base.weight.detach().norm(dim=1).to(dtype))
+            # ||W|| exactly as the forward computes it (B = 0), in the adapter's dtype: the scale starts at 1
+            self.magnitude = nn.Parameter(merged_row_norm(base.weight.detach(), self.lora_A, self.lora_B, 1.0).detach())
         base.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +173,7 @@ class ExpertLoRA(nn.Module):
         self.expert_ids = sorted(expert_ids)
         self.slot = {e: i for i, e in enumerate(self.expert_ids)}
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
-        kw = dict(dtype=weight_out_in.dtype, device=weight_out_in.device)
+        kw = dict(dtype=adapter_dtype(cfg, weight_out_in.dtype), device=weight_out_in.device)
         ranks = [cfg.rank_of(e) for e in self.expert_ids]
         self.lora_A = nn.Parameter(torch.empty(len(expert_ids), max(ranks), in_f, **kw))
         self.lora_B = nn.Parameter(torch.empty(len(expert_ids), out_f, max(ranks), **kw))
@@ -172,7 +182,8 @@ class ExpertLoRA(nn.Module):
         self.magnitude = None
         self.set_layout(range(first_expert, first_expert + num_experts))
         if cfg.use_dora:
-            self.magnitude = nn.Parameter(self._base(weight_out_in).detach().norm(dim=2).clone())  # [n, out]
+            # [n, out]: ||W|| as the forward computes it (B = 0); a shared weight is not copied per expert
+            self.magnitude = nn.Parameter(merged_row_norm(self._base(weight_out_in).detach(), self.lora_A, self.lora_B, 1.0).detach())
         self.register_buffer("scaling", torch.tensor([cfg.scaling_of(e) for e in self.expert_ids], **kw), persistent=False)
 
     def set_layout(self, local_experts) -> None:

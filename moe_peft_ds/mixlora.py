@@ -29,7 +29,7 @@ from torch import nn
 from .backends.hf import Routes, UnsupportedModelError, add_unrouted, inject_attention_lora, unrouted_tokens
 from .config import MixLoRAConfig
 from .lora import ExpertLoRA, apply_expert_update
-from .routing import attach_loss, load_balancing_loss, route, z_loss
+from .routing import RouterLosses, attach_loss, balance, route, router_stats
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # W1, W3, W2
 
@@ -169,6 +169,9 @@ class MixLoRAFFN(nn.Module):
         self.local_experts = list(range(cfg.num_experts))  # global ids of the LoRA experts held here
         mlp.requires_grad_(False)
         self.aux_loss_scale = 1.0  # set per step under DeepSpeed: this rank's share of real tokens / accumulation steps
+        # Its own until apply_mixlora pools every layer's router losses (share_router_losses).
+        self.router_losses, self.loss_slot = RouterLosses(cfg.router_aux_loss_pooling == "pooled"), 0
+        self.collect_router_losses = True  # off for forwards outside the training loss (continual's router KL)
         self.token_mask: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
         # The base weights are read here, not in base.forward: ZeRO-3 must gather them for this module.
@@ -231,10 +234,14 @@ class MixLoRAFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         valid = self._valid(x)
-        router_in = flat.float()
         if self.training and self.cfg.jitter_noise > 0:
-            router_in = router_in * torch.empty_like(router_in).uniform_(1 - self.cfg.jitter_noise, 1 + self.cfg.jitter_noise)
-        routing = route(self.adapter.router(router_in), self.cfg, valid)
+            noise = torch.empty_like(flat).uniform_(1 - self.cfg.jitter_noise, 1 + self.cfg.jitter_noise)
+            router_in = flat.float() * noise
+            if self.cfg.routing != "switch":  # the reference perturbs the experts' input too, except with switch routing
+                flat = flat * noise
+        else:
+            router_in = flat.float()
+        routing = route(self.adapter.router(router_in), self.cfg, valid, sequence=x.shape[-2] if x.dim() > 2 else None)
         if self.dispatch is not None:  # each expert's rows go to the rank that holds it, and come back
             out = self.dispatch(flat, routing.index, routing.weights, self.expert_rows, fallback=self.base)
         else:
@@ -244,13 +251,23 @@ class MixLoRAFFN(nn.Module):
             out = self._fast(flat, routes, routing.weights) if self.fast else \
                 routes.combine(flat, self.expert_rows(routes.gather(flat), routes.expert, routes.counts), routing.weights)
             out = add_unrouted(out, flat, unrouted, n_unrouted, self.base)
-        aux = self.cfg.router_aux_loss_coef * load_balancing_loss(routing, valid)
-        if self.cfg.router_z_loss_coef:
-            aux = aux + self.cfg.router_z_loss_coef * z_loss(routing, valid)
-        self.last_stats = {"aux_loss": aux.detach(), "dropped": routing.dropped}
-        if aux.requires_grad:
-            out = attach_loss(out, aux, self.aux_loss_scale)
+        if self.collect_router_losses:
+            out = self._router_losses(out, routing, valid)
         return out.reshape(x.shape)
+
+    def _router_losses(self, out: torch.Tensor, routing, valid: torch.Tensor) -> torch.Tensor:
+        """Record this layer's router statistics in ``router_losses`` and attach its summed router
+        probabilities and z to ``out``, with the gradient the (pooled) losses give them."""
+        aux_coef, z_coef = self.cfg.router_aux_loss_coef, self.cfg.router_z_loss_coef
+        stats = router_stats(routing, valid, with_z=bool(z_coef))
+        recorded = self.router_losses.record(self.loss_slot, stats)
+        own = aux_coef * balance(stats.counts, stats.probs.detach(), stats.tokens) + z_coef * stats.z_sum.detach() / stats.tokens.clamp_min(1)
+        self.last_stats = {"aux_loss": own, "dropped": routing.dropped}  # this layer's own losses, for logging
+        if not (aux_coef or z_coef) or not stats.probs.requires_grad:
+            return out
+        pool, slot, scale = self.router_losses, self.loss_slot, self.aux_loss_scale
+        gradient = lambda: pool.gradient(recorded, slot, aux_coef, z_coef) * scale  # noqa: E731 (every layer has recorded by then)
+        return attach_loss(out, torch.cat([stats.probs, stats.z_sum.reshape(1)]), gradient)
 
     def shard(self, group) -> None:
         """Keep only this rank's ``E/N`` LoRA experts, tagged for DeepSpeed; the router, the frozen
@@ -329,6 +346,24 @@ def mixlora_layers(model: nn.Module) -> list[tuple[int, MixLoRAFFN]]:
     return [(int(_LAYER_INDEX.search(n + ".").group(1)), m) for n, m in model.named_modules() if isinstance(m, MixLoRAFFN)]
 
 
+def share_router_losses(layers: list[MixLoRAFFN], cfg: MixLoRAConfig) -> None:
+    """Give one adapter's MixLoRA layers one ``RouterLosses``: pooled over them all by default."""
+    pool = RouterLosses(cfg.router_aux_loss_pooling == "pooled")
+    for slot, layer in enumerate(layers):
+        layer.router_losses, layer.loss_slot = pool, slot
+
+
+def router_loss_value(model: nn.Module) -> torch.Tensor | None:
+    """The router losses of ``model``'s last forward (detached), as the optimizer saw them:
+    pooled over the layers, or summed, as configured; None without MixLoRA layers."""
+    layers = [layer for _, layer in mixlora_layers(model)]
+    if not layers:
+        return None
+    cfg = layers[0].cfg
+    pools = {id(layer.router_losses): layer.router_losses for layer in layers}
+    return sum(pool.value(cfg.router_aux_loss_coef, cfg.router_z_loss_coef) for pool in pools.values())
+
+
 def _decoder_mlps(model: nn.Module, fam: DenseFamily) -> list[tuple[nn.Module, nn.Module]]:
     """``(decoder layer, gated MLP)`` of every decoder layer."""
     found = []
@@ -344,11 +379,19 @@ def _decoder_mlps(model: nn.Module, fam: DenseFamily) -> list[tuple[nn.Module, n
 
 
 def _capture_token_mask(model: nn.Module, args, kwargs) -> None:
-    """Forward pre-hook: hand the batch's 2-D attention mask to every MixLoRA layer."""
-    mask = kwargs.get("attention_mask")
-    for module in model.modules():  # every forward: a type check, not mixlora_layers' name parsing
-        if isinstance(module, MixLoRAFFN):
-            module.token_mask = mask
+    """Forward pre-hook: hand the batch's 2-D attention mask to every MixLoRA layer, and start a
+    new pass of their router losses."""
+    for layer in new_router_loss_pass(model):
+        layer.token_mask = kwargs.get("attention_mask")
+
+
+def new_router_loss_pass(model: nn.Module, *args) -> list[MixLoRAFFN]:
+    """Start a new pass of every MixLoRA layer's router losses (``RouterLosses.new_pass``); a
+    forward pre-hook. Returns the layers."""
+    layers = [m for m in model.modules() if isinstance(m, MixLoRAFFN)]  # every forward: a type check, not name parsing
+    for pool in {id(layer.router_losses): layer.router_losses for layer in layers}.values():
+        pool.new_pass()
+    return layers
 
 
 def apply_mixlora(model: nn.Module, cfg: MixLoRAConfig | None = None, fast: bool = True) -> nn.Module:
@@ -367,6 +410,7 @@ def apply_mixlora(model: nn.Module, cfg: MixLoRAConfig | None = None, fast: bool
     model.requires_grad_(False)
     for layer, mlp in layers:
         setattr(layer, fam.mlp, MixLoRAFFN(mlp, cfg, fast=fast))
+    share_router_losses([getattr(layer, fam.mlp) for layer, _ in layers], cfg)
     inject_attention_lora(model, cfg)
     model._mixlora_mask_hook = model.register_forward_pre_hook(_capture_token_mask, with_kwargs=True)
     cfg.model_type, cfg.hidden_size = model.config.model_type, model.config.hidden_size

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..lora import ExpertLoRA, apply_expert_update, grouped_mm
-from ..mixlora import MixLoRAFFN
+from ..mixlora import MixLoRAFFN, new_router_loss_pass, share_router_losses
 from .hf import UnsupportedModelError, replace_module
 
 MODEL_TYPE = "megatron"
@@ -420,8 +420,11 @@ def apply_mixlora_megatron(model: nn.Module, cfg, fast: bool = True) -> nn.Modul
     if config.tensor_model_parallel_size > 1:
         raise UnsupportedModelError("MixLoRA on Megatron models needs tensor_model_parallel_size=1")
     model.requires_grad_(False)
-    for path, layer, mlp in sites:
-        replace_module(model, path, MegatronMixLoRAFFN(mlp, cfg, layer, fast=fast))
+    layers = [MegatronMixLoRAFFN(mlp, cfg, layer, fast=fast) for _, layer, mlp in sites]
+    for (path, _, _), layer in zip(sites, layers):
+        replace_module(model, path, layer)
+    share_router_losses(layers, cfg)
+    model._mixlora_pass_hook = model.register_forward_pre_hook(new_router_loss_pass)  # a pass per forward
     cfg.model_type, cfg.hidden_size = MODEL_TYPE, config.hidden_size
     model.moe_peft_config = cfg
     return model

@@ -42,7 +42,7 @@ def sieve_model(family: str) -> torch.nn.Module:
 
 def mixlora_model(method: str = "mixlora", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A tiny dense LLaMA (tests/test_mixlora.dense_model) in ``dtype`` turned into MixLoRA
-    (4 LoRA experts, top-2, LoRA on attention too); its routers stay fp32 whatever ``dtype``."""
+    (4 LoRA experts, top-2, LoRA on attention too); its adapters and routers are fp32 whatever ``dtype``."""
     from test_mixlora import dense_model
 
     return apply_mixlora(dense_model().to(dtype), MixLoRAConfig(method=method, **MIXLORA))

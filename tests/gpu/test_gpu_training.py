@@ -91,12 +91,13 @@ def test_mixlora_on_cuda_equals_cpu_in_fp32_both_paths_and_runs_on_a_bf16_base(m
     cpu = mixlora_model(method)
     randomize(cpu)  # non-zero B and magnitudes off their initial norms
     cuda = copy.deepcopy(cpu).to(CUDA)
-    low = mixlora_model(method, BF16)  # the base (and its LoRA) in bf16, the routers fp32
+    low = mixlora_model(method, BF16)  # the base in bf16; its LoRA (adapter_dtype="float32") and the routers fp32
     low.load_state_dict(cpu.state_dict())  # the same values, each tensor keeping its own dtype
     low.to(CUDA)
     routers = [layer.adapter.router.weight for _, layer in mixlora_layers(low)]
     assert routers and all(w.dtype == torch.float32 for w in routers)
-    assert all(p.dtype == BF16 for n, p in low.named_parameters() if "lora_A" in n)
+    assert all(p.dtype == torch.float32 for n, p in low.named_parameters() if "lora_A" in n)
+    assert all(p.dtype == BF16 for p in low.parameters() if not p.requires_grad)
     batch = make_batch(1)
 
     ref = run(cpu, batch)
