@@ -190,9 +190,26 @@ def markdown(result: dict) -> str:
     lines += ["", "Mean accuracy over tasks after each number of steps (mean over seeds): how fast each method learns.", "",
               "| method | " + " | ".join(f"step {k}" for k in steps) + " |", "|---|" + "---|" * len(steps)]
     lines += [f"| {m} | " + " | ".join(f"{row['mean_accuracy_by_step'][k]:.3f}" for k in steps) + " |" for m, row in result["table"].items()]
+    lines += sweep_table(result["table"])
     lines += ["", "| comparison | measured here | the claim |", "|---|---|---|"]
     lines += [f"| {k} | {v:+.3f} | {result['paper_claims'].get(k, '-')} |" for k, v in result["claims"].items()]
     return "\n".join(lines) + "\n"
+
+
+def sweep_table(table: dict) -> list[str]:
+    """Mean accuracy (+- std over seeds) of MixLoRA per routing and balancing coefficient."""
+    cells = {("topk", 0.01): table.get("mixlora")}
+    cells.update({(cfg["routing"], cfg["router_aux_loss_coef"]): table.get(name) for name, cfg in SWEEP.items()})
+    if not any(row is not None for key, row in cells.items() if key != ("topk", 0.01)):
+        return []
+    coefs = sorted({c for _, c in cells})
+    lines = ["", "MixLoRA's router sweep: mean accuracy over tasks (+- std over seeds), balancing loss pooled over layers.", "",
+             "| routing | " + " | ".join(f"aux coef {c:g}" for c in coefs) + " |", "|---|" + "---|" * len(coefs)]
+    for routing in ("topk", "dynamic"):
+        row = [cells.get((routing, c)) for c in coefs]
+        lines.append(f"| {routing} | " + " | ".join("-" if r is None else f"{r['mean_accuracy']['mean']:.3f} +- {r['mean_accuracy']['std']:.3f}"
+                                                    for r in row) + " |")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -385,9 +385,9 @@ def _capture_token_mask(model: nn.Module, args, kwargs) -> None:
         layer.token_mask = kwargs.get("attention_mask")
 
 
-def new_router_loss_pass(model: nn.Module, *args) -> list[MixLoRAFFN]:
-    """Start a new pass of every MixLoRA layer's router losses (``RouterLosses.new_pass``); a
-    forward pre-hook. Returns the layers."""
+def new_router_loss_pass(model: nn.Module) -> list[MixLoRAFFN]:
+    """Start a new pass of every MixLoRA layer's router losses (``RouterLosses.new_pass``), as
+    each model forward does; returns the layers."""
     layers = [m for m in model.modules() if isinstance(m, MixLoRAFFN)]  # every forward: a type check, not name parsing
     for pool in {id(layer.router_losses): layer.router_losses for layer in layers}.values():
         pool.new_pass()

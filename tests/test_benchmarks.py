@@ -121,6 +121,12 @@ def test_mixlora_study_quick_run_compares_methods_at_matched_budgets(tmp_path):
     assert all(0 <= r["accuracy"]["parity"] <= 1 and len(r["losses"]) == 4 for r in result["runs"])
     assert {"mixlora - lora (pp)", "step time mixlora/lora"} <= set(result["claims"])
     assert "| comparison |" in out.with_suffix(".md").read_text()
+    # the router sweep: each cell trains MixLoRA with its routing and balancing coefficient
+    assert main(["--quick", "--sweep", "--methods", "mixlora", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["table"]) == {"mixlora", "mixlora[topk,aux=0]", "mixlora[topk,aux=0.001]", "mixlora[dynamic,aux=0]",
+                                    "mixlora[dynamic,aux=0.001]", "mixlora[dynamic,aux=0.01]"}
+    assert "| dynamic |" in out.with_suffix(".md").read_text()
 
 
 def test_testbed_splits_are_disjoint_and_balanced():

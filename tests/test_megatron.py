@@ -352,7 +352,7 @@ def test_mixlora_on_megatron_dense_mlps_equals_the_transformers_layer(method, tm
     from megatron_cpu import gpt_dense
     from moe_peft_ds import MixLoRAConfig, apply_mixlora
     from moe_peft_ds.backends.megatron import MegatronMixLoRAFFN
-    from moe_peft_ds.mixlora import MixLoRAFFN
+    from moe_peft_ds.mixlora import MixLoRAFFN, new_router_loss_pass
 
     config = tiny_config(num_moe_experts=None, moe_ffn_hidden_size=None, moe_router_topk=2)
     make_cfg = lambda: MixLoRAConfig(method=method, num_experts=4, top_k=2, r=4, alpha=8, attention_targets=[])  # noqa: E731
@@ -376,6 +376,7 @@ def test_mixlora_on_megatron_dense_mlps_equals_the_transformers_layer(method, tm
     hf.adapter.load_state_dict(meg.adapter.state_dict())
     x = torch.randn(2, 10, 16)
     want = hf(x)
+    new_router_loss_pass(gpt)  # the model's router losses then pool this one call, as hf's own do
     got, bias = meg(x.transpose(0, 1))
     assert bias is None
     torch.testing.assert_close(got.transpose(0, 1), want, rtol=1e-5, atol=1e-6)

@@ -404,6 +404,12 @@ def _dense_mlps(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
     return [(n, i, m) for i, (n, m) in enumerate((n, m) for n, m in model.named_modules() if type(m) is MLP and id(m) not in inside)]
 
 
+def _new_router_loss_pass(model: nn.Module, args) -> None:
+    """Forward pre-hook: each forward is a new pass of the router losses (the padding mask is the
+    caller's to set on Megatron, see the module docstring)."""
+    new_router_loss_pass(model)
+
+
 def apply_mixlora_megatron(model: nn.Module, cfg, fast: bool = True) -> nn.Module:
     """Freeze a Megatron model and turn every dense MLP into a MixLoRA (MixDoRA) layer.
     Checked before anything changes; LoRA on Megatron's attention is not built (attention_targets=[])."""
@@ -424,7 +430,7 @@ def apply_mixlora_megatron(model: nn.Module, cfg, fast: bool = True) -> nn.Modul
     for (path, _, _), layer in zip(sites, layers):
         replace_module(model, path, layer)
     share_router_losses(layers, cfg)
-    model._mixlora_pass_hook = model.register_forward_pre_hook(new_router_loss_pass)  # a pass per forward
+    model._mixlora_pass_hook = model.register_forward_pre_hook(_new_router_loss_pass)
     cfg.model_type, cfg.hidden_size = MODEL_TYPE, config.hidden_size
     model.moe_peft_config = cfg
     return model
