@@ -106,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def method_config(method: str, rank: int, args) -> MixLoRAConfig:
     mixture = method.startswith("mix")
-    return MixLoRAConfig(method="mixdora" if method.startswith("mixdora") else "mixlora", r=rank, alpha=args.alpha_over_r * rank,
+    dora = method in ("dora", "mixdora")  # the sweep's cells are MixLoRA
+    return MixLoRAConfig(method="mixdora" if dora else "mixlora", r=rank, alpha=args.alpha_over_r * rank,
                          num_experts=args.experts if mixture else 1, top_k=args.top_k if mixture else 1, **SWEEP.get(method, {}))
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_peft_ds import MixLoRAConfig, apply_mixlora, save_adapter  # noqa: E402
 from moe_peft_ds.cli import DATA_HELP, add_model_data_args, check_positive, data_format, init_distributed, run_cli  # noqa: E402
-from moe_peft_ds.config import ATTENTION_TARGETS, MIXLORA_METHODS, ROUTINGS, ConfigError  # noqa: E402
+from moe_peft_ds.config import ATTENTION_TARGETS, AUX_LOSS_POOLINGS, MIXLORA_METHODS, ROUTINGS, ConfigError  # noqa: E402
 from moe_peft_ds.continual import (adapter_parameters, continual_metrics, expert_usage, grow_experts, merge_experts,  # noqa: E402
                                    prune_experts, router_kl, router_targets)
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="plain LoRA on these attention projections too (trained in the first task only for dynamic; "
                         "default none)")
     m.add_argument("--router-aux-loss-coef", type=float, default=0.01, help="load-balancing loss coefficient (default 0.01)")
+    m.add_argument("--router-aux-loss-pooling", default="pooled", choices=AUX_LOSS_POOLINGS,
+                   help="pooled: one balancing loss over all layers' tokens (default); per_layer_sum: each layer's, summed")
     c = p.add_argument_group("router protection and pool management (dynamic)")
     c.add_argument("--train-old-router", action="store_true", help="keep training the earlier experts' router rows")
     c.add_argument("--kl-coef", type=float, default=0.0,
@@ -176,6 +178,7 @@ def adapter_config(args, strategy: str, num_tasks: int, first_task: str) -> MixL
     return MixLoRAConfig(method=args.method, r=args.lora_r, alpha=args.lora_alpha, num_experts=experts,
                          top_k=1 if strategy == "lora" else args.top_k, routing="topk" if strategy == "lora" else args.routing,
                          attention_targets=list(args.attention_lora), router_aux_loss_coef=args.router_aux_loss_coef,
+                         router_aux_loss_pooling=args.router_aux_loss_pooling,
                          expert_tasks=[first_task] * experts if strategy == "dynamic" else [], base_model=args.model)
 
 

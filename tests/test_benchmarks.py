@@ -121,6 +121,10 @@ def test_mixlora_study_quick_run_compares_methods_at_matched_budgets(tmp_path):
     assert all(0 <= r["accuracy"]["parity"] <= 1 and len(r["losses"]) == 4 for r in result["runs"])
     assert {"mixlora - lora (pp)", "step time mixlora/lora"} <= set(result["claims"])
     assert "| comparison |" in out.with_suffix(".md").read_text()
+    module = runpy.run_path(str(ROOT / "benchmarks" / "mixlora_study.py"), run_name="not_main")
+    configs = {m: module["method_config"](m, 4, module["parse_args"](["--quick"])) for m in [*module["METHODS"], *module["SWEEP"]]}
+    assert [m for m, c in configs.items() if c.use_dora] == ["dora", "mixdora"]
+    assert configs["mixlora[dynamic,aux=0]"].routing == "dynamic" and configs["mixlora[dynamic,aux=0]"].router_aux_loss_coef == 0
     # the router sweep: each cell trains MixLoRA with its routing and balancing coefficient
     assert main(["--quick", "--sweep", "--methods", "mixlora", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
