@@ -100,7 +100,13 @@ class LoRAConfig:
         unknown = sorted(raw.keys() - known)
         if unknown:
             raise ConfigError(f"{source} has unknown keys {unknown}; known keys: {sorted(known)}")
-        return target(**raw)
+        return target(**{**target.written_before(raw), **raw})
+
+    @classmethod
+    def written_before(cls, raw: dict) -> dict:
+        """The values a saved config that lacks a later key was trained with (it reloads as it
+        trained): before ``adapter_dtype`` the adapters took the base's dtype."""
+        return {"adapter_dtype": "base"}
 
 
 def check_rank_alpha(where: str, r, alpha) -> None:
@@ -219,6 +225,13 @@ class MixLoRAConfig(LoRAConfig):
             check_rank_alpha(f"expert {e}: ", self.rank_of(e), self.expert_alpha.get(e, self.alpha))
         if self.expert_tasks and len(self.expert_tasks) != self.num_experts:
             raise ConfigError(f"expert_tasks names {len(self.expert_tasks)} experts, num_experts={self.num_experts}")
+
+    @classmethod
+    def written_before(cls, raw: dict) -> dict:
+        """Before 2026-12-01 (issue 18) dynamic routing renormalised and kept at most ``top_k``
+        experts, and the balancing loss was summed over the layers."""
+        return {**super().written_before(raw), "top_p_renormalize": True, "top_p_max_experts": raw.get("top_k", 2),
+                "router_aux_loss_pooling": "per_layer_sum"}
 
     def rank_of(self, expert: int) -> int:
         return self.expert_r.get(expert, self.r)

@@ -222,3 +222,20 @@ def test_jitter_multiplies_the_router_input_and_with_topk_and_dynamic_the_expert
     experts_in = x * noise.view(2, 5, 32) if experts_see_noise else x
     with torch.no_grad():
         torch.testing.assert_close(out, layer.base(experts_in), rtol=1e-5, atol=1e-6)
+
+
+def test_a_config_saved_before_these_options_reloads_with_the_rules_it_was_trained_with():
+    from dataclasses import asdict
+
+    from moe_peft_ds.config import LoRAConfig
+
+    saved = asdict(MixLoRAConfig(model_type="llama", routing="dynamic", top_k=3))
+    for key in ("top_p_renormalize", "top_p_max_experts", "router_aux_loss_pooling", "adapter_dtype", "router_temperature",
+                "capacity_scope"):
+        del saved[key]
+    old = LoRAConfig.from_dict(saved)
+    assert (old.top_p_renormalize, old.top_p_max_experts, old.router_aux_loss_pooling, old.adapter_dtype) == \
+        (True, 3, "per_layer_sum", "base")
+    assert (old.router_temperature, old.capacity_scope) == (0.0, "batch")  # what every earlier config did
+    r = route(LOGITS, old, ONE)
+    assert kept(r) == pytest.approx({3: 4 / 9, 2: 3 / 9, 1: 2 / 9})  # renormalised, as it trained
