@@ -29,7 +29,7 @@ from torch import nn
 from .backends.hf import Routes, UnsupportedModelError, add_unrouted, inject_attention_lora, unrouted_tokens
 from .config import MixLoRAConfig
 from .lora import ExpertLoRA, apply_expert_update
-from .routing import RouterLosses, attach_loss, balance, route, router_stats
+from .routing import RouterLosses, attach_loss, route, router_loss, router_stats
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # W1, W3, W2
 
@@ -261,8 +261,8 @@ class MixLoRAFFN(nn.Module):
         aux_coef, z_coef = self.cfg.router_aux_loss_coef, self.cfg.router_z_loss_coef
         stats = router_stats(routing, valid, with_z=bool(z_coef))
         recorded = self.router_losses.record(self.loss_slot, stats)
-        own = aux_coef * balance(stats.counts, stats.probs.detach(), stats.tokens) + z_coef * stats.z_sum.detach() / stats.tokens.clamp_min(1)
-        self.last_stats = {"aux_loss": own, "dropped": routing.dropped}  # this layer's own losses, for logging
+        own = router_loss(recorded[self.loss_slot], aux_coef, z_coef)  # detached: for logging only
+        self.last_stats = {"aux_loss": own, "dropped": routing.dropped}
         if not (aux_coef or z_coef) or not stats.probs.requires_grad:
             return out
         pool, slot, scale = self.router_losses, self.loss_slot, self.aux_loss_scale

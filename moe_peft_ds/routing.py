@@ -125,6 +125,11 @@ class RouterStats:
     tokens: torch.Tensor  # () real tokens (float)
 
 
+def router_loss(stats: RouterStats, aux_coef: float, z_coef: float) -> torch.Tensor:
+    """``aux_coef * balance + z_coef * mean z`` of ``stats`` (one layer's, or the layers' totals)."""
+    return aux_coef * balance(stats.counts, stats.probs, stats.tokens) + z_coef * stats.z_sum / stats.tokens.clamp_min(1)
+
+
 def router_stats(routing: Routing, valid: torch.Tensor, with_z: bool = True) -> RouterStats:
     """Mask products, not indexing: no host sync. Padding's slots are index E, not counted.
     Without ``with_z`` (a zero z coefficient) the z sum is a constant 0, not computed."""
@@ -186,7 +191,7 @@ class RouterLosses:
         """The latest pass's loss, the one its gradients belong to (detached): pooled, or the sum of the layers'."""
         keys = list(self.layers)[:1] if self.pooled else list(self.layers)
         parts = [self._totals(self.layers, k) for k in keys]
-        return sum(aux_coef * balance(t.counts, t.probs, t.tokens) + z_coef * t.z_sum / t.tokens.clamp_min(1) for t in parts)
+        return sum(router_loss(t, aux_coef, z_coef) for t in parts)
 
 
 class _AttachLoss(torch.autograd.Function):
