@@ -59,10 +59,9 @@ def mixtral(s: dict):
 
 
 def expert_bytes(model) -> int:
-    from moe_peft_ds.backends.hf import family_of, find_moe_blocks
+    from moe_peft_ds.backends.hf import find_moe_blocks
 
-    fam = family_of(model)
-    return sum(p.numel() * p.element_size() for b in find_moe_blocks(model, fam) for p in b.experts(fam).parameters())
+    return sum(p.numel() * p.element_size() for b in find_moe_blocks(model) for p in b.experts.parameters())
 
 
 def ours(s: dict, rank: int) -> dict:

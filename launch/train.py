@@ -29,7 +29,7 @@ from moe_peft_ds import AdapterConfig, SieveConfig, apply_sieve_lora, profile_ro
 from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, all_experts_selection, describe_model  # noqa: E402
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
 from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, init_distributed, run_cli  # noqa: E402
-from moe_peft_ds.config import (ADAPTER_DTYPES, ATTENTION_TARGETS, AUX_LOSS_POOLINGS, CAPACITY_SCOPES, MIXLORA_METHODS, POLICIES,  # noqa: E402
+from moe_peft_ds.config import (ADAPTER_DTYPES, ATTENTION_TARGETS, STANDARD_ATTENTION, AUX_LOSS_POOLINGS, CAPACITY_SCOPES, MIXLORA_METHODS, POLICIES,  # noqa: E402
                                 ROUTINGS, ConfigError, MixLoRAConfig)
 from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
 from moe_peft_ds.monitor import TrainingMonitor  # noqa: E402
@@ -58,8 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--use-rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
     m.add_argument("--use-dora", action="store_true", help="DoRA magnitudes on the adapted experts (implied by --method dora)")
     m.add_argument("--attention-lora", nargs="*", default=None, choices=ATTENTION_TARGETS, metavar="PROJ",
-                   help=f"plain LoRA on these attention projections too, any of {ATTENTION_TARGETS}; the flag alone: "
-                        "none (default: none for sieve/lora/dora, all four for mixlora/mixdora)")
+                   help=f"plain LoRA on these attention projections too, any of {ATTENTION_TARGETS} that the model has "
+                        "(MLA models: q_a_proj/q_b_proj/kv_a_proj_with_mqa/kv_b_proj/o_proj); the flag alone: none "
+                        f"(default: none for sieve/lora/dora, {' '.join(STANDARD_ATTENTION)} for mixlora/mixdora)")
     m.add_argument("--shared-expert-lora", action="store_true", help="plain LoRA on shared experts (Qwen2-MoE, DeepSeek)")
     m.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
                    help="adapter parameters in float32 over a bf16/fp16 base (as PEFT; default), or in the base's dtype. "
@@ -163,7 +164,7 @@ def build_adapter_config(args) -> AdapterConfig | MixLoRAConfig:
     lora = dict(method=args.method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, adapter_dtype=args.adapter_dtype,
                 use_rslora=args.use_rslora, use_dora=args.use_dora or args.method in ("dora", "mixdora"))
     if args.method in MIXLORA_METHODS:
-        attention = ATTENTION_TARGETS if args.attention_lora is None else args.attention_lora
+        attention = STANDARD_ATTENTION if args.attention_lora is None else args.attention_lora
         return MixLoRAConfig(**lora, attention_targets=list(attention), num_experts=args.num_experts, top_k=args.top_k,
                              routing=args.routing, top_p=args.top_p, top_p_renormalize=args.top_p_renormalize,
                              top_p_max_experts=args.top_p_max_experts, router_temperature=args.router_temperature,

@@ -5,7 +5,8 @@ transformers, DeepSpeed-MoE and Megatron-core expert layers;
 ``mixlora`` for MixLoRA) -> profile (``profiling``) -> select (``selection``) -> train
 (``train``) -> checkpoint (``checkpoint``).
 """
-from .backends.hf import all_experts_selection, apply_sieve_lora, supported_model_types
+from .backends.hf import all_experts_selection, apply_sieve_lora
+from .backends.hf_families import supported_model_types
 from .checkpoint import convert_adapter, load_adapter, merge_adapter, remove_adapter, save_adapter
 from .config import AdapterConfig, ConfigError, MixLoRAConfig, SieveConfig
 from .mixlora import apply_mixlora

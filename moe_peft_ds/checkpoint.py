@@ -217,7 +217,7 @@ def convert_adapter(path: str | Path, output_dir: str | Path, model_type: str, b
     otherwise (GPT-OSS: transposed, interleaved, biased), adapters with LoRA outside the routed
     experts (attention, shared experts) and MixLoRA adapters are refused.
     """
-    from .backends.hf import FAMILIES, chunked_glu
+    from .backends.hf_families import discover_families, megatron_compatible
     from .config import AdapterConfig
 
     cfg, state = read_adapter(path)
@@ -226,7 +226,7 @@ def convert_adapter(path: str | Path, output_dir: str | Path, model_type: str, b
     hf_type = model_type if cfg.model_type == "megatron" else cfg.model_type
     if (cfg.model_type == "megatron") == (model_type == "megatron"):
         raise AdapterMismatchError(f"{path} is a {cfg.model_type!r} adapter; convert it to 'megatron' or from 'megatron' to a transformers family")
-    layouts = [t for fam in FAMILIES if fam.glu is chunked_glu and not fam.transposed and not fam.has_bias for t in fam.model_types]
+    layouts = [f.model_type for f in discover_families() if megatron_compatible(f)]
     if hf_type not in layouts:
         raise AdapterMismatchError(f"model_type {hf_type!r} has no Megatron counterpart here; Mixtral-style families: {layouts}")
     other = sorted(k for k in state if not _EXPERT.match(k))

@@ -14,7 +14,11 @@ from pathlib import Path
 METHODS = ("lora", "dora", "sieve")
 MIXLORA_METHODS = ("mixlora", "mixdora")
 POLICIES = ("topk", "coverage", "random", "greedy", "all")
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Attention projections LoRA may target; a model has some of them (standard: the first four; MLA:
+# q_a/q_b/kv_a/kv_b; fused: qkv_proj); naming one the model lacks is an error at injection.
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                     "kv_b_proj", "out_proj", "dense")
+STANDARD_ATTENTION = ATTENTION_TARGETS[:4]
 ROUTINGS = ("topk", "dynamic", "switch")
 AUX_LOSS_POOLINGS = ("pooled", "per_layer_sum")
 CAPACITY_SCOPES = ("batch", "sequence")
@@ -155,8 +159,8 @@ class MixLoRAConfig(LoRAConfig):
 
     method: str = field(default="mixlora", metadata={"help": f"one of {MIXLORA_METHODS} (mixdora: DoRA experts)"})
     attention_targets: list[str] = field(
-        default_factory=lambda: list(ATTENTION_TARGETS),
-        metadata={"help": f"attention projections with plain LoRA (default all of {ATTENTION_TARGETS}; [] for none)"},
+        default_factory=lambda: list(STANDARD_ATTENTION),
+        metadata={"help": f"attention projections with plain LoRA (default {STANDARD_ATTENTION}; [] for none)"},
     )
     num_experts: int = field(default=8, metadata={"help": "LoRA experts per FFN (>= 1)"})
     top_k: int = field(default=2, metadata={"help": "experts per token (topk), the most experts per token (dynamic)"})

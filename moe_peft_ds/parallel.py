@@ -15,13 +15,9 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from .backends.hf import (FusedExpertsWithLoRA, Routes, add_unrouted, base_experts, family_of, find_moe_blocks,
-                          unrouted_tokens)
+from .backends.hf import FusedExpertsWithLoRA, Routes, add_unrouted, base_experts, find_moe_blocks, unrouted_tokens
 from .config import AdapterConfig
 from .routing import expert_counts
-
-EXPERT_TENSORS_AND_BIASES = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
-
 
 class _AllToAllV(torch.autograd.Function):
     """All-to-all of rows with per-rank split sizes; backward sends gradients the reverse way."""
@@ -118,6 +114,8 @@ class ExpertParallelExperts(ExpertParallelDispatch):
     sorted by local expert; the dispatch routes rows to and from the owning ranks.
     """
 
+    wraps_experts = True
+
     def __init__(self, local: FusedExpertsWithLoRA, group, num_experts: int):
         super().__init__(group, num_experts)
         self.local = local
@@ -133,21 +131,21 @@ def ep_group_name(ep_size: int) -> str:
 
 def _slice_experts(base: nn.Module, lo: int, hi: int) -> None:
     """Keep only experts ``lo..hi-1`` of a fused experts module; the full tensors are released."""
-    for name in EXPERT_TENSORS_AND_BIASES:
-        p = getattr(base, name, None)
-        if isinstance(p, nn.Parameter):
+    E = base.down_proj.shape[0]
+    for name, p in list(base.named_parameters(recurse=False)):
+        if p.dim() >= 2 and p.shape[0] == E:  # per-expert tensors (weights and biases)
             setattr(base, name, nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=False))
     base.num_experts = hi - lo
 
 
-def _shard_block(experts: nn.Module, fam, cfg: AdapterConfig, lo: int, hi: int) -> FusedExpertsWithLoRA:
+def _shard_block(experts: nn.Module, cfg: AdapterConfig, lo: int, hi: int) -> FusedExpertsWithLoRA:
     """This rank's share of one block's experts, adapters included (copied, so the
     initialisation matches the unsharded model exactly)."""
     full = experts if isinstance(experts, FusedExpertsWithLoRA) else None
     base = full.base if full else experts
     local_ids = [e for e in (full.expert_ids if full else []) if lo <= e < hi]
     _slice_experts(base, lo, hi)
-    local = FusedExpertsWithLoRA(base, fam, local_ids, cfg, first_expert=lo)
+    local = FusedExpertsWithLoRA(base, local_ids, cfg, first_expert=lo)
     for tensor, adapter in local.adapters.items():
         copy_expert_slots(full.adapters[tensor], adapter)
     return local
@@ -188,20 +186,19 @@ def shard_experts(model: nn.Module, group=None) -> nn.Module:
             layer.shard(group)
         return model
     ep_size, rank = dist.get_world_size(group), dist.get_rank(group)
-    fam = family_of(model)
-    for block in find_moe_blocks(model, fam):
-        experts = block.experts(fam)
+    for block in find_moe_blocks(model):
+        experts = block.experts
         if isinstance(experts, ExpertParallelExperts):
             raise ValueError("this model is already expert-parallel")
-        num_experts = base_experts(experts).gate_up_proj.shape[0]
+        num_experts = base_experts(experts).down_proj.shape[0]
         if num_experts % ep_size:
             raise ValueError(f"{num_experts} experts per layer cannot be split over ep_size={ep_size}")
         per_rank = num_experts // ep_size
-        local = _shard_block(experts, fam, cfg, rank * per_rank, (rank + 1) * per_rank)
+        local = _shard_block(experts, cfg, rank * per_rank, (rank + 1) * per_rank)
         # Expert-local, frozen base included: DeepSpeed must neither average these gradients over
         # all ranks nor broadcast rank 0's experts over the others at initialize.
         tag_expert_local(local.parameters(), ep_size)
-        setattr(block.module, fam.experts, ExpertParallelExperts(local, group, num_experts))
+        block.experts = ExpertParallelExperts(local, group, num_experts)
     return model
 
 

@@ -1,7 +1,7 @@
 """Routing profiler: how many tokens each expert of each MoE layer receives on a calibration set.
 
-Forward hooks on every router read its ``(logits, top_k_weights [T, k], top_k_index [T, k])``
-output and count, per layer and per expert, the top-k assignments and the summed gate
+Hooks read the top-k choice of every MoE layer (for transformers models, the ``top_k_index`` /
+``top_k_weights`` its experts module is called with) and count, per layer and per expert, the top-k assignments and the summed gate
 weight of non-padding tokens. With ``torch.distributed`` initialised the counts are summed
 over ranks, so every data-parallel rank selects the same experts.
 """
@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backends.deepspeed_moe import ds_moe_layers, gate_choice, is_ds_moe_model
-from .backends.hf import family_of, find_moe_blocks
+from .backends.hf import find_moe_blocks, num_local_experts
 from .backends.megatron import is_megatron_model
 from .device import model_device
 
@@ -112,18 +112,25 @@ class _Counter:
             h.remove()
 
 
-class _RouterCounter(_Counter):
-    """Hooks on the routers of a transformers MoE model: they return ``(logits, weights, index)``."""
+class _ExpertsCounter(_Counter):
+    """Pre-hooks on the experts modules of a transformers MoE model: every family calls them as
+    ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``, so the choice is read
+    where it is used, whatever router produced it."""
 
     def __init__(self, model: nn.Module):
-        fam = family_of(model)
-        blocks = find_moe_blocks(model, fam)
-        router = blocks[0].router(fam)
-        super().__init__(model, [b.layer for b in blocks], router.num_experts, router.top_k)
-        self.handles = [b.router(fam).register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
+        blocks = find_moe_blocks(model)
+        experts = blocks[0].experts
+        num_experts = experts.num_experts if hasattr(experts, "local") else num_local_experts(experts)
+        super().__init__(model, [b.layer for b in blocks], num_experts, top_k=0)  # k: read off the first call
+        self.handles = [b.experts.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
 
     def _hook(self, row: int):
-        return lambda module, args, output: self.add(row, output[1], output[2])
+        def count(module, args, kwargs):
+            named = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args), **kwargs)
+            index, weights = named["top_k_index"], named["top_k_weights"]
+            self.top_k = index.shape[-1]
+            self.add(row, weights.reshape(-1, self.top_k), index.reshape(-1, self.top_k))
+        return count
 
 
 class _GateCounter(_Counter):
@@ -242,7 +249,7 @@ def profile_routing(
     if is_megatron_model(model):
         counter, forward = _RoutingMapCounter(model), forward or megatron_forward
     else:
-        counter = _GateCounter(model) if is_ds_moe_model(model) else _RouterCounter(model)
+        counter = _GateCounter(model) if is_ds_moe_model(model) else _ExpertsCounter(model)
         forward = forward or (lambda m, ids, mask: m(input_ids=ids, attention_mask=mask))
     samples = tokens = 0
     try:

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from moe_peft_ds import AdapterConfig, all_experts_selection, apply_sieve_lora
-from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, UnsupportedModelError, describe_model, family_of, find_moe_blocks
+from moe_peft_ds.backends.hf import (FusedExpertsWithLoRA, UnsupportedModelError, attention_projections, describe_model,
+                                     find_moe_blocks)
 from moe_peft_ds.lora import LoRALinear
 from conftest import randomize_adapters
-from tiny_models import tiny_model
+from tiny_models import router_of, tiny_model
 
 SELECT = [1, 4, 6]
 
@@ -21,7 +22,7 @@ def test_zero_init_matches_base(family, batch, dora):
     with torch.no_grad():
         ref = model(**batch).logits
     apply_sieve_lora(model, selection_for(model), AdapterConfig(use_dora=dora, shared_expert_lora=True,
-                                                                attention_targets=["q_proj", "v_proj", "o_proj"]))
+                                                                attention_targets=attention_projections(model)))
     with torch.no_grad():
         out = model(**batch).logits
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
@@ -30,13 +31,12 @@ def test_zero_init_matches_base(family, batch, dora):
 def test_base_experts_module_is_reproduced_exactly(family):
     """With zero adapters, our grouped forward equals the transformers experts forward."""
     model = tiny_model(family)
-    fam = family_of(model)
     block = find_moe_blocks(model)[0]
-    base = block.experts(fam)
+    base = block.experts
     torch.manual_seed(0)
     hidden = torch.randn(20, model.config.hidden_size)
-    _, weights, index = block.router(fam)(hidden)
-    wrapped = FusedExpertsWithLoRA(base, fam, [0, 2], AdapterConfig())
+    _, weights, index = router_of(block)(hidden)
+    wrapped = FusedExpertsWithLoRA(base, [0, 2], AdapterConfig())
     torch.testing.assert_close(wrapped(hidden, index, weights), base(hidden, index, weights), rtol=1e-5, atol=1e-6)
 
 
@@ -56,9 +56,8 @@ def test_gradient_isolation_per_expert(family):
     """An expert's adapter gets gradient only from the tokens routed to it, and changing one
     expert's adapter changes only the outputs of tokens routed to that expert."""
     model = tiny_model(family)
-    fam = family_of(model)
     block = find_moe_blocks(model)[0]
-    wrapped = FusedExpertsWithLoRA(block.experts(fam), fam, [1, 4], AdapterConfig())
+    wrapped = FusedExpertsWithLoRA(block.experts, [1, 4], AdapterConfig())
     randomize_adapters(wrapped)
     hidden = torch.randn(6, model.config.hidden_size)
     index = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 2], [1, 3], [5, 6]])  # expert 4 only on token 2
@@ -81,8 +80,7 @@ def test_gradient_isolation_per_expert(family):
 
 def _wrapped_block(family, expert_ids, dora=False):
     model = tiny_model(family)
-    fam = family_of(model)
-    wrapped = FusedExpertsWithLoRA(find_moe_blocks(model)[0].experts(fam), fam, expert_ids, AdapterConfig(use_dora=dora))
+    wrapped = FusedExpertsWithLoRA(find_moe_blocks(model)[0].experts, expert_ids, AdapterConfig(use_dora=dora))
     randomize_adapters(wrapped)
     return wrapped, model.config.hidden_size
 
@@ -114,10 +112,9 @@ def test_parameter_count_is_selected_experts_times_expert_size(family, dora):
     cfg = AdapterConfig(r=4, use_dora=dora)
     sel = selection_for(model)
     apply_sieve_lora(model, sel, cfg)
-    fam = family_of(model)
-    experts = find_moe_blocks(model)[0].experts(fam).base
+    experts = find_moe_blocks(model)[0].experts
     H = model.config.hidden_size
-    I = experts.down_proj.shape[2] if not fam.transposed else experts.down_proj.shape[1]
+    I = experts.base.down_proj.shape[2] if not experts.layout.transposed else experts.base.down_proj.shape[1]
     per_expert = cfg.r * (H + 2 * I) + cfg.r * (I + H) + ((2 * I + H) if dora else 0)
     n_selected = sum(len(v) for v in sel.values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -138,9 +135,14 @@ def test_attention_and_shared_expert_lora_are_optional(family):
     apply_sieve_lora(model, selection_for(model), AdapterConfig())
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # off by default for the sieve
     model = tiny_model(family)
-    apply_sieve_lora(model, selection_for(model), AdapterConfig(attention_targets=["q_proj", "v_proj"], shared_expert_lora=True))
+    mla = family == "deepseek_v3"  # MLA: q_proj (no q_lora_rank here), kv_a_proj_with_mqa, kv_b_proj, o_proj
+    targets = ["q_proj", "kv_b_proj"] if mla else ["q_proj", "v_proj"]
+    with pytest.raises(UnsupportedModelError, match="not attention projections"):  # named, absent: refused, nothing changed
+        apply_sieve_lora(model, selection_for(model), AdapterConfig(attention_targets=["v_proj" if mla else "kv_b_proj"]))
+    assert not any(p.requires_grad is False for p in model.parameters()) and not hasattr(model, "moe_peft_config")
+    apply_sieve_lora(model, selection_for(model), AdapterConfig(attention_targets=targets, shared_expert_lora=True))
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    assert any(n.endswith("q_proj") for n in names) or family == "deepseek_v3"  # DeepSeek MLA has no q_proj with q_lora_rank
+    assert {n.rsplit(".", 1)[1] for n in names if "self_attn" in n} == set(targets)
     assert any("shared_expert" in n for n in names) == (family in ("qwen2_moe", "deepseek_v3"))
 
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from moe_peft_ds import AdapterConfig, apply_sieve_lora, save_adapter
-from moe_peft_ds.backends.hf import base_experts, family_of, find_moe_blocks
+from moe_peft_ds.backends.hf import base_experts, find_moe_blocks
 from moe_peft_ds.parallel import ExpertParallelExperts, all_to_all_v, ep_group_name, shard_experts
 from conftest import randomize_adapters
 from distributed import run_ranks
@@ -74,9 +74,8 @@ def _ep_on_rank(rank, world, family, out_dir):
     loss.backward()
     grads = _reduced_grads(model)
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
-    fam = family_of(model)
-    local_bytes = sum(p.numel() for b in find_moe_blocks(model, fam) for p in base_experts(b.experts(fam)).parameters())
-    full_bytes = sum(p.numel() for b in find_moe_blocks(reference, fam) for p in base_experts(b.experts(fam)).parameters())
+    local_bytes = sum(p.numel() for b in find_moe_blocks(model) for p in base_experts(b.experts).parameters())
+    full_bytes = sum(p.numel() for b in find_moe_blocks(reference) for p in base_experts(b.experts).parameters())
     torch.save({"loss": loss.detach(), "ref_loss": ref_losses[rank].detach(), "grads": grads, "ref_grads": ref_grads,
                 "tags": {n: (getattr(p, "allreduce", True), getattr(p, "group_name", None))
                          for n, p in model.named_parameters() if p.requires_grad},
@@ -112,7 +111,7 @@ def _shard_errors_on_rank(rank, world):
         shard_experts(tiny_model("mixtral"), dist.group.WORLD)
     model = _adapted("mixtral")
     shard_experts(model, dist.group.WORLD)
-    assert all(isinstance(b.experts(family_of(model)), ExpertParallelExperts) for b in find_moe_blocks(model))
+    assert all(isinstance(b.experts, ExpertParallelExperts) for b in find_moe_blocks(model))
     with pytest.raises(ValueError, match="already expert-parallel"):
         shard_experts(model, dist.group.WORLD)
 

@@ -5,25 +5,24 @@ import pytest
 import torch
 
 from moe_peft_ds import RoutingProfile, profile_routing
-from moe_peft_ds.backends.hf import family_of, find_moe_blocks
+from moe_peft_ds.backends.hf import find_moe_blocks
 from moe_peft_ds.profiling import format_skew, plot_heatmap
 from distributed import run_ranks
-from tiny_models import tiny_model
+from tiny_models import router_of, tiny_model
 
 
 def brute_force_counts(model, batch):
     """Count routing by capturing each router's output and looping over tokens in Python."""
-    fam = family_of(model)
     blocks = find_moe_blocks(model)
     captured = {}
-    handles = [b.router(fam).register_forward_hook(lambda m, a, out, layer=b.layer: captured.__setitem__(layer, out))
+    handles = [router_of(b).register_forward_hook(lambda m, a, out, layer=b.layer: captured.__setitem__(layer, out))
                for b in blocks]
     with torch.no_grad():
         model(**batch)
     for h in handles:
         h.remove()
     mask = batch["attention_mask"].reshape(-1).tolist()
-    E = blocks[0].router(fam).num_experts
+    E = router_of(blocks[0]).num_experts
     counts, sums = {}, {}
     for layer, (_, weights, index) in captured.items():
         counts[layer], sums[layer] = [0] * E, [0.0] * E

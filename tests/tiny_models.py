@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
+from moe_peft_ds.backends import hf_families
+
 COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
 
@@ -24,8 +26,17 @@ CONFIGS = {
 FAMILY_NAMES = tuple(CONFIGS)
 
 
+def router_of(block) -> torch.nn.Module:
+    """The router of a transformers MoE block (``gate`` in most families, ``router`` in GPT-OSS); the
+    tests read it to check what the library reads at the experts' call."""
+    return getattr(block.module, "gate", None) or block.module.router
+
+
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny fp32 causal LM of ``family`` with non-trivial random weights and routing."""
+    """A tiny fp32 causal LM of ``family`` with non-trivial random weights and routing (any
+    discovered transformers MoE family beyond the hand-written ones here)."""
+    if family not in CONFIGS:
+        return hf_families.tiny_model(family, seed)
     torch.manual_seed(seed)
     cfg = CONFIGS[family]()
     cfg._attn_implementation = "eager"

@@ -1,20 +1,19 @@
-"""Hugging Face transformers (5.x) MoE families: the registry, and adapter injection.
+"""Hugging Face transformers (5.x) MoE models, found by their experts interface, and adapter injection.
 
-A family is data: which attribute of the MoE block holds the router, which the fused
-experts, how the expert tensors are laid out, and which attributes hold shared experts.
-Adding a family is one ``MoEFamily`` entry in ``FAMILIES``.
-
-All families route the same way at the experts' boundary: the router returns
-``(logits, top_k_weights [T, k], top_k_index [T, k])`` and the experts module is called as
-``experts(hidden [T, H], top_k_index, top_k_weights)``. ``FusedExpertsWithLoRA`` replaces
-the experts module behind that same call, computes every expert from the frozen fused
-tensors, and adds LoRA only for the selected experts on the tokens routed to them.
+transformers marks every fused experts class with ``use_experts_implementation``, which records
+the layout on each instance (``has_gate``, ``is_transposed``, ``has_bias``,
+``has_post_expert_norm``, and ``_apply_gate`` for the gated activation), and every MoE block
+calls its experts as ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``. So a
+model is supported when it holds such modules: no per-family registry. ``FusedExpertsWithLoRA``
+replaces an experts module behind that same call, computes every expert from the frozen fused
+tensors, and adds LoRA only for the selected experts on the tokens routed to them. Dense layers
+(no experts module) and hybrid stacks (attention / linear attention / SSM layers) need nothing:
+only blocks that hold fused experts are touched.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -23,106 +22,105 @@ from ..config import ATTENTION_TARGETS, AdapterConfig
 from ..lora import ExpertLoRA, LoRALinear, apply_expert_update, grouped_mm
 from ..routing import expert_counts
 
-EXPERT_TENSORS = ("gate_up_proj", "down_proj")
-
-
-def chunked_glu(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    """Mixtral/Qwen/OLMoE/DeepSeek: ``[gate; up]`` halves, ``act(gate) * up``."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
-
-
-def gpt_oss_glu(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    """GPT-OSS: interleaved gate/up with clamping; the base module owns the exact formula."""
-    return experts._apply_gate(gate_up)
-
-
-@dataclass(frozen=True)
-class MoEFamily:
-    """How one transformers MoE family lays out its block, router and experts."""
-
-    name: str
-    model_types: tuple[str, ...]
-    router: str = "gate"  # attribute of the MoE block holding the router
-    experts: str = "experts"  # attribute of the MoE block holding the fused experts
-    transposed: bool = False  # expert tensors stored [E, in, out] instead of [E, out, in]
-    has_bias: bool = False  # gate_up_proj_bias / down_proj_bias exist
-    glu: Callable[[nn.Module, torch.Tensor], torch.Tensor] = chunked_glu
-    shared: tuple[str, ...] = ()  # attributes holding shared experts (plain MLPs)
-
-
-FAMILIES = (
-    MoEFamily("mixtral", ("mixtral",)),
-    MoEFamily("qwen2_moe", ("qwen2_moe",), shared=("shared_expert",)),
-    MoEFamily("qwen3_moe", ("qwen3_moe",)),
-    MoEFamily("olmoe", ("olmoe",)),
-    # Sigmoid router with correction bias and grouped top-k; shared experts. GLM4-MoE matches.
-    MoEFamily("deepseek_v3", ("deepseek_v3", "glm4_moe"), shared=("shared_experts",)),
-    MoEFamily("gpt_oss", ("gpt_oss",), router="router", transposed=True, has_bias=True, glu=gpt_oss_glu),
-)
+EXPERT_TARGETS = ("gate_up_proj", "down_proj")  # the up (gate and up, or up alone) tensor and the down one
+SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")  # attributes of a block holding shared experts
 
 
 class UnsupportedModelError(ValueError):
-    """The model's architecture is not in the registry."""
+    """The model holds no MoE layers this backend can adapt."""
 
 
-def supported_model_types() -> list[str]:
-    return sorted(t for fam in FAMILIES for t in fam.model_types)
+def is_fused_experts(module: nn.Module) -> bool:
+    """True for a transformers fused experts module (``use_experts_implementation`` set its flags)."""
+    down = getattr(module, "down_proj", None)
+    return (all(hasattr(module, f) for f in ("has_gate", "is_transposed", "has_bias"))
+            and isinstance(down, torch.Tensor) and down.dim() == 3)
 
 
-def family_of(model: nn.Module) -> MoEFamily:
-    """The registry entry for ``model.config.model_type``, or a clear error."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for fam in FAMILIES:
-        if model_type in fam.model_types:
-            return fam
-    raise UnsupportedModelError(
-        f"model_type={model_type!r} is not a supported MoE family; supported: {supported_model_types()}. "
-        "Add a MoEFamily entry in moe_peft_ds/backends/hf.py to support another layout."
-    )
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How one fused experts module stores its experts, read from its experts-interface flags."""
+
+    up: str  # "gate_up_proj" (gated: ``[gate; up]`` or interleaved, split by ``_apply_gate``) or "up_proj"
+    transposed: bool  # tensors stored ``[E, in, out]`` instead of ``[E, out, in]``
+    has_bias: bool  # ``<tensor>_bias`` exist
+    has_gate: bool  # gated activation ``_apply_gate``; else ``act_fn`` on the up projection
+    post_norm: bool  # ``post_expert_norm`` after the down projection
+
+    @classmethod
+    def of(cls, experts: nn.Module) -> "ExpertsLayout":
+        base = base_experts(experts)
+        return cls("gate_up_proj" if base.has_gate else "up_proj", bool(base.is_transposed), bool(base.has_bias),
+                   bool(base.has_gate), bool(getattr(base, "has_post_expert_norm", False)))
+
+    def tensor(self, target: str) -> str:
+        """The module's tensor behind an expert target (``gate_up_proj`` means ``up_proj`` without a gate)."""
+        return self.up if target == "gate_up_proj" else target
+
+    def describe(self) -> str:
+        parts = [self.up, "[E, in, out]" if self.transposed else "[E, out, in]"]
+        parts += ["bias"] * self.has_bias + ["no gate"] * (not self.has_gate) + ["post-expert norm"] * self.post_norm
+        return ", ".join(parts)
 
 
 @dataclass
 class MoEBlock:
-    """One MoE block found in a model: its decoder-layer index and the module."""
+    """One MoE block found in a model: its decoder-layer index, its path, and the attribute of
+    its experts module."""
 
     layer: int
     name: str
     module: nn.Module
+    attr: str = "experts"
 
-    def router(self, fam: MoEFamily) -> nn.Module:
-        return getattr(self.module, fam.router)
+    @property
+    def experts(self) -> nn.Module:
+        return getattr(self.module, self.attr)
 
-    def experts(self, fam: MoEFamily) -> nn.Module:
-        return getattr(self.module, fam.experts)
+    @experts.setter
+    def experts(self, new: nn.Module) -> None:
+        setattr(self.module, self.attr, new)
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def find_moe_blocks(model: nn.Module, fam: MoEFamily | None = None) -> list[MoEBlock]:
-    """Every MoE block of ``model`` in layer order (dense layers are skipped)."""
-    fam = fam or family_of(model)
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a module path (``model.layers.3.mlp`` -> 3), or None."""
+    match = _LAYER_INDEX.search(name + ".")
+    return None if match is None else int(match.group(1))
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """Every MoE block of ``model`` (a module holding fused experts) in layer order."""
     blocks = []
     for name, module in model.named_modules():
-        experts = getattr(module, fam.experts, None)
-        if experts is None or not hasattr(module, fam.router):
-            continue
-        if not hasattr(base_experts(experts), "gate_up_proj"):
-            continue
-        match = _LAYER_INDEX.search(name + ".")
-        if match is None:
-            raise UnsupportedModelError(f"MoE block {name!r} is not under a 'layers.N.' path")
-        blocks.append(MoEBlock(int(match.group(1)), name, module))
+        if getattr(module, "wraps_experts", False):
+            continue  # our wrappers hold the experts module; their parent block is the one found
+        for attr, child in module.named_children():
+            if not is_fused_experts(base_experts(child)):
+                continue
+            layer = layer_index(f"{name}.{attr}")
+            if layer is None:
+                raise UnsupportedModelError(f"MoE experts {name}.{attr} are not under a 'layers.N.' path")
+            blocks.append(MoEBlock(layer, name, module, attr))
     if not blocks:
-        raise UnsupportedModelError(f"no MoE blocks with fused experts found in this {fam.name} model")
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise UnsupportedModelError(
+            f"model_type={model_type!r} is not a supported MoE model: it holds no fused experts module (transformers "
+            "marks those with use_experts_implementation); supported: every transformers MoE family with fused experts, "
+            "models built from deepspeed.moe.layer.MoE, and Megatron-core MoE layers")
     return sorted(blocks, key=lambda b: b.layer)
 
 
 def base_experts(experts: nn.Module) -> nn.Module:
     """The frozen fused experts module, whether or not it is wrapped (adapters, expert parallelism)."""
-    experts = getattr(experts, "local", experts)  # parallel.ExpertParallelExperts holds the local experts
+    experts = getattr(experts, "local", experts) if getattr(experts, "wraps_experts", False) else experts
     return experts.base if isinstance(experts, FusedExpertsWithLoRA) else experts
+
+
+def num_local_experts(experts: nn.Module) -> int:
+    return base_experts(experts).down_proj.shape[0]
 
 
 def weight_out_in(experts: nn.Module, tensor: str, transposed: bool) -> torch.Tensor:
@@ -196,16 +194,19 @@ class FusedExpertsWithLoRA(nn.Module):
     experts get the LoRA update (two more grouped GEMMs over the selected experts).
     """
 
-    def __init__(self, base: nn.Module, fam: MoEFamily, expert_ids: list[int], cfg: AdapterConfig, first_expert: int = 0):
+    wraps_experts = True
+
+    def __init__(self, base: nn.Module, expert_ids: list[int], cfg: AdapterConfig, first_expert: int = 0):
         """``base`` holds experts ``first_expert ..`` (all of them unless expert-parallel);
         ``expert_ids`` are global ids among those, possibly none (a rank without adapters)."""
         super().__init__()
         self.base = base
-        self.family = fam
-        self.num_experts = base.gate_up_proj.shape[0]  # local experts
+        self.layout = ExpertsLayout.of(base)
+        self.num_experts = base.down_proj.shape[0]  # local experts
         self.first_expert = first_expert
+        tensors = [self.layout.tensor(t) for t in cfg.expert_targets]
         self.adapters = nn.ModuleDict({
-            t: ExpertLoRA(expert_ids, weight_out_in(base, t, fam.transposed), cfg, first_expert) for t in cfg.expert_targets
+            t: ExpertLoRA(expert_ids, weight_out_in(base, t, self.layout.transposed), cfg, first_expert) for t in tensors
         } if expert_ids else {})
         base.requires_grad_(False)
         # The base tensors are read here, not in base.forward: ZeRO-3 must gather them for this module.
@@ -221,18 +222,20 @@ class FusedExpertsWithLoRA(nn.Module):
 
     def _project(self, tensor: str, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x [S, in]`` (rows sorted by expert) through each row's expert of ``tensor``, plus LoRA."""
-        w = weight_out_in(self.base, tensor, self.family.transposed)  # [E, out, in]
+        w = weight_out_in(self.base, tensor, self.layout.transposed)  # [E, out, in]
         y = grouped_mm(x, w.transpose(1, 2), counts.cumsum(0).to(torch.int32))
         if tensor in self.adapters:
             y = apply_expert_update(y, *self.adapters[tensor](x, expert_of_row, counts, w))
-        if self.family.has_bias:
+        if self.layout.has_bias:
             y = y + getattr(self.base, f"{tensor}_bias")[expert_of_row]
         return y
 
     def expert_rows(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The expert FFN on rows ``x [S, H]`` sorted by (local) expert; ``counts [E]`` rows per expert."""
-        h = self.family.glu(self.base, self._project("gate_up_proj", x, expert_of_row, counts))
-        return self._project("down_proj", h, expert_of_row, counts)
+        h = self._project(self.layout.up, x, expert_of_row, counts)
+        h = self.base._apply_gate(h) if self.layout.has_gate else self.base.act_fn(h)
+        y = self._project("down_proj", h, expert_of_row, counts)
+        return self.base.post_expert_norm(y) if self.layout.post_norm else y
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # A slot transformers masks (index E) runs on expert 0 with weight 0: every slot then has a
@@ -247,7 +250,7 @@ class FusedExpertsWithLoRA(nn.Module):
     def merge_into_base(self) -> nn.Module:
         """Fold every adapter into the fused tensors and return the plain experts module."""
         for tensor, adapter in self.adapters.items():
-            w = weight_out_in(self.base, tensor, self.family.transposed)
+            w = weight_out_in(self.base, tensor, self.layout.transposed)
             for e in adapter.expert_ids:
                 local = e - self.first_expert
                 w[local].copy_(adapter.merged_weight(e, w[local]))
@@ -260,32 +263,56 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _wrap_linears(parent: nn.Module, names: tuple[str, ...], cfg: AdapterConfig) -> int:
-    """Replace ``parent.<name>`` nn.Linear children by LoRALinear; returns how many."""
+def _wrap_linears(parent: nn.Module, names: tuple[str, ...] | None, cfg: AdapterConfig) -> int:
+    """Replace ``parent.<name>`` nn.Linear children (every one with ``names=None``) by LoRALinear;
+    returns how many."""
     n = 0
-    for name in names:
-        child = getattr(parent, name, None)
-        if isinstance(child, nn.Linear):
+    for name, child in list(parent.named_children()):
+        if isinstance(child, nn.Linear) and (names is None or name in names):
             setattr(parent, name, LoRALinear(child, cfg))
             n += 1
     return n
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules (softmax, MLA, linear attention) of every decoder layer."""
+    return [m for n, m in model.named_modules() if layer_index(n) is not None and "attention" in type(m).__name__.lower()]
+
+
+def attention_projections(model: nn.Module) -> list[str]:
+    """Names of the nn.Linear projections the attention modules of ``model`` hold, among ``ATTENTION_TARGETS``."""
+    found = {n for m in attention_modules(model) for n, c in m.named_children() if isinstance(c, nn.Linear)}
+    return [t for t in ATTENTION_TARGETS if t in found]
+
+
+def check_attention_targets(model: nn.Module, targets: list[str]) -> None:
+    """Raise if ``targets`` names projections this model's attention does not have; changes nothing."""
+    missing = sorted(set(targets) - set(attention_projections(model)))
+    if missing:
+        raise UnsupportedModelError(f"attention_targets {missing} are not attention projections of this model; "
+                                    f"it has {attention_projections(model)}")
+
+
 def inject_attention_lora(model: nn.Module, cfg: AdapterConfig) -> int:
     """Plain LoRA on the attention projections named in ``cfg.attention_targets``."""
-    targets = tuple(t for t in ATTENTION_TARGETS if t in cfg.attention_targets)
-    return sum(_wrap_linears(m, targets, cfg) for n, m in model.named_modules() if n.endswith("self_attn"))
+    check_attention_targets(model, cfg.attention_targets)
+    targets = tuple(cfg.attention_targets)
+    return sum(_wrap_linears(m, targets, cfg) for m in attention_modules(model))
+
+
+def shared_experts(block: MoEBlock) -> list[nn.Module]:
+    """The shared experts of a block (plain MLPs every token goes through)."""
+    return [m for attr in SHARED_EXPERTS if isinstance(m := getattr(block.module, attr, None), nn.Module)]
 
 
 def check_selection(model: nn.Module, selection: dict[int, list[int]]) -> list[MoEBlock]:
     """Raise if ``selection`` names layers or experts the model does not have; changes nothing."""
-    fam = family_of(model)
-    blocks = find_moe_blocks(model, fam)
+    blocks = find_moe_blocks(model)
     layers = {b.layer for b in blocks}
     unknown = sorted(set(selection) - layers)
     if unknown:
         raise ValueError(f"selection names layers {unknown} that are not MoE layers of this model; MoE layers: {sorted(layers)}")
-    num_experts = base_experts(blocks[0].experts(fam)).gate_up_proj.shape[0]
+    num_experts = num_local_experts(blocks[0].experts)
     for layer, ids in selection.items():
         bad = [e for e in ids if not 0 <= e < num_experts]
         if bad:
@@ -295,28 +322,31 @@ def check_selection(model: nn.Module, selection: dict[int, list[int]]) -> list[M
 
 def inject_expert_lora(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig) -> None:
     """Wrap the experts of every selected layer; layers with no selected expert stay untouched."""
-    fam = family_of(model)
-    blocks = check_selection(model, selection)
-    for block in blocks:
+    for block in check_selection(model, selection):
         ids = selection.get(block.layer, [])
         if ids:
-            setattr(block.module, fam.experts, FusedExpertsWithLoRA(block.experts(fam), fam, sorted(ids), cfg))
+            block.experts = FusedExpertsWithLoRA(block.experts, sorted(ids), cfg)
         if cfg.shared_expert_lora:
-            for attr in fam.shared:
-                _wrap_linears(getattr(block.module, attr), ("gate_proj", "up_proj", "down_proj"), cfg)
+            for parent in [m for shared in shared_experts(block) for m in shared.modules()]:
+                _wrap_linears(parent, None, cfg)
+
+
+def text_config(model: nn.Module):
+    """The config of the language model (the text config of a multimodal one)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def describe_model(model: nn.Module) -> dict:
     """Facts about an MoE model that an adapter must match."""
-    fam = family_of(model)
-    blocks = find_moe_blocks(model, fam)
-    experts = blocks[0].experts(fam)
+    blocks = find_moe_blocks(model)
+    experts = blocks[0].experts
     # Expert-parallel blocks hold E/N experts; their wrapper knows the global count.
-    num_experts = experts.num_experts if hasattr(experts, "local") else base_experts(experts).gate_up_proj.shape[0]
+    num_experts = experts.num_experts if hasattr(experts, "local") else num_local_experts(experts)
     return {
         "model_type": model.config.model_type,
         "num_experts": num_experts,
-        "hidden_size": model.config.hidden_size,
+        "hidden_size": text_config(model).hidden_size,
         "moe_layers": [b.layer for b in blocks],
     }
 
@@ -342,6 +372,7 @@ def apply_sieve_lora(model: nn.Module, selection: dict[int, list[int]], cfg: Ada
     if is_megatron_model(model):  # Megatron-core expert layers: theirs
         return apply_sieve_lora_megatron(model, selection, cfg)
     info = describe_model(model)  # raises for unsupported models before anything changes
+    check_attention_targets(model, cfg.attention_targets)
     if getattr(model, "moe_peft_config", None) is not None:
         raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
     selection = {int(k): sorted(int(e) for e in v) for k, v in selection.items()}

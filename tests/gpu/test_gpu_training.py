@@ -25,7 +25,7 @@ import warnings
 import pytest
 import torch
 
-from moe_peft_ds.backends.hf import family_of, find_moe_blocks
+from moe_peft_ds.backends.hf import find_moe_blocks
 from moe_peft_ds.mixlora import mixlora_layers, set_fast_path
 from moe_peft_ds.train import train
 
@@ -37,8 +37,7 @@ BF16 = torch.bfloat16
 
 
 def experts_of(model) -> list[torch.nn.Module]:
-    fam = family_of(model)
-    return [b.experts(fam) for b in find_moe_blocks(model, fam)]
+    return [b.experts for b in find_moe_blocks(model)]
 
 
 @pytest.mark.parametrize("family", list(SIEVE_FAMILIES))
