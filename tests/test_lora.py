@@ -12,6 +12,9 @@ from tiny_models import router_of, tiny_model
 SELECT = [1, 4, 6]
 
 
+SHARED = ("qwen2_moe", "deepseek_v3")  # the tiny families with shared experts
+
+
 def selection_for(model, ids=SELECT):
     return {layer: list(ids) for layer in describe_model(model)["moe_layers"]}
 
@@ -21,7 +24,7 @@ def test_zero_init_matches_base(family, batch, dora):
     model = tiny_model(family)
     with torch.no_grad():
         ref = model(**batch).logits
-    apply_sieve_lora(model, selection_for(model), AdapterConfig(use_dora=dora, shared_expert_lora=True,
+    apply_sieve_lora(model, selection_for(model), AdapterConfig(use_dora=dora, shared_expert_lora=family in SHARED,
                                                                 attention_targets=attention_projections(model)))
     with torch.no_grad():
         out = model(**batch).logits
@@ -140,10 +143,13 @@ def test_attention_and_shared_expert_lora_are_optional(family):
     with pytest.raises(UnsupportedModelError, match="not attention projections"):  # named, absent: refused, nothing changed
         apply_sieve_lora(model, selection_for(model), AdapterConfig(attention_targets=["v_proj" if mla else "kv_b_proj"]))
     assert not any(p.requires_grad is False for p in model.parameters()) and not hasattr(model, "moe_peft_config")
-    apply_sieve_lora(model, selection_for(model), AdapterConfig(attention_targets=targets, shared_expert_lora=True))
+    if family not in SHARED:
+        with pytest.raises(UnsupportedModelError, match="no shared experts"):
+            apply_sieve_lora(model, selection_for(model), AdapterConfig(shared_expert_lora=True))
+    apply_sieve_lora(model, selection_for(model), AdapterConfig(attention_targets=targets, shared_expert_lora=family in SHARED))
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     assert {n.rsplit(".", 1)[1] for n in names if "self_attn" in n} == set(targets)
-    assert any("shared_expert" in n for n in names) == (family in ("qwen2_moe", "deepseek_v3"))
+    assert any("shared_expert" in n for n in names) == (family in SHARED)
 
 
 def test_training_moves_only_selected_adapters(family, batch):

@@ -305,6 +305,18 @@ def shared_experts(block: MoEBlock) -> list[nn.Module]:
     return [m for attr in SHARED_EXPERTS if isinstance(m := getattr(block.module, attr, None), nn.Module)]
 
 
+def check_shared_expert_lora(blocks: list[MoEBlock], cfg: AdapterConfig) -> None:
+    """Raise if ``cfg`` asks for shared-expert LoRA that this model cannot take; changes nothing."""
+    if not getattr(cfg, "shared_expert_lora", False):
+        return
+    shared = [s for b in blocks for s in shared_experts(b)]
+    if not shared:
+        raise UnsupportedModelError(f"shared_expert_lora: this model's MoE blocks have no shared experts (one of {SHARED_EXPERTS})")
+    if not any(isinstance(m, nn.Linear) for s in shared for m in s.modules()):
+        raise UnsupportedModelError("shared_expert_lora: this model's shared experts are fused tensors, not nn.Linear "
+                                    "projections; LoRA on them is not supported")
+
+
 def check_selection(model: nn.Module, selection: dict[int, list[int]]) -> list[MoEBlock]:
     """Raise if ``selection`` names layers or experts the model does not have; changes nothing."""
     blocks = find_moe_blocks(model)
@@ -373,6 +385,7 @@ def apply_sieve_lora(model: nn.Module, selection: dict[int, list[int]], cfg: Ada
         return apply_sieve_lora_megatron(model, selection, cfg)
     info = describe_model(model)  # raises for unsupported models before anything changes
     check_attention_targets(model, cfg.attention_targets)
+    check_shared_expert_lora(find_moe_blocks(model), cfg)
     if getattr(model, "moe_peft_config", None) is not None:
         raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
     selection = {int(k): sorted(int(e) for e in v) for k, v in selection.items()}

@@ -18,13 +18,13 @@ from .hf import ExpertsLayout
 NOT_TINY: dict[str, str] = {}
 
 # Config values that make a model tiny (a few layers, 8 experts, top-2); each is set only where
-# the config has that field. Vocabulary 512 fits the bundled demo tokenizer.
+# the config has that field. Vocabulary 544 fits the bundled demo tokenizer (512, and tokens some tokenizer classes add).
 TINY = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, expert_intermediate_size=32,
+    vocab_size=544, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, expert_intermediate_size=32,
     shared_expert_intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
     max_position_embeddings=256, num_hidden_layers=4, sliding_window=32,
     num_local_experts=8, num_experts=8, n_routed_experts=8, moe_num_experts=8,
-    num_experts_per_tok=2, moe_topk=2, top_k=2, moe_k=2, n_group=2, num_expert_group=2, topk_group=1, first_k_dense_replace=1,
+    num_experts_per_tok=2, moe_topk=2, top_k=2, moe_k=2, top_k_experts=2, enable_moe_block=True, n_group=2, num_expert_group=2, topk_group=1, first_k_dense_replace=1,
     kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
     vocab_size_per_layer_input=512, hidden_size_per_layer_input=8,  # Gemma-4's per-layer embeddings
     pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
@@ -127,7 +127,9 @@ def tiny_config(model_type: str, **changes):
     if text is not default:  # a multimodal config: its language model's
         cls, default = type(text), text
     fields = default.to_dict()
-    values = {k: v for k, v in {**TINY, **TINY_OVERRIDES.get(model_type, {}), **changes}.items() if k in fields}
+    aliases = getattr(cls, "attribute_map", {})  # e.g. num_experts_per_tok -> num_experts_per_token
+    wanted = {aliases.get(k, k): v for k, v in {**TINY, **TINY_OVERRIDES.get(model_type, {}), **changes}.items()}
+    values = {k: v for k, v in wanted.items() if k in fields}
     if "qk_nope_head_dim" in fields:  # MLA: head_dim names the rotary part; keys and values have every head
         rope, nope = values["qk_rope_head_dim"], values["qk_nope_head_dim"]
         values.update(head_dim=rope, qk_head_dim=rope + nope, num_key_value_heads=values["num_attention_heads"])
