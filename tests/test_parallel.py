@@ -8,7 +8,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from moe_peft_ds import AdapterConfig, apply_sieve_lora, save_adapter
-from moe_peft_ds.backends.hf import base_experts, find_moe_blocks
+from moe_peft_ds.backends.hf import attention_projections, base_experts, find_moe_blocks
 from moe_peft_ds.parallel import ExpertParallelExperts, all_to_all_v, ep_group_name, shard_experts
 from conftest import randomize_adapters
 from distributed import run_ranks
@@ -48,7 +48,8 @@ def _batch(seed):
 def _adapted(family):
     model = tiny_model(family)
     layers = {b.layer for b in find_moe_blocks(model)}
-    apply_sieve_lora(model, {layer: SELECTION for layer in layers}, AdapterConfig(attention_targets=["q_proj"]))
+    attention = attention_projections(model)[:1]  # q_proj, or q_a_proj under MLA
+    apply_sieve_lora(model, {layer: SELECTION for layer in layers}, AdapterConfig(attention_targets=attention))
     randomize_adapters(model)
     return model
 
@@ -82,7 +83,9 @@ def _ep_on_rank(rank, world, family, out_dir):
                 "expert_weights": (local_bytes, full_bytes)}, f"{out_dir}/rank{rank}.pt")
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+# Layouts: concatenated [gate; up]; shared expert; transposed with biases; MLA, shared experts and a dense
+# first layer; a hybrid stack (linear attention and attention layers).
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v2", "qwen3_next"])
 def test_ep2_equals_one_process(tmp_path, family):
     run_ranks(_ep_on_rank, world=2, args=(family, str(tmp_path)))
     for rank in range(2):
