@@ -67,7 +67,8 @@ def expert_bytes(model) -> int:
 def ours(s: dict, rank: int) -> dict:
     """EP=1 (replicated experts, data parallel) vs EP=2, LoRA on all experts."""
     import moe_peft_ds as mp_
-    from moe_peft_ds.parallel import ExpertParallelExperts, shard_experts
+    from moe_peft_ds.backends.hf import ExpertParallelExperts
+    from moe_peft_ds.parallel import shard_experts
 
     ep1 = mp_.apply_sieve_lora(mixtral(s), mp_.all_experts_selection(mixtral(s)), mp_.AdapterConfig())
     ep2 = shard_experts(copy.deepcopy(ep1), dist.group.WORLD)

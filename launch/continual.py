@@ -48,7 +48,8 @@ from moe_peft_ds.continual import (adapter_parameters, continual_metrics, expert
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
 from moe_peft_ds.evaluate import exact_match  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model, load_tokenizer  # noqa: E402
-from moe_peft_ds.parallel import deepspeed_expert_group, shard_experts  # noqa: E402
+from moe_peft_ds.dispatch import deepspeed_expert_group  # noqa: E402
+from moe_peft_ds.parallel import shard_experts  # noqa: E402
 from moe_peft_ds.train import deepspeed_config, train, train_deepspeed  # noqa: E402
 
 STRATEGIES = ("dynamic", "lora", "mixlora")

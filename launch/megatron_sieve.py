@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from moe_peft_ds import AdapterConfig, SieveConfig, profile_routing, save_adapter, select_experts  # noqa: E402
-from moe_peft_ds.backends.megatron import apply_sieve_lora_megatron  # noqa: E402
+from moe_peft_ds import apply_sieve_lora  # noqa: E402
 from moe_peft_ds.cli import check_positive, run_cli  # noqa: E402
 from moe_peft_ds.config import POLICIES  # noqa: E402
 from moe_peft_ds.data import IGNORE_INDEX, load_examples, make_loader  # noqa: E402
@@ -149,7 +149,7 @@ def run(args) -> int:
     calibration = examples[rank * per_rank:(rank + 1) * per_rank]
     profile = profile_routing(model, batches(calibration, tokenizer, args), progress=not quiet, data_id=args.data)
     selection = select_experts(profile, SieveConfig(policy=args.selection_policy, fraction=args.sieve_fraction))
-    apply_sieve_lora_megatron(model, selection, AdapterConfig(method="sieve", r=args.lora_r, alpha=args.lora_alpha))
+    apply_sieve_lora(model, selection, AdapterConfig(method="sieve", r=args.lora_r, alpha=args.lora_alpha))
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = torch.tensor(sum(p.numel() for p in params), device=device)
     dist.all_reduce(trainable, group=parallel_state.get_expert_model_parallel_group())  # each rank holds its experts' adapters

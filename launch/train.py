@@ -25,8 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_peft_ds import AdapterConfig, SieveConfig, apply_sieve_lora, profile_routing, save_adapter, select_experts  # noqa: E402
-from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, all_experts_selection, describe_model  # noqa: E402
+from moe_peft_ds import (AdapterConfig, SieveConfig, all_experts_selection, apply_sieve_lora, profile_routing,  # noqa: E402
+                         save_adapter, select_experts)
+from moe_peft_ds.backends.hf import FusedExpertsWithLoRA  # noqa: E402
+from moe_peft_ds.backends import backend_for  # noqa: E402
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
 from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, init_distributed, run_cli  # noqa: E402
 from moe_peft_ds.config import (ADAPTER_DTYPES, ATTENTION_TARGETS, STANDARD_ATTENTION, AUX_LOSS_POOLINGS, CAPACITY_SCOPES, MIXLORA_METHODS, POLICIES,  # noqa: E402
@@ -37,7 +39,8 @@ from moe_peft_ds.tasks import get_task, load_items  # noqa: E402
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
 from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
-from moe_peft_ds.parallel import deepspeed_expert_group, shard_experts  # noqa: E402
+from moe_peft_ds.dispatch import deepspeed_expert_group  # noqa: E402
+from moe_peft_ds.parallel import shard_experts  # noqa: E402
 from moe_peft_ds.resume import resolve_resume  # noqa: E402
 from moe_peft_ds.train import Checkpointing, count_trainable, deepspeed_config, train, train_deepspeed  # noqa: E402
 
@@ -259,7 +262,7 @@ def training_monitor(args, tokenizer, out: Path) -> TrainingMonitor:
 def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress):
     """Profile (sieve: each rank its share, counts all-reduced), select and inject; returns the
     routing profile (None unless sieve) and the size report."""
-    info = describe_model(model)
+    info = backend_for(model).describe(model)
     if info["num_experts"] % args.ep_size or world % args.ep_size:
         raise ConfigError(f"--ep-size {args.ep_size} must divide both the experts per layer ({info['num_experts']}) "
                           f"and the number of ranks ({world})")

@@ -1,17 +1,18 @@
 """moe_peft_ds: parameter-efficient fine-tuning of Mixture-of-Experts models under DeepSpeed.
 
-The data path, one module per step: load (``models``) -> inject (``backends`` for the sieve:
-transformers, DeepSpeed-MoE and Megatron-core expert layers;
-``mixlora`` for MixLoRA) -> profile (``profiling``) -> select (``selection``) -> train
-(``train``) -> checkpoint (``checkpoint``).
+Layers, each importing only those below it: core (``config``, ``lora``, ``routing``, ``routes``,
+``dispatch``, ``modules``) <- backends (``backends``: the model layouts of transformers, DeepSpeed-MoE
+and Megatron-core, one ``backend_for(model)``) <- methods (``sieve``, ``mixlora``, ``continual``,
+``multi_adapter``, ``profiling``, ``selection``) <- API (``checkpoint``, ``parallel``, ``train``,
+this package) <- launchers (``launch/``).
 """
-from .backends.hf import all_experts_selection, apply_sieve_lora
 from .backends.hf_families import supported_model_types
 from .checkpoint import convert_adapter, load_adapter, merge_adapter, remove_adapter, save_adapter
 from .config import AdapterConfig, ConfigError, MixLoRAConfig, SieveConfig
 from .mixlora import apply_mixlora
 from .profiling import RoutingProfile, profile_routing
 from .selection import select_experts
+from .sieve import all_experts_selection, apply_sieve_lora
 
 __version__ = "0.1.0"
 __all__ = [

@@ -20,21 +20,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backends.deepspeed_moe import (describe_ds_moe, ds_adapter_state, ds_moe_layers, global_ids,
-                                     is_ds_moe_model, local_ds_adapter_state)
-from .backends.hf import FusedExpertsWithLoRA, apply_sieve_lora, describe_model, replace_module
-from .backends.megatron import (ExpertLinearLoRA, GroupedMLPWithLoRA, describe_megatron,
-                                held_experts, is_megatron_model, megatron_adapter_state)
+from .backends import backend_for
+from .backends.hf import FusedExpertsWithLoRA
+from .backends.megatron import ExpertLinearLoRA, GroupedMLPWithLoRA
 from .config import ConfigError, LoRAConfig, MixLoRAConfig
+from .dispatch import gather_expert_state
 from .lora import LoRALinear
-from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, dense_family_of, expert_groups
+from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, describe_dense, expert_groups
+from .modules import layer_index, replace_module
 from .multi_adapter import add_adapter, adapter_sites, drop_adapter
-from .parallel import expert_parallel_group
+from .sieve import apply_sieve_lora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LORA_PARAMS = ("lora_A", "lora_B", "magnitude")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.")
 
 
@@ -68,26 +67,28 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> LoRAConfig:
     return cfg
 
 
+def _expert_backend(model: nn.Module):
+    """The backend of a model whose one adapter sits on its experts (the sieve), or None
+    (MixLoRA, several adapters: the module walk below)."""
+    if isinstance(getattr(model, "moe_peft_config", None), MixLoRAConfig) or getattr(model, "moe_peft_configs", None):
+        return None
+    return backend_for(model)
+
+
 def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Every adapter tensor of ``model`` on this rank under its checkpoint key (see the module docstring)."""
-    if is_ds_moe_model(model):
-        return local_ds_adapter_state(model)
-    if _megatron_sieve(model):
-        return megatron_adapter_state(model)
+    backend = _expert_backend(model)
+    if backend is not None:
+        return backend.adapter_state(model)
     state = {}
     for name, module in adapter_modules(model, adapter):
         if isinstance(module, LoRALinear):
             for p in LORA_PARAMS:
                 if getattr(module, p) is not None:
                     state[f"{name}.{p}"] = getattr(module, p).detach()
-            continue
-        layer = getattr(module, "layer_index", None)  # Megatron layers know theirs
-        layer = int(_LAYER.search(name + ".").group(1)) if layer is None else layer
-        if isinstance(module, MixLoRAFFN):
-            state.update(_mixlora_state(layer, module))
-            continue
-        for tensor, adapter in module.adapters.items():
-            state.update(adapter.expert_state(layer, tensor))
+        elif isinstance(module, MixLoRAFFN):
+            layer = getattr(module, "layer_index", None)  # Megatron layers know theirs
+            state.update(_mixlora_state(layer_index(name) if layer is None else layer, module))
     return state
 
 
@@ -109,11 +110,9 @@ def _mixlora_state(layer: int, module: MixLoRAFFN) -> dict[str, torch.Tensor]:
 def _assign(model: nn.Module, state: dict[str, torch.Tensor], adapter: str | None = None) -> None:
     """Copy ``state`` into the adapters of ``model``; keys and shapes must match exactly."""
     own = adapter_state_dict(model, adapter)  # views into the live parameters
-    if is_ds_moe_model(model):  # under expert parallelism this rank loads only the experts it holds
-        held = {f"layers.{layer}.experts.{e}." for layer, moe in enumerate(ds_moe_layers(model)) for e in global_ids(moe)}
-        state = {k: v for k, v in state.items() if any(k.startswith(h) for h in held)}
-    elif _megatron_sieve(model):  # this rank's experts of this pipeline stage
-        held = held_experts(model)
+    backend = _expert_backend(model)
+    held = backend.held_experts(model) if backend is not None else None
+    if held is not None:  # under expert parallelism this rank loads only the experts it holds (of its stage)
         state = {k: v for k, v in state.items() if (m := _EXPERT.match(k)) is None or (int(m[1]), int(m[2])) in held}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
@@ -130,46 +129,13 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], adapter: str | Non
             t.copy_(state[k])
 
 
-def zero3_gathered(model: nn.Module, modifier_rank: int | None = None):
-    """Inside this context the adapter parameters of a ZeRO-3 model are whole on every rank
-    (all ranks must enter it); with ``modifier_rank``, what that rank writes into them is
-    kept everywhere. A no-op without ZeRO-3."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-    return GatheredParameters([p for p in model.parameters() if p.requires_grad], modifier_rank=modifier_rank)
-
-
 def gathered_adapter_state(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """The whole adapter on CPU; under expert parallelism every rank of the group must call
     this, and each gets the experts of all ranks (keys are global, so shards just merge)."""
-    if is_ds_moe_model(model):
-        return ds_adapter_state(model)
-    if _megatron_sieve(model):
-        return _all_ranks_state(model)
-    with zero3_gathered(model):  # copies: ZeRO-3 frees the gathered tensors at exit
-        state = {k: v.to("cpu", copy=True) for k, v in adapter_state_dict(model, adapter).items()}
-    group = expert_parallel_group(model)
-    if group is None:
-        return state
-    parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, state, group=group)
-    return {k: v for part in parts for k, v in part.items()}
-
-
-def _megatron_sieve(model: nn.Module) -> bool:
-    """A Megatron model whose adapter sits on its experts (MixLoRA takes the generic path)."""
-    return is_megatron_model(model) and not isinstance(getattr(model, "moe_peft_config", None), MixLoRAConfig)
-
-
-def _all_ranks_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A Megatron model's adapter merged from every rank: expert-parallel ranks hold other
-    experts and pipeline stages other layers (keys are global, so the parts just merge)."""
-    state = {k: v.to("cpu", copy=True) for k, v in megatron_adapter_state(model).items()}
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return state
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, state)
-    return {k: v for part in parts for k, v in part.items()}
+    backend = _expert_backend(model)
+    if backend is not None:
+        return backend.gathered_state(model)
+    return gather_expert_state(model, lambda m: adapter_state_dict(m, adapter))
 
 
 def save_adapter(model: nn.Module, output_dir: str | Path, adapter: str | None = None) -> Path:
@@ -252,21 +218,15 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]
 def check_compatible(model: nn.Module, cfg: LoRAConfig) -> None:
     """Raise if the adapter was made for another architecture, width or expert count."""
     if isinstance(cfg, MixLoRAConfig):
-        if is_megatron_model(model):
-            have = {"model_type": "megatron", "hidden_size": model.config.hidden_size}
-        else:
-            dense_family_of(model)  # a supported dense family, or a clear error
-            have = {"model_type": model.config.model_type, "hidden_size": model.config.hidden_size}
-        for key, value in have.items():
+        for key, value in describe_dense(model).items():
             if getattr(cfg, key) != value:
                 raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, but the model has {key}={value!r}")
         return
-    megatron = is_megatron_model(model)
-    info = describe_ds_moe(model) if is_ds_moe_model(model) else describe_megatron(model) if megatron else describe_model(model)
+    info = backend_for(model).describe(model)
     for key in ("model_type", "num_experts", "hidden_size"):
         if getattr(cfg, key) != info[key]:
             raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, but the model has {key}={info[key]!r}")
-    if megatron:  # under pipeline parallelism the other stages hold the other layers
+    if info.get("stage_layers_only"):  # under pipeline parallelism the other stages hold the other layers
         return
     extra = sorted(set(cfg.selection) - set(info["moe_layers"]))
     if extra:
@@ -298,7 +258,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
     if isinstance(cfg, MixLoRAConfig):
         apply_mixlora(model, cfg)
     else:
-        apply_sieve_lora(model, cfg.selection, cfg)  # dispatches to the DeepSpeed-MoE and Megatron backends
+        apply_sieve_lora(model, cfg.selection, cfg)
     try:
         _assign(model, state)
     except AdapterMismatchError:

@@ -7,7 +7,7 @@ import datetime
 import os
 import sys
 
-from .backends.hf import UnsupportedModelError
+from .modules import UnsupportedModelError
 from .checkpoint import AdapterMismatchError
 from .config import ConfigError
 from .data import FORMATS, DataError, DataFormat

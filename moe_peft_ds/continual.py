@@ -381,7 +381,7 @@ def continual_metrics(acc: list[list[float]]) -> dict:
 def adapter_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable and total adapter parameters (LoRA, DoRA magnitudes, routers) of ``model``, the
     experts of every expert-parallel rank included (every rank of the group calls this then)."""
-    from .parallel import expert_parallel_group
+    from .dispatch import expert_parallel_group
 
     params = {id(p): p for n, p in model.named_parameters() if any(k in n for k in ("lora_", "magnitude", "router"))}
     counts = torch.zeros(2, 2, dtype=torch.long, device=model_device(model))  # [replicated, expert-local]

@@ -23,12 +23,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .backends.hf import Routes, UnsupportedModelError, add_unrouted, inject_attention_lora, unrouted_tokens
+from .backends.hf import inject_attention_lora
+from .backends.megatron import MODEL_TYPE as MEGATRON
+from .backends.megatron import MegatronGatedMLP, dense_mlps, is_megatron_model
 from .config import MixLoRAConfig
+from .dispatch import ExpertParallelDispatch, copy_expert_slots, tag_expert_local
 from .lora import ExpertLoRA, apply_expert_update
+from .modules import UnsupportedModelError, layer_index, read_in_forward, replace_module
+from .routes import Routes, add_unrouted, unrouted_tokens
 from .routing import RouterLosses, attach_loss, route, router_loss, router_stats
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # W1, W3, W2
@@ -174,11 +180,7 @@ class MixLoRAFFN(nn.Module):
         self.collect_router_losses = True  # off for forwards outside the training loss (continual's router KL)
         self.token_mask: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
-        # The base weights are read here, not in base.forward: ZeRO-3 must gather them for this module.
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-        for p in mlp.parameters():
-            register_external_parameter(self, p)
+        read_in_forward(self, mlp.parameters())  # the base weights are read here, not in base.forward
 
     @property
     def num_local(self) -> int:
@@ -277,10 +279,6 @@ class MixLoRAFFN(nn.Module):
         rows then reach their expert's rank by the dropless all-to-all
         (``parallel.ExpertParallelDispatch``) and run there row by row (``expert_rows``): a token's
         experts may sit on different ranks, so the fast path's once-per-token projections do not apply."""
-        import torch.distributed as dist
-
-        from .parallel import ExpertParallelDispatch, copy_expert_slots, tag_expert_local
-
         ep_size, rank = dist.get_world_size(group), dist.get_rank(group)
         if self.dispatch is not None:
             raise ValueError("this MixLoRA layer is expert-parallel already")
@@ -314,8 +312,6 @@ class MixLoRAFFN(nn.Module):
     def unshard(self) -> None:
         """The inverse of ``shard``: every rank of the group gathers all the LoRA experts (each group
         kept, with its ``requires_grad``) and runs them locally again. Call on every rank."""
-        import torch.distributed as dist
-
         if self.dispatch is None:
             raise ValueError("this MixLoRA layer is not expert-parallel")
         group = self.dispatch.group
@@ -341,9 +337,7 @@ class MixLoRAFFN(nn.Module):
 
 def mixlora_layers(model: nn.Module) -> list[tuple[int, MixLoRAFFN]]:
     """``(decoder layer index, layer)`` of every MixLoRA FFN in ``model``."""
-    from .backends.hf import _LAYER_INDEX
-
-    return [(int(_LAYER_INDEX.search(n + ".").group(1)), m) for n, m in model.named_modules() if isinstance(m, MixLoRAFFN)]
+    return [(layer_index(n), m) for n, m in model.named_modules() if isinstance(m, MixLoRAFFN)]
 
 
 def share_router_losses(layers: list[MixLoRAFFN], cfg: MixLoRAConfig) -> None:
@@ -396,13 +390,12 @@ def new_router_loss_pass(model: nn.Module) -> list[MixLoRAFFN]:
 
 def apply_mixlora(model: nn.Module, cfg: MixLoRAConfig | None = None, fast: bool = True) -> nn.Module:
     """Freeze ``model`` (a dense transformers causal LM, or a Megatron-core model: see
-    ``backends.megatron.apply_mixlora_megatron``) and turn every FFN into a MixLoRA (MixDoRA) layer, with plain LoRA on ``cfg.attention_targets``. Checks everything before
-    changing the model; attaches the filled-in config as ``model.moe_peft_config``."""
+    ``_apply_mixlora_megatron``) and turn every FFN into a MixLoRA (MixDoRA) layer, with plain LoRA
+    on ``cfg.attention_targets``. Checks everything before changing the model; attaches the
+    filled-in config as ``model.moe_peft_config``."""
     cfg = cfg or MixLoRAConfig()
-    from .backends.megatron import apply_mixlora_megatron, is_megatron_model
-
     if is_megatron_model(model):
-        return apply_mixlora_megatron(model, cfg, fast=fast)
+        return _apply_mixlora_megatron(model, cfg, fast=fast)
     fam = dense_family_of(model)
     if getattr(model, "moe_peft_config", None) is not None:
         raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
@@ -419,9 +412,66 @@ def apply_mixlora(model: nn.Module, cfg: MixLoRAConfig | None = None, fast: bool
     return model
 
 
+def describe_dense(model: nn.Module) -> dict:
+    """What a MixLoRA adapter must match: ``model_type`` and ``hidden_size`` (a clear error for
+    models MixLoRA does not take)."""
+    if is_megatron_model(model):
+        return {"model_type": MEGATRON, "hidden_size": model.config.hidden_size}
+    dense_family_of(model)
+    return {"model_type": model.config.model_type, "hidden_size": model.config.hidden_size}
+
+
 def set_fast_path(model: nn.Module, fast: bool) -> None:
     """Switch every MixLoRA layer between the fast and the reference path (same result)."""
     for _, layer in mixlora_layers(model):
         layer.fast = fast
 
 
+class MegatronMixLoRAFFN(MixLoRAFFN):
+    """MixLoRA over a Megatron dense MLP, called like it: ``forward(hidden [S, B, H]) -> (out, None)``
+    (the frozen fc2 bias is in ``out``). ``layer_index`` keys its checkpoint tensors."""
+
+    def __init__(self, mlp: nn.Module, cfg, layer: int, fast: bool = True):
+        super().__init__(MegatronGatedMLP(mlp), cfg, fast=fast)
+        self.layer_index = layer
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
+        if per_token_scale is not None:
+            raise ValueError("a MixLoRA FFN replaces a dense MLP, which is never called with per_token_scale")
+        # Megatron is sequence-first; the mixture and its padding mask are batch-first
+        return super().forward(hidden_states.transpose(0, 1)).transpose(0, 1), None
+
+    def unwrapped(self) -> nn.Module:
+        return self.base.mlp
+
+
+def _new_router_loss_pass(model: nn.Module, args) -> None:
+    """Forward pre-hook: each forward is a new pass of the router losses (the padding mask is the
+    caller's to set on Megatron, see the module docstring)."""
+    new_router_loss_pass(model)
+
+
+def _apply_mixlora_megatron(model: nn.Module, cfg, fast: bool = True) -> nn.Module:
+    """Freeze a Megatron model and turn every dense MLP into a MixLoRA (MixDoRA) layer.
+    Checked before anything changes; LoRA on Megatron's attention is not built (attention_targets=[])."""
+    sites = dense_mlps(model)
+    if not sites:
+        raise UnsupportedModelError("the Megatron model has no dense MLP (megatron.core.transformer.mlp.MLP) for MixLoRA")
+    if getattr(model, "moe_peft_config", None) is not None:
+        raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
+    if cfg.attention_targets:
+        raise ValueError("MixLoRA on Megatron models has no attention LoRA; set attention_targets=[]")
+    config = sites[0][2].config
+    if not config.gated_linear_unit:
+        raise UnsupportedModelError("MixLoRA needs gated MLPs (gated_linear_unit=True); this Megatron model's are not")
+    if config.tensor_model_parallel_size > 1:
+        raise UnsupportedModelError("MixLoRA on Megatron models needs tensor_model_parallel_size=1")
+    model.requires_grad_(False)
+    layers = [MegatronMixLoRAFFN(mlp, cfg, layer, fast=fast) for _, layer, mlp in sites]
+    for (path, _, _), layer in zip(sites, layers):
+        replace_module(model, path, layer)
+    share_router_losses(layers, cfg)
+    model._mixlora_pass_hook = model.register_forward_pre_hook(_new_router_loss_pass)
+    cfg.model_type, cfg.hidden_size = MEGATRON, config.hidden_size
+    model.moe_peft_config = cfg
+    return model

@@ -99,7 +99,7 @@ class TrainingMonitor:
     def evaluate(self, step: int, model: nn.Module) -> dict:
         from .checkpoint import save_adapter
         from .evaluate import accuracy, score_distributed
-        from .parallel import expert_parallel_group
+        from .dispatch import expert_parallel_group
 
         record = {"step": step}
         if self.eval_examples:

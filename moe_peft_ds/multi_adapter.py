@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends.hf import replace_module
+from .modules import replace_module
 from .lora import LoRALinear
 from .mixlora import MixLoRAFFN, apply_mixlora
 

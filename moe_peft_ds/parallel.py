@@ -1,170 +1,11 @@
-"""Expert parallelism for Hugging Face MoE blocks: dropless all-to-all dispatch, expert
-sharding and the parameter tags DeepSpeed reads.
-
-With ``ep_size`` N, every rank of an expert-parallel group keeps E/N experts of each MoE
-layer (base weights and adapters); the router and everything else stay replicated. Each
-rank routes its own tokens, sends every (token, expert) assignment to the rank that owns
-the expert through one all-to-all with uneven split sizes (no capacity, no padding, no
-dropped tokens), the owner runs its experts, and a second all-to-all brings the outputs
-back for the weighted combine. Both all-to-alls are differentiable.
-"""
+"""Expert parallelism of an adapted model: which backend or method shards what (the dispatch
+itself is ``dispatch``)."""
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-from deepspeed.moe.layer import MoE
 from torch import nn
 
-from .backends.hf import FusedExpertsWithLoRA, Routes, add_unrouted, base_experts, find_moe_blocks, unrouted_tokens
-from .config import AdapterConfig
-from .routing import expert_counts
-
-class _AllToAllV(torch.autograd.Function):
-    """All-to-all of rows with per-rank split sizes; backward sends gradients the reverse way."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-        ctx.send, ctx.recv, ctx.group = send, recv, group
-        return _exchange(x, send, recv, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _exchange(grad, ctx.recv, ctx.send, ctx.group), None, None, None
-
-
-def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
-    return out
-
-
-def all_to_all_v(x: torch.Tensor, send: list[int], recv: list[int], group=None) -> torch.Tensor:
-    """Send ``x``'s rows ``[sum(send), ...]`` split by ``send`` to the ranks of ``group``;
-    returns the ``[sum(recv), ...]`` rows received, ordered by source rank."""
-    return _AllToAllV.apply(x, send, recv, group)
-
-
-class ExpertParallelDispatch(MoE):
-    """The dropless dispatch of one MoE layer's routed tokens to the ranks of an expert-parallel
-    group that own their experts, and back.
-
-    It subclasses DeepSpeed's ``MoE`` only so that ``deepspeed.initialize`` sees an MoE model
-    and reduces expert-local gradients over the expert-data-parallel group; DeepSpeed's own
-    gate and capacity-padded dispatch are not used (``MoE.__init__`` is not called).
-
-    Rank ``r`` owns the experts ``order[r * E/N : (r+1) * E/N]`` (ascending; default: the
-    contiguous block ``r * E/N ..``), its local expert ``i`` being the ``i``-th of them. A
-    MixLoRA pool grown task by task (``continual``) spreads every task's experts over the ranks.
-    """
-
-    def __init__(self, group, num_experts: int, order: list[int] | None = None, device=None):
-        nn.Module.__init__(self)
-        self.group = group
-        self.ep_size = dist.get_world_size(group)
-        self.num_experts = num_experts  # global
-        self.num_local_experts = num_experts // self.ep_size
-        self.expert_group_name = ep_group_name(self.ep_size)
-        self.enable_expert_tensor_parallelism = False
-        self.sent_rows = 0  # rows this rank sent by all-to-all since the last reset (for benchmarks)
-        position = None  # [E + 1]: each global expert's rank-major position (E, "no expert", stays E)
-        if order is not None and list(order) != list(range(num_experts)):
-            if sorted(order) != list(range(num_experts)):
-                raise ValueError(f"order {order} is not a permutation of the {num_experts} experts")
-            position = torch.empty(num_experts + 1, dtype=torch.long, device=device)
-            position[torch.tensor(list(order) + [num_experts], device=device)] = torch.arange(num_experts + 1, device=device)
-        self.register_buffer("position", position, persistent=False)
-
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Called by ``deepspeed.initialize``: the groups exist already (``deepspeed_expert_group``)."""
-
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                expert_rows, fallback=None) -> torch.Tensor:
-        """``[T, H]``: every token's weighted sum of its experts' outputs, where
-        ``expert_rows(x, local_expert_of_row, counts)`` computes this rank's experts on the rows
-        it receives (sorted by local expert). Tokens routed to no expert get ``fallback(rows)``
-        (MixLoRA: the frozen FFN) when it is given. One host sync: the split sizes."""
-        n_local, ep = self.num_local_experts, self.ep_size
-        if self.position is not None:  # rank-major positions: each rank's experts side by side
-            top_k_index = self.position[top_k_index]
-        counts = expert_counts(top_k_index, self.num_experts)
-        send_counts = counts.view(ep, n_local)  # [destination rank, its local expert]
-        recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        unrouted = unrouted_tokens(top_k_index, self.num_experts) if fallback is not None else None
-        sizes = [send_counts.sum(1), recv_counts.sum(1)] + ([unrouted.sum().view(1)] if fallback is not None else [])
-        host = torch.cat(sizes).tolist()  # the one host sync
-        send, recv = host[:ep], host[ep:2 * ep]
-        routes = Routes.of(top_k_index, self.num_experts, rows=sum(send), counts=counts)
-        x = all_to_all_v(routes.gather(hidden_states), send, recv, self.group)  # grouped by source, then expert
-        # Regroup the received rows by local expert (stable: sources stay in rank order).
-        local_expert = torch.arange(n_local, device=x.device).repeat(ep)
-        source_major = torch.repeat_interleave(local_expert, recv_counts.reshape(-1), output_size=sum(recv))
-        local_of_row, perm = torch.sort(source_major, stable=True)
-        y = expert_rows(x.index_select(0, perm), local_of_row, recv_counts.sum(0))
-        y = all_to_all_v(torch.empty_like(y).index_copy_(0, perm, y), recv, send, self.group)  # back in the order sent
-        self.sent_rows += sum(send) + sum(recv)
-        out = routes.combine(hidden_states, y, top_k_weights)
-        return out if fallback is None else add_unrouted(out, hidden_states, unrouted, host[-1], fallback)
-
-
-class ExpertParallelExperts(ExpertParallelDispatch):
-    """The experts of one MoE block under expert parallelism; called like the module it replaces.
-
-    ``local`` computes this rank's experts (global ids ``local.first_expert ..``) on rows
-    sorted by local expert; the dispatch routes rows to and from the owning ranks.
-    """
-
-    wraps_experts = True
-
-    def __init__(self, local: FusedExpertsWithLoRA, group, num_experts: int):
-        super().__init__(group, num_experts)
-        self.local = local
-
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden_states, top_k_index, top_k_weights, self.local.expert_rows)
-
-
-def ep_group_name(ep_size: int) -> str:
-    """DeepSpeed's name for the expert-parallel group of this size (its MoE layers use it too)."""
-    return f"ep_size_{ep_size}"
-
-
-def _slice_experts(base: nn.Module, lo: int, hi: int) -> None:
-    """Keep only experts ``lo..hi-1`` of a fused experts module; the full tensors are released."""
-    E = base.down_proj.shape[0]
-    for name, p in list(base.named_parameters(recurse=False)):
-        if p.dim() >= 2 and p.shape[0] == E:  # per-expert tensors (weights and biases)
-            setattr(base, name, nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=False))
-    base.num_experts = hi - lo
-
-
-def _shard_block(experts: nn.Module, cfg: AdapterConfig, lo: int, hi: int) -> FusedExpertsWithLoRA:
-    """This rank's share of one block's experts, adapters included (copied, so the
-    initialisation matches the unsharded model exactly)."""
-    full = experts if isinstance(experts, FusedExpertsWithLoRA) else None
-    base = full.base if full else experts
-    local_ids = [e for e in (full.expert_ids if full else []) if lo <= e < hi]
-    _slice_experts(base, lo, hi)
-    local = FusedExpertsWithLoRA(base, local_ids, cfg, first_expert=lo)
-    for tensor, adapter in local.adapters.items():
-        copy_expert_slots(full.adapters[tensor], adapter)
-    return local
-
-
-@torch.no_grad()
-def copy_expert_slots(src: nn.Module, dst: nn.Module) -> None:
-    """Copy the slots of ``dst``'s experts (an ``ExpertLoRA`` over a subset) out of ``src``'s."""
-    slots = [src.slot[e] for e in dst.expert_ids]
-    for name, p in dst.named_parameters():
-        p.copy_(getattr(src, name)[slots])
-
-
-def tag_expert_local(params, ep_size: int) -> None:
-    """DeepSpeed's tags for expert-local parameters: neither averaged over all ranks nor
-    broadcast from rank 0 at initialize, but reduced over the expert-data-parallel group."""
-    for p in params:
-        p.allreduce = False
-        p.group_name = ep_group_name(ep_size)
+from .backends.hf import shard_moe_blocks
+from .mixlora import mixlora_layers
 
 
 def shard_experts(model: nn.Module, group=None) -> nn.Module:
@@ -177,62 +18,11 @@ def shard_experts(model: nn.Module, group=None) -> nn.Module:
     cfg = getattr(model, "moe_peft_config", None)
     if cfg is None:
         raise ValueError("apply_sieve_lora (or load_adapter) first; expert parallelism shards the adapted model")
-    from .mixlora import mixlora_layers
-
     if mixlora_layers(model):
         if getattr(model, "moe_peft_configs", None):
             raise ValueError("expert parallelism takes one adapter per model, not several (multi_adapter)")
         for _, layer in mixlora_layers(model):
             layer.shard(group)
         return model
-    ep_size, rank = dist.get_world_size(group), dist.get_rank(group)
-    for block in find_moe_blocks(model):
-        experts = block.experts
-        if isinstance(experts, ExpertParallelExperts):
-            raise ValueError("this model is already expert-parallel")
-        num_experts = base_experts(experts).down_proj.shape[0]
-        if num_experts % ep_size:
-            raise ValueError(f"{num_experts} experts per layer cannot be split over ep_size={ep_size}")
-        per_rank = num_experts // ep_size
-        local = _shard_block(experts, cfg, rank * per_rank, (rank + 1) * per_rank)
-        # Expert-local, frozen base included: DeepSpeed must neither average these gradients over
-        # all ranks nor broadcast rank 0's experts over the others at initialize.
-        tag_expert_local(local.parameters(), ep_size)
-        block.experts = ExpertParallelExperts(local, group, num_experts)
+    shard_moe_blocks(model, cfg, group)
     return model
-
-
-def deepspeed_expert_group(ep_size: int):
-    """Create (once) DeepSpeed's expert-parallel and expert-data-parallel groups for
-    ``ep_size`` and return the expert-parallel group of this rank, so that our dispatch and
-    DeepSpeed's gradient reduction use the same layout."""
-    from deepspeed.utils import groups
-
-    world = dist.get_world_size()
-    if ep_size < 1 or world % ep_size:
-        raise ValueError(f"--ep-size {ep_size} must divide the number of ranks ({world})")
-    name = ep_group_name(ep_size)
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    return groups._get_expert_parallel_group(name)
-
-
-def expert_parallel_group(model: nn.Module):
-    """The expert-parallel group of ``model``'s sharded experts, or None."""
-    return next((m.group for m in model.modules() if isinstance(m, ExpertParallelDispatch)), None)
-
-
-def clip_grad_norm_expert_parallel(params: list[nn.Parameter], max_norm: float, group) -> torch.Tensor:
-    """Clip by one global norm in which every gradient counts exactly once: replicated
-    gradients (identical on every rank after the data-parallel reduction) locally, expert-local
-    ones summed over the expert-parallel group. Returns the norm before clipping."""
-    with_grad = [p for p in params if p.grad is not None]
-    local = [p.grad for p in params if p.grad is not None and not getattr(p, "allreduce", True)]
-    shared = [p.grad for p in params if p.grad is not None and getattr(p, "allreduce", True)]
-    zero = torch.zeros((), device=params[0].device)  # on the device even where no gradient exists (NCCL)
-    local_sq = torch.nn.utils.get_total_norm(local).double() ** 2 if local else zero.double()
-    dist.all_reduce(local_sq, group=group)
-    shared_sq = torch.nn.utils.get_total_norm(shared).double() ** 2 if shared else zero.double()
-    total = (local_sq + shared_sq).sqrt().float()
-    torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)  # takes parameters, scales their .grad
-    return total

@@ -20,9 +20,10 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backends.deepspeed_moe import ds_moe_layers, gate_choice, is_ds_moe_model
+from .backends import backend_for
+from .backends.deepspeed_moe import ds_moe_layers, gate_choice
 from .backends.hf import find_moe_blocks, num_local_experts
-from .backends.megatron import is_megatron_model
+from .backends.megatron import routers
 from .device import model_device
 
 
@@ -156,8 +157,6 @@ class _RoutingMapCounter(_Counter):
     """
 
     def __init__(self, model: nn.Module):
-        from .backends.megatron import routers
-
         found = routers(model)
         if not found:
             raise ValueError("this Megatron model has no MoELayer with a router to profile")
@@ -206,6 +205,9 @@ class _RoutingMapCounter(_Counter):
         self.counts, self.gate_sums = self.counts[keep], self.gate_sums[keep]
 
 
+COUNTERS = {"transformers": _ExpertsCounter, "deepspeed_moe": _GateCounter, "megatron": _RoutingMapCounter}  # by backend
+
+
 def megatron_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
     """One forward of a Megatron ``GPTModel`` on a right-padded batch: positions ``0..S-1`` and a
     causal mask that also hides padding keys (Megatron's boolean masks are True where masked);
@@ -246,11 +248,9 @@ def profile_routing(
     for a Megatron GPTModel); models built from DeepSpeed's ``MoE`` layer are counted at their
     gates, Megatron models at their routers' routing maps.
     """
-    if is_megatron_model(model):
-        counter, forward = _RoutingMapCounter(model), forward or megatron_forward
-    else:
-        counter = _GateCounter(model) if is_ds_moe_model(model) else _ExpertsCounter(model)
-        forward = forward or (lambda m, ids, mask: m(input_ids=ids, attention_mask=mask))
+    name = backend_for(model).NAME
+    counter = COUNTERS[name](model)
+    forward = forward or (megatron_forward if name == "megatron" else lambda m, ids, mask: m(input_ids=ids, attention_mask=mask))
     samples = tokens = 0
     try:
         with _eval_mode(model):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import zero3_gathered
+from .dispatch import zero3_gathered
 from .device import accelerator, model_device
 
 

@@ -184,7 +184,7 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
     import torch.distributed as dist
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from .parallel import clip_grad_norm_expert_parallel, expert_parallel_group
+    from .dispatch import clip_grad_norm_expert_parallel, expert_parallel_group
 
     params = trainable_parameters(model)
     if not params:

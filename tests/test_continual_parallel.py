@@ -11,7 +11,8 @@ from moe_peft_ds.checkpoint import gathered_adapter_state
 from moe_peft_ds.continual import (adapter_parameters, expert_similarity, expert_usage, grow_experts, merge_experts,
                                    prune_experts)
 from moe_peft_ds.mixlora import mixlora_layers
-from moe_peft_ds.parallel import ep_group_name, shard_experts
+from moe_peft_ds.dispatch import ep_group_name
+from moe_peft_ds.parallel import shard_experts
 from distributed import run_ranks
 from test_continual import batch, continual_model, logits
 from test_mixlora import dense_model

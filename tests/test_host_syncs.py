@@ -20,7 +20,7 @@ import moe_peft_ds as mp
 from moe_peft_ds.backends.hf import FusedExpertsWithLoRA
 from moe_peft_ds.config import MixLoRAConfig
 from moe_peft_ds.mixlora import MixLoRAFFN, set_fast_path
-from moe_peft_ds.parallel import ExpertParallelExperts
+from moe_peft_ds.backends.hf import ExpertParallelExperts
 from tiny_models import tiny_model
 
 BOOL = (torch.bool, torch.uint8)

@@ -14,9 +14,9 @@ from torch import nn
 
 from conftest import randomize_adapters
 from distributed import _free_port
-from moe_peft_ds import load_adapter, merge_adapter, profile_routing, remove_adapter, save_adapter, select_experts
-from moe_peft_ds.backends.hf import UnsupportedModelError
-from moe_peft_ds.backends.megatron import ExpertLinearLoRA, apply_sieve_lora_megatron, is_megatron_model
+from moe_peft_ds import apply_sieve_lora, load_adapter, merge_adapter, profile_routing, remove_adapter, save_adapter, select_experts
+from moe_peft_ds.modules import UnsupportedModelError
+from moe_peft_ds.backends.megatron import ExpertLinearLoRA, is_megatron_model
 from moe_peft_ds.checkpoint import AdapterMismatchError, convert_adapter
 from moe_peft_ds.config import AdapterConfig
 
@@ -85,7 +85,7 @@ def test_sequential_mlp_sieve_math_isolation_and_tags():
     model = experts_model(config)
     x, index, weights = routed(4)
     base = [run_experts(m, x, index, weights, 4) for m in model]
-    apply_sieve_lora_megatron(model, {0: [1, 3], 1: [2]}, AdapterConfig(r=4, alpha=8))
+    apply_sieve_lora(model, {0: [1, 3], 1: [2]}, AdapterConfig(r=4, alpha=8))
     assert is_megatron_model(model) and model.moe_peft_config.model_type == "megatron"
     # zero-init: B = 0, so the adapted model is the base model exactly
     for m, b in zip(model, base):
@@ -110,7 +110,7 @@ def test_sequential_mlp_sieve_math_isolation_and_tags():
 def test_sequential_mlp_checkpoint_roundtrip_merge_and_refusals(tmp_path):
     config = tiny_config()
     model = experts_model(config)
-    apply_sieve_lora_megatron(model, {0: [0, 2], 1: [3]}, AdapterConfig(r=2, alpha=4, use_dora=True))
+    apply_sieve_lora(model, {0: [0, 2], 1: [3]}, AdapterConfig(r=2, alpha=4, use_dora=True))
     randomize_adapters(model)
     x, index, weights = routed(4, seed=3)
     want = [run_experts(m, x, index, weights, 4) for m in model]
@@ -137,7 +137,7 @@ def test_sequential_mlp_checkpoint_roundtrip_merge_and_refusals(tmp_path):
         load_adapter(other, tmp_path / "a")
     assert {n: p for n, p in other.named_parameters()}.keys() == before.keys()
     with pytest.raises(ValueError, match="does not have"):
-        apply_sieve_lora_megatron(experts_model(config), {0: [4]})
+        apply_sieve_lora(experts_model(config), {0: [4]})
     remove_adapter(model)
     assert not any(p.requires_grad for p in model.parameters()) and not any(isinstance(m, ExpertLinearLoRA) for m in model.modules())
 
@@ -154,7 +154,7 @@ def test_grouped_mlp_equals_sequential_mlp_with_the_same_adapter(tmp_path):
             w1[e].copy_(mlp.linear_fc1.weight.t())
             w2[e].copy_(mlp.linear_fc2.weight.t())
     x, index, weights = routed(4, seed=5)
-    apply_sieve_lora_megatron(seq, {0: [1, 2]}, AdapterConfig(r=3, alpha=6))
+    apply_sieve_lora(seq, {0: [1, 2]}, AdapterConfig(r=3, alpha=6))
     randomize_adapters(seq)
     save_adapter(seq, tmp_path / "a")
     load_adapter(grouped, tmp_path / "a")
@@ -237,7 +237,7 @@ def test_te_grouped_mlp_equals_sequential_mlp(tmp_path):  # pragma: no cover - r
         for e, mlp in enumerate(seq[0].local_experts):
             getattr(te[0].linear_fc1, f"weight{e}").copy_(mlp.linear_fc1.weight)
             getattr(te[0].linear_fc2, f"weight{e}").copy_(mlp.linear_fc2.weight)
-    apply_sieve_lora_megatron(seq, {0: [0, 3]}, AdapterConfig(r=2))
+    apply_sieve_lora(seq, {0: [0, 3]}, AdapterConfig(r=2))
     randomize_adapters(seq)
     save_adapter(seq, tmp_path / "a")
     load_adapter(te, tmp_path / "a")
@@ -261,7 +261,7 @@ def test_routing_profile_of_a_gpt_moe_model_excludes_padding_and_selects():
         assert sum(counts) == 20 * config.moe_router_topk
     torch.testing.assert_close(torch.tensor(padded.gate_sums[0]), torch.tensor(apart.gate_sums[0]), rtol=1e-6, atol=1e-6)
     selection = select_experts(padded, policy="topk", k=1)
-    apply_sieve_lora_megatron(model, selection, AdapterConfig(r=2))
+    apply_sieve_lora(model, selection, AdapterConfig(r=2))
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert n == 2 * (2 * (16 + 24) + 2 * (12 + 16)), "one expert per layer, fc1 and fc2"
     loss = model(ids, torch.arange(12).expand(2, 12), attention_mask=torch.ones(12, 12, dtype=torch.bool).triu(1)[None, None],
@@ -299,7 +299,7 @@ def test_conversion_megatron_to_transformers_and_back_is_equivalent(tmp_path):
             want = a.model.layers[L].mlp.experts(x, index, weights)
             torch.testing.assert_close(run_experts(b[L], x, index, weights, 8), want, rtol=1e-5, atol=1e-6)
 
-    apply_sieve_lora_megatron(meg, {0: [1, 6], 1: [0]}, AdapterConfig(r=4, alpha=8))
+    apply_sieve_lora(meg, {0: [1, 6], 1: [0]}, AdapterConfig(r=4, alpha=8))
     randomize_adapters(meg)
     save_adapter(meg, tmp_path / "meg")
     with pytest.raises(ValueError, match="no Megatron counterpart"):
@@ -326,15 +326,15 @@ def test_conversion_megatron_to_transformers_and_back_is_equivalent(tmp_path):
 
 
 def test_unsupported_megatron_models_and_options_are_refused_before_any_change():
-    with pytest.raises(UnsupportedModelError, match="no Megatron-core expert layers"):
-        apply_sieve_lora_megatron(nn.Sequential(nn.Linear(2, 2)), {0: [0]})
+    with pytest.raises(UnsupportedModelError, match="no Megatron-core expert layer"):
+        apply_sieve_lora(nn.Sequential(nn.Linear(2, 2)), {0: [0]})
     model = experts_model(tiny_config())
     with pytest.raises(ValueError, match="attention"):
-        apply_sieve_lora_megatron(model, {0: [0]}, AdapterConfig(attention_targets=["q_proj"]))
+        apply_sieve_lora(model, {0: [0]}, AdapterConfig(attention_targets=["q_proj"]))
     assert not any(isinstance(m, ExpertLinearLoRA) for m in model.modules()) and getattr(model, "moe_peft_config", None) is None
     # SequentialMLP's linears return their bias apart (skip_bias_add), so DoRA applies with biases too
     biased = experts_model(tiny_config(add_bias_linear=True), 1)
-    apply_sieve_lora_megatron(biased, {0: [0]}, AdapterConfig(use_dora=True))
+    apply_sieve_lora(biased, {0: [0]}, AdapterConfig(use_dora=True))
     x, index, weights = routed(4)
     run_experts(biased[0], x, index, weights, 4).sum().backward()
 
@@ -351,7 +351,7 @@ def test_mixlora_on_megatron_dense_mlps_equals_the_transformers_layer(method, tm
 
     from megatron_cpu import gpt_dense
     from moe_peft_ds import MixLoRAConfig, apply_mixlora
-    from moe_peft_ds.backends.megatron import MegatronMixLoRAFFN
+    from moe_peft_ds.mixlora import MegatronMixLoRAFFN
     from moe_peft_ds.mixlora import MixLoRAFFN, new_router_loss_pass
 
     config = tiny_config(num_moe_experts=None, moe_ffn_hidden_size=None, moe_router_topk=2)

@@ -10,8 +10,8 @@ from torch import nn
 from conftest import randomize_adapters
 from distributed import run_ranks
 from moe_peft_ds import load_adapter, profile_routing, save_adapter
-from moe_peft_ds.backends.hf import UnsupportedModelError
-from moe_peft_ds.backends.megatron import apply_sieve_lora_megatron
+from moe_peft_ds.modules import UnsupportedModelError
+from moe_peft_ds import apply_sieve_lora
 from moe_peft_ds.config import AdapterConfig
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def _ep2_worker(rank, world, tmp):
         weights = torch.rand(32, 2, generator=g).softmax(-1)
         # the EP=2 layer: rank r holds experts 2r, 2r+1; the adapter is on experts 1 (rank 0) and 2 (rank 1)
         ep = _experts(config, 2, 2 * rank, w1, w2)
-        apply_sieve_lora_megatron(ep, {0: [1, 2]}, AdapterConfig(r=4, alpha=8))
+        apply_sieve_lora(ep, {0: [1, 2]}, AdapterConfig(r=4, alpha=8))
         randomize_adapters(ep, seed=rank)  # each rank its own expert's values
         rows, counts, probs = _local_rows(x, index, weights, 2 * rank, 2)
         out, _ = ep[0](rows, counts, probs)
@@ -93,7 +93,7 @@ def _etp2_worker(rank, world):
         init_parallel(ep=1, etp=2)
         model = nn.ModuleList([sequential_experts(tiny_config(num_layers=1), E)])
         with pytest.raises(UnsupportedModelError, match="expert tensor parallelism"):
-            apply_sieve_lora_megatron(model, {0: [0]})
+            apply_sieve_lora(model, {0: [0]})
         assert not any(p.requires_grad is False for p in model.parameters()), "nothing changed"
 
 
@@ -125,7 +125,7 @@ def _ddp_worker(rank, world):
     with cpu_shims():
         init_parallel()  # EP=1: the experts' data-parallel group is both ranks
         model = gpt_moe(tiny_config())
-        apply_sieve_lora_megatron(model, {0: [1], 1: [0, 2]}, AdapterConfig(r=4))
+        apply_sieve_lora(model, {0: [1], 1: [0, 2]}, AdapterConfig(r=4))
         randomize_adapters(model)
         g = torch.Generator().manual_seed(rank)  # each rank its own data
         ids = torch.randint(1, 64, (2, 8), generator=g)

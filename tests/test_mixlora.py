@@ -7,7 +7,7 @@ import transformers as tf
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moe_peft_ds import ConfigError, MixLoRAConfig, apply_mixlora, load_adapter, merge_adapter, save_adapter
-from moe_peft_ds.backends.hf import UnsupportedModelError
+from moe_peft_ds.modules import UnsupportedModelError
 from moe_peft_ds.mixlora import MixLoRAFFN, mixlora_layers, set_fast_path
 from moe_peft_ds.routing import Routing, load_balancing_loss, route, z_loss
 from tiny_models import tiny_model

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from moe_peft_ds import AdapterConfig, apply_sieve_lora, save_adapter
 from moe_peft_ds.backends.hf import attention_projections, base_experts, find_moe_blocks
-from moe_peft_ds.parallel import ExpertParallelExperts, all_to_all_v, ep_group_name, shard_experts
+from moe_peft_ds.backends.hf import ExpertParallelExperts
+from moe_peft_ds.dispatch import all_to_all_v, ep_group_name
+from moe_peft_ds.parallel import shard_experts
 from conftest import randomize_adapters
 from distributed import run_ranks
 from tiny_models import tiny_model

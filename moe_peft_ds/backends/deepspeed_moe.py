@@ -21,7 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import AdapterConfig
+from ..dispatch import ExpertParallelDispatch, deepspeed_expert_group
 from ..lora import LoRALinear
+from ..modules import UnsupportedModelError
 
 MODEL_TYPE = "deepspeed_moe"
 
@@ -30,12 +32,11 @@ def ds_moe_layers(model: nn.Module) -> list:
     """The ``deepspeed.moe.layer.MoE`` modules of ``model`` in order; their index is the layer id."""
     from deepspeed.moe.layer import MoE
 
-    from ..parallel import ExpertParallelDispatch  # our own EP dispatch subclasses MoE; it is not one of these
-
+    # our own expert-parallel dispatch subclasses MoE; it is not one of these
     return [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m, ExpertParallelDispatch)]
 
 
-def is_ds_moe_model(model: nn.Module) -> bool:
+def matches(model: nn.Module) -> bool:
     return bool(ds_moe_layers(model))
 
 
@@ -44,8 +45,6 @@ def _ep_rank(moe) -> int:
         return 0
     group = moe.deepspeed_moe.ep_group
     if group is None:  # deepspeed.initialize sets the layer's group later; the layout is DeepSpeed's either way
-        from ..parallel import deepspeed_expert_group
-
         group = deepspeed_expert_group(moe.ep_size)
     return dist.get_rank(group=group)
 
@@ -56,11 +55,9 @@ def global_ids(moe) -> list[int]:
     return list(range(first, first + moe.num_local_experts))
 
 
-def describe_ds_moe(model: nn.Module) -> dict:
+def describe(model: nn.Module) -> dict:
     layers = ds_moe_layers(model)
     if not layers:
-        from .hf import UnsupportedModelError
-
         raise UnsupportedModelError("the model has no deepspeed.moe.layer.MoE layers")
     return {"model_type": MODEL_TYPE, "num_experts": layers[0].num_experts,
             "hidden_size": layers[0].deepspeed_moe.gate.wg.in_features, "moe_layers": list(range(len(layers)))}
@@ -84,13 +81,12 @@ def _wrap_linears(expert: nn.Module, cfg: AdapterConfig, group_name: str) -> Non
                 p.allreduce, p.group_name = False, group_name
 
 
-def apply_sieve_lora_ds(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig | None = None) -> nn.Module:
+def inject_sieve(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig) -> None:
     """Freeze ``model`` and add LoRA to the selected global experts held by this rank."""
-    cfg = cfg or AdapterConfig()
-    info = describe_ds_moe(model)
-    if getattr(model, "moe_peft_config", None) is not None:
-        raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
-    selection = {int(k): sorted(int(e) for e in v) for k, v in selection.items()}
+    info = describe(model)
+    if cfg.attention_targets or cfg.shared_expert_lora:
+        raise UnsupportedModelError("on DeepSpeed-MoE models the sieve puts LoRA on the routed experts only; "
+                                    "set attention_targets=[] and shared_expert_lora=False")
     bad = [(layer, e) for layer, ids in selection.items() for e in ids
            if layer not in info["moe_layers"] or not 0 <= e < info["num_experts"]]
     if bad:
@@ -101,13 +97,9 @@ def apply_sieve_lora_ds(model: nn.Module, selection: dict[int, list[int]], cfg: 
         for expert, e in zip(moe.deepspeed_moe.experts.deepspeed_experts, global_ids(moe)):
             if e in chosen:
                 _wrap_linears(expert, cfg, moe.expert_group_name)
-    cfg.selection = {k: v for k, v in sorted(selection.items()) if v}
-    cfg.model_type, cfg.num_experts, cfg.hidden_size = MODEL_TYPE, info["num_experts"], info["hidden_size"]
-    model.moe_peft_config = cfg
-    return model
 
 
-def ds_adapter_state(model: nn.Module, gather: bool = True) -> dict[str, torch.Tensor]:
+def _state(model: nn.Module, gather: bool) -> dict[str, torch.Tensor]:
     """Adapter tensors keyed ``layers.{L}.experts.{global id}.{path in expert}.{lora_A|lora_B|magnitude}``;
     with ``gather``, merged from every rank of each layer's expert-parallel group."""
     state = {}
@@ -125,6 +117,20 @@ def ds_adapter_state(model: nn.Module, gather: bool = True) -> dict[str, torch.T
     return state
 
 
-def local_ds_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's adapter tensors (views into the parameters), under their global keys."""
-    return ds_adapter_state(model, gather=False)
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's adapter tensors (views into the parameters), under their global keys
+    ``layers.{L}.experts.{global id}.{path in expert}.{lora_A|lora_B|magnitude}``."""
+    return _state(model, gather=False)
+
+
+def gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole adapter on CPU, merged from every rank of each layer's expert-parallel group."""
+    return _state(model, gather=True)
+
+
+def held_experts(model: nn.Module) -> set[tuple[int, int]]:
+    """``(layer, global expert id)`` of every expert this rank holds."""
+    return {(layer, e) for layer, moe in enumerate(ds_moe_layers(model)) for e in global_ids(moe)}
+
+
+NAME = "deepspeed_moe"

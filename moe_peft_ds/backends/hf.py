@@ -12,22 +12,20 @@ only blocks that hold fused experts are touched.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import ATTENTION_TARGETS, AdapterConfig
+from ..dispatch import ExpertParallelDispatch, copy_expert_slots, gather_expert_state, tag_expert_local
 from ..lora import ExpertLoRA, LoRALinear, apply_expert_update, grouped_mm
-from ..routing import expert_counts
+from ..modules import UnsupportedModelError, layer_index, read_in_forward, wrap_linears
+from ..routes import Routes
 
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")  # the up (gate and up, or up alone) tensor and the down one
 SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")  # attributes of a block holding shared experts
-
-
-class UnsupportedModelError(ValueError):
-    """The model holds no MoE layers this backend can adapt."""
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -82,15 +80,6 @@ class MoEBlock:
         setattr(self.module, self.attr, new)
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    """The decoder-layer index in a module path (``model.layers.3.mlp`` -> 3), or None."""
-    match = _LAYER_INDEX.search(name + ".")
-    return None if match is None else int(match.group(1))
-
-
 def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
     """Every MoE block of ``model`` (a module holding fused experts) in layer order."""
     blocks = []
@@ -129,62 +118,6 @@ def weight_out_in(experts: nn.Module, tensor: str, transposed: bool) -> torch.Te
     return w.transpose(1, 2) if transposed else w
 
 
-@dataclass
-class Routes:
-    """The top-k assignments of a batch, grouped by expert once (a stable sort)."""
-
-    order: torch.Tensor  # [S] flat (token, slot) index of each assignment, sorted by expert
-    expert: torch.Tensor  # [S] expert of each sorted assignment
-    token: torch.Tensor  # [S] token of each sorted assignment
-    counts: torch.Tensor  # [E] assignments per expert
-
-    @classmethod
-    def of(cls, top_k_index: torch.Tensor, num_experts: int, rows: int, counts: torch.Tensor | None = None) -> "Routes":
-        """``rows`` is how many slots go to an expert (``top_k_index.numel()`` when none is masked):
-        the caller knows it on the host, so building the routes never syncs with the device.
-        Index E (one past the last expert) marks a masked slot: it sorts last and is dropped.
-        ``counts``: ``expert_counts`` of ``top_k_index``, if the caller has them already."""
-        expert, order = torch.sort(top_k_index.reshape(-1), stable=True)
-        order, expert = order[:rows], expert[:rows]
-        counts = expert_counts(top_k_index, num_experts) if counts is None else counts
-        return cls(order, expert, order // top_k_index.shape[1], counts)
-
-    def gather(self, per_token: torch.Tensor) -> torch.Tensor:
-        """The row of each assignment, in sorted order: ``per_token [T, D]`` -> ``[S, D]``.
-        ``index_select``, not ``per_token[token]``: its backward is an ``index_add``, which on
-        CPU is several times faster than indexing's accumulating put."""
-        return per_token.index_select(0, self.token)
-
-    def combine(self, hidden_states: torch.Tensor, y: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Weight the expert outputs ``y [S, H]`` (in sorted order) and sum them per token."""
-        return self.mix(y, top_k_weights, hidden_states.shape[0]).to(hidden_states.dtype)
-
-    def mix(self, y: torch.Tensor, top_k_weights: torch.Tensor, tokens: int) -> torch.Tensor:
-        """``[tokens, D]``: the rows ``y [S, D]`` (in sorted order) weighted and summed per token.
-        With every slot routed, the rows go back to slot order and each token sums its k rows
-        (deterministic, as transformers does); masked slots make S smaller and take an index_add."""
-        k = top_k_weights.shape[-1]
-        if y.shape[0] == tokens * k:
-            slotted = torch.empty_like(y).index_copy_(0, self.order, y).view(tokens, k, -1)  # [T, k, D]
-            return (slotted * top_k_weights.reshape(tokens, k, 1)).sum(1)
-        y = y * top_k_weights.reshape(-1)[self.order, None]
-        return y.new_zeros((tokens, y.shape[1])).index_add_(0, self.token, y)
-
-
-def unrouted_tokens(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``[T]``: True for tokens whose every slot is masked (index E): MixLoRA's padding and capacity drops."""
-    return (top_k_index == num_experts).all(-1)
-
-
-def add_unrouted(out: torch.Tensor, hidden: torch.Tensor, unrouted: torch.Tensor, count: int, fallback) -> torch.Tensor:
-    """``out [T, H]`` plus ``fallback(rows)`` on the ``count`` tokens ``unrouted [T]`` marks; ``count``
-    comes from the host already, so picking them does not sync."""
-    if not count:
-        return out
-    tokens = torch.argsort(~unrouted, stable=True)[:count]
-    return out.index_add(0, tokens, fallback(hidden.index_select(0, tokens)).to(out.dtype))
-
-
 class FusedExpertsWithLoRA(nn.Module):
     """A fused experts module whose selected experts carry LoRA (or DoRA).
 
@@ -209,11 +142,7 @@ class FusedExpertsWithLoRA(nn.Module):
             t: ExpertLoRA(expert_ids, weight_out_in(base, t, self.layout.transposed), cfg, first_expert) for t in tensors
         } if expert_ids else {})
         base.requires_grad_(False)
-        # The base tensors are read here, not in base.forward: ZeRO-3 must gather them for this module.
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-        for p in base.parameters():
-            register_external_parameter(self, p)
+        read_in_forward(self, base.parameters())  # the base tensors are read here, not in base.forward
 
     @property
     def expert_ids(self) -> list[int]:
@@ -257,21 +186,62 @@ class FusedExpertsWithLoRA(nn.Module):
         return self.base
 
 
-def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` where ``model.<path>`` is."""
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+class ExpertParallelExperts(ExpertParallelDispatch):
+    """The experts of one MoE block under expert parallelism; called like the module it replaces.
+
+    ``local`` computes this rank's experts (global ids ``local.first_expert ..``) on rows
+    sorted by local expert; the dispatch routes rows to and from the owning ranks.
+    """
+
+    wraps_experts = True
+
+    def __init__(self, local: FusedExpertsWithLoRA, group, num_experts: int):
+        super().__init__(group, num_experts)
+        self.local = local
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states, top_k_index, top_k_weights, self.local.expert_rows)
 
 
-def _wrap_linears(parent: nn.Module, names: tuple[str, ...] | None, cfg: AdapterConfig) -> int:
-    """Replace ``parent.<name>`` nn.Linear children (every one with ``names=None``) by LoRALinear;
-    returns how many."""
-    n = 0
-    for name, child in list(parent.named_children()):
-        if isinstance(child, nn.Linear) and (names is None or name in names):
-            setattr(parent, name, LoRALinear(child, cfg))
-            n += 1
-    return n
+def _slice_experts(base: nn.Module, lo: int, hi: int) -> None:
+    """Keep only experts ``lo..hi-1`` of a fused experts module; the full tensors are released."""
+    E = base.down_proj.shape[0]
+    for name, p in list(base.named_parameters(recurse=False)):
+        if p.dim() >= 2 and p.shape[0] == E:  # per-expert tensors (weights and biases)
+            setattr(base, name, nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=False))
+    base.num_experts = hi - lo
+
+
+def _shard_block(experts: nn.Module, cfg: AdapterConfig, lo: int, hi: int) -> FusedExpertsWithLoRA:
+    """This rank's share of one block's experts, adapters included (copied, so the
+    initialisation matches the unsharded model exactly)."""
+    full = experts if isinstance(experts, FusedExpertsWithLoRA) else None
+    base = full.base if full else experts
+    local_ids = [e for e in (full.expert_ids if full else []) if lo <= e < hi]
+    _slice_experts(base, lo, hi)
+    local = FusedExpertsWithLoRA(base, local_ids, cfg, first_expert=lo)
+    for tensor, adapter in local.adapters.items():
+        copy_expert_slots(full.adapters[tensor], adapter)
+    return local
+
+
+def shard_moe_blocks(model: nn.Module, cfg: AdapterConfig, group) -> None:
+    """Make every MoE block expert-parallel over ``group``: each rank keeps E/N experts per layer
+    (base tensors and adapters), tagged for DeepSpeed."""
+    ep_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    for block in find_moe_blocks(model):
+        experts = block.experts
+        if isinstance(experts, ExpertParallelExperts):
+            raise ValueError("this model is already expert-parallel")
+        num_experts = num_local_experts(experts)
+        if num_experts % ep_size:
+            raise ValueError(f"{num_experts} experts per layer cannot be split over ep_size={ep_size}")
+        per_rank = num_experts // ep_size
+        local = _shard_block(experts, cfg, rank * per_rank, (rank + 1) * per_rank)
+        # Expert-local, frozen base included: DeepSpeed must neither average these gradients over
+        # all ranks nor broadcast rank 0's experts over the others at initialize.
+        tag_expert_local(local.parameters(), ep_size)
+        block.experts = ExpertParallelExperts(local, group, num_experts)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -297,7 +267,7 @@ def inject_attention_lora(model: nn.Module, cfg: AdapterConfig) -> int:
     """Plain LoRA on the attention projections named in ``cfg.attention_targets``."""
     check_attention_targets(model, cfg.attention_targets)
     targets = tuple(cfg.attention_targets)
-    return sum(_wrap_linears(m, targets, cfg) for m in attention_modules(model))
+    return sum(wrap_linears(m, targets, cfg) for m in attention_modules(model))
 
 
 def shared_experts(block: MoEBlock) -> list[nn.Module]:
@@ -340,7 +310,7 @@ def inject_expert_lora(model: nn.Module, selection: dict[int, list[int]], cfg: A
             block.experts = FusedExpertsWithLoRA(block.experts, sorted(ids), cfg)
         if cfg.shared_expert_lora:
             for parent in [m for shared in shared_experts(block) for m in shared.modules()]:
-                _wrap_linears(parent, None, cfg)
+                wrap_linears(parent, None, cfg)
 
 
 def text_config(model: nn.Module):
@@ -363,39 +333,42 @@ def describe_model(model: nn.Module) -> dict:
     }
 
 
-def all_experts_selection(model: nn.Module) -> dict[int, list[int]]:
-    """Every expert of every MoE layer: the "LoRA on all experts" baseline."""
-    info = describe_model(model)
-    return {layer: list(range(info["num_experts"])) for layer in info["moe_layers"]}
-
-
-def apply_sieve_lora(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig | None = None) -> nn.Module:
-    """Freeze ``model`` and add LoRA to the selected experts (and optional attention/shared LoRA).
-
-    ``selection`` maps MoE layer index to global expert ids. Everything is checked before the
-    model is changed. The filled-in config is attached as ``model.moe_peft_config``.
-    """
-    cfg = cfg or AdapterConfig()
-    from .deepspeed_moe import apply_sieve_lora_ds, is_ds_moe_model
-    from .megatron import apply_sieve_lora_megatron, is_megatron_model
-
-    if is_ds_moe_model(model):  # built from deepspeed.moe.layer.MoE: its own backend
-        return apply_sieve_lora_ds(model, selection, cfg)
-    if is_megatron_model(model):  # Megatron-core expert layers: theirs
-        return apply_sieve_lora_megatron(model, selection, cfg)
-    info = describe_model(model)  # raises for unsupported models before anything changes
+def inject_sieve(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig) -> None:
+    """Freeze ``model`` and wrap the selected experts (and the attention / shared-expert LoRA ``cfg``
+    asks for); everything is checked before the model changes."""
     check_attention_targets(model, cfg.attention_targets)
-    check_shared_expert_lora(find_moe_blocks(model), cfg)
-    if getattr(model, "moe_peft_config", None) is not None:
-        raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
-    selection = {int(k): sorted(int(e) for e in v) for k, v in selection.items()}
-    check_selection(model, selection)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    check_shared_expert_lora(check_selection(model, selection), cfg)
+    model.requires_grad_(False)
     inject_expert_lora(model, selection, cfg)
     inject_attention_lora(model, cfg)
-    cfg.selection = {k: v for k, v in sorted(selection.items()) if v}
-    cfg.model_type, cfg.num_experts, cfg.hidden_size = info["model_type"], info["num_experts"], info["hidden_size"]
-    cfg.base_model = cfg.base_model or str(getattr(model.config, "_name_or_path", "") or "")
-    model.moe_peft_config = cfg
-    return model
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's adapter tensors (views) under their checkpoint keys: experts as
+    ``layers.{L}.experts.{global id}.{tensor}.{...}``, attention and shared-expert LoRA by module path."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            state.update({f"{name}.{p}": t.detach() for p, t in module.named_parameters(recurse=False)})
+        elif isinstance(module, FusedExpertsWithLoRA):
+            for tensor, adapter in module.adapters.items():
+                state.update(adapter.expert_state(layer_index(name), tensor))
+    return state
+
+
+def gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole adapter on CPU (every rank of an expert-parallel group must call this)."""
+    return gather_expert_state(model, adapter_state)
+
+
+def held_experts(model: nn.Module) -> None:
+    """Every rank holds every expert's adapter when one is loaded (sharding comes after)."""
+    return None
+
+
+def matches(model: nn.Module) -> bool:
+    return any(is_fused_experts(m) for m in model.modules())
+
+
+describe = describe_model
+NAME = "transformers"

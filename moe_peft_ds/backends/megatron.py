@@ -33,13 +33,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
 from ..lora import ExpertLoRA, apply_expert_update, grouped_mm
-from ..mixlora import MixLoRAFFN, new_router_loss_pass, share_router_losses
-from .hf import UnsupportedModelError, replace_module
+from ..modules import UnsupportedModelError, replace_module
 
 MODEL_TYPE = "megatron"
 FC_NAMES = {"gate_up_proj": "linear_fc1", "down_proj": "linear_fc2"}  # checkpoint name -> Megatron name
@@ -101,10 +101,11 @@ def _config(model: nn.Module):
     return layers, layers[0].base.config
 
 
-def describe_megatron(model: nn.Module) -> dict:
+def describe(model: nn.Module) -> dict:
+    """Under pipeline parallelism this rank holds some layers only (``stage_layers_only``)."""
     layers, config = _config(model)
     return {"model_type": MODEL_TYPE, "num_experts": config.num_moe_experts, "hidden_size": config.hidden_size,
-            "moe_layers": [x.layer for x in layers]}
+            "moe_layers": [x.layer for x in layers], "stage_layers_only": True}
 
 
 def _check_expert_tp(layer: ExpertLayer) -> None:
@@ -269,20 +270,16 @@ def _input_needs_grad(moe_layer: nn.Module, args: tuple):
     return None
 
 
-def apply_sieve_lora_megatron(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig | None = None) -> nn.Module:
+def inject_sieve(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig) -> None:
     """Freeze ``model`` and add LoRA to the selected global experts held by this rank.
 
     ``selection`` maps the MoE layer index (``layer_number - 1``) to global expert ids; under
     pipeline parallelism it may name layers held by other stages. Checked before anything changes.
     """
-    cfg = cfg or AdapterConfig()
     layers, config = _config(model)
-    if getattr(model, "moe_peft_config", None) is not None:
-        raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
     if cfg.attention_targets or cfg.shared_expert_lora:
-        raise ValueError("on Megatron models the sieve puts LoRA on the routed experts only; "
-                         "set attention_targets=[] and shared_expert_lora=False")
-    selection = {int(k): sorted(int(e) for e in v) for k, v in selection.items()}
+        raise UnsupportedModelError("on Megatron models the sieve puts LoRA on the routed experts only; "
+                                    "set attention_targets=[] and shared_expert_lora=False")
     bad = [(layer, e) for layer, ids in selection.items() for e in ids
            if not 0 <= layer < config.num_layers or not 0 <= e < config.num_moe_experts]
     if bad:
@@ -298,10 +295,6 @@ def apply_sieve_lora_megatron(model: nn.Module, selection: dict[int, list[int]],
         _wrap_experts(model, layer, selection.get(layer.layer, []), cfg)
     model._megatron_grad_hooks = _Hooks(model.get_submodule(x.path.rpartition(".")[0]).register_forward_pre_hook(_input_needs_grad)
                                         for x in layers if x.base.ep_group.size() > 1)
-    cfg.selection = {k: v for k, v in sorted(selection.items()) if v}
-    cfg.model_type, cfg.num_experts, cfg.hidden_size = MODEL_TYPE, config.num_moe_experts, config.hidden_size
-    model.moe_peft_config = cfg
-    return model
 
 
 def _expert_adapters(layer: ExpertLayer) -> dict[str, list[ExpertLoRA]]:
@@ -319,7 +312,7 @@ def _expert_adapters(layer: ExpertLayer) -> dict[str, list[ExpertLoRA]]:
     return found
 
 
-def megatron_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """This rank's adapter tensors (views), keyed ``layers.{L}.experts.{global id}.{gate_up_proj|down_proj}.{...}``."""
     state = {}
     for layer in expert_layers(model):
@@ -332,6 +325,21 @@ def megatron_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def held_experts(model: nn.Module) -> set[tuple[int, int]]:
     """``(layer, global expert id)`` of every expert this rank holds."""
     return {(x.layer, e) for x in expert_layers(model) for e in x.global_ids()}
+
+
+def gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter merged from every rank: expert-parallel ranks hold other experts and pipeline
+    stages other layers (keys are global, so the parts just merge)."""
+    state = {k: v.to("cpu", copy=True) for k, v in adapter_state(model).items()}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return state
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, state)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+matches = is_megatron_model
+NAME = "megatron"
 
 
 def routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
@@ -372,25 +380,7 @@ class MegatronGatedMLP(nn.Module):
         return F.linear(h, down.weight, down.bias)
 
 
-class MegatronMixLoRAFFN(MixLoRAFFN):
-    """MixLoRA over a Megatron dense MLP, called like it: ``forward(hidden [S, B, H]) -> (out, None)``
-    (the frozen fc2 bias is in ``out``). ``layer_index`` keys its checkpoint tensors."""
-
-    def __init__(self, mlp: nn.Module, cfg, layer: int, fast: bool = True):
-        super().__init__(MegatronGatedMLP(mlp), cfg, fast=fast)
-        self.layer_index = layer
-
-    def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
-        if per_token_scale is not None:
-            raise ValueError("a MixLoRA FFN replaces a dense MLP, which is never called with per_token_scale")
-        # Megatron is sequence-first; the mixture and its padding mask are batch-first
-        return super().forward(hidden_states.transpose(0, 1)).transpose(0, 1), None
-
-    def unwrapped(self) -> nn.Module:
-        return self.base.mlp
-
-
-def _dense_mlps(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
+def dense_mlps(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
     """``(path, layer index, MLP)`` of every dense Megatron MLP outside the experts."""
     from megatron.core.transformer.mlp import MLP
     from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -402,35 +392,3 @@ def _dense_mlps(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
     experts = _experts_classes()
     inside = {id(c) for m in model.modules() if isinstance(m, experts) for c in m.modules()}
     return [(n, i, m) for i, (n, m) in enumerate((n, m) for n, m in model.named_modules() if type(m) is MLP and id(m) not in inside)]
-
-
-def _new_router_loss_pass(model: nn.Module, args) -> None:
-    """Forward pre-hook: each forward is a new pass of the router losses (the padding mask is the
-    caller's to set on Megatron, see the module docstring)."""
-    new_router_loss_pass(model)
-
-
-def apply_mixlora_megatron(model: nn.Module, cfg, fast: bool = True) -> nn.Module:
-    """Freeze a Megatron model and turn every dense MLP into a MixLoRA (MixDoRA) layer.
-    Checked before anything changes; LoRA on Megatron's attention is not built (attention_targets=[])."""
-    sites = _dense_mlps(model)
-    if not sites:
-        raise UnsupportedModelError("the Megatron model has no dense MLP (megatron.core.transformer.mlp.MLP) for MixLoRA")
-    if getattr(model, "moe_peft_config", None) is not None:
-        raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
-    if cfg.attention_targets:
-        raise ValueError("MixLoRA on Megatron models has no attention LoRA; set attention_targets=[]")
-    config = sites[0][2].config
-    if not config.gated_linear_unit:
-        raise UnsupportedModelError("MixLoRA needs gated MLPs (gated_linear_unit=True); this Megatron model's are not")
-    if config.tensor_model_parallel_size > 1:
-        raise UnsupportedModelError("MixLoRA on Megatron models needs tensor_model_parallel_size=1")
-    model.requires_grad_(False)
-    layers = [MegatronMixLoRAFFN(mlp, cfg, layer, fast=fast) for _, layer, mlp in sites]
-    for (path, _, _), layer in zip(sites, layers):
-        replace_module(model, path, layer)
-    share_router_losses(layers, cfg)
-    model._mixlora_pass_hook = model.register_forward_pre_hook(_new_router_loss_pass)
-    cfg.model_type, cfg.hidden_size = MODEL_TYPE, config.hidden_size
-    model.moe_peft_config = cfg
-    return model

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_ranks
-from moe_peft_ds.parallel import ep_group_name, shard_experts
+from moe_peft_ds.dispatch import ep_group_name
+from moe_peft_ds.parallel import shard_experts
 
 from .common import SELECTED, assert_grads_close, launch, make_batch, mixlora_model, sieve_model, to
 
