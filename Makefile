@@ -14,6 +14,8 @@ demo: install
 		--data demo:arithmetic --output-dir out/sieve-demo --overwrite
 
 test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q tests
 
 bench: install

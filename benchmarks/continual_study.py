@@ -19,6 +19,7 @@ average forgetting, backward transfer and adapter parameters.
 
 Writes ``benchmarks/results/continual_study.json`` and ``continual_study.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,6 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-
 from measure import fill_defaults, write_result  # noqa: E402
 from testbed import mean_std, task_pairs  # noqa: E402
 
@@ -58,10 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smoke run: one seed, a few steps")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default 0 1)")
     p.add_argument("--steps", type=int, default=None, help=f"steps per task (default {DEFAULTS['steps']})")
-    p.add_argument("--n-train", type=int, default=None, help=f"training samples per task (default {DEFAULTS['n_train']})")
-    p.add_argument("--n-eval", type=int, default=None, help=f"held-out samples per task (default {DEFAULTS['n_eval']})")
+    p.add_argument(
+        "--n-train", type=int, default=None, help=f"training samples per task (default {DEFAULTS['n_train']})"
+    )
+    p.add_argument(
+        "--n-eval", type=int, default=None, help=f"held-out samples per task (default {DEFAULTS['n_eval']})"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "continual_study.json"), help="result JSON path")
+    p.add_argument(
+        "--output", default=str(ROOT / "benchmarks" / "results" / "continual_study.json"), help="result JSON path"
+    )
     args = p.parse_args(argv)
     fill_defaults(args, DEFAULTS, QUICK)
     return args
@@ -81,8 +87,10 @@ def summarise(runs: list[dict]) -> dict:
     table = {}
     for variant in VARIANTS:
         mine = [r for r in runs if r["variant"] == variant]
-        table[variant] = {key: mean_std([r["metrics"][key] for r in mine])
-                          for key in ("final_average_accuracy", "average_forgetting", "backward_transfer")}
+        table[variant] = {
+            key: mean_std([r["metrics"][key] for r in mine])
+            for key in ("final_average_accuracy", "average_forgetting", "backward_transfer")
+        }
         table[variant]["adapter_parameters"] = mine[0]["adapter_parameters"]
         table[variant]["experts"] = mine[0]["experts"]
     return table
@@ -90,22 +98,37 @@ def summarise(runs: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    lines = [f"# Continual learning study ({result['date']}, {result['machine']})", "",
-             f"tiny-llama, tasks {' -> '.join(TASKS)} ({s['n_train']} training and {s['n_eval']} held-out samples each), "
-             f"{s['steps']} steps x batch 8 per task, lr 2e-3, LoRA r=8, 2 experts per task (top-2), seeds {s['seeds']}; "
-             "accuracy = teacher-forced exact match of the answer on held-out samples.", "",
-             "| variant | final average accuracy | average forgetting | backward transfer | adapter params (trainable / total) | experts per FFN |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Continual learning study ({result['date']}, {result['machine']})",
+        "",
+        f"tiny-llama, tasks {' -> '.join(TASKS)} ({s['n_train']} training and {s['n_eval']} held-out samples each), "
+        f"{s['steps']} steps x batch 8 per task, lr 2e-3, LoRA r=8, 2 experts per task (top-2), seeds {s['seeds']}; "
+        "accuracy = teacher-forced exact match of the answer on held-out samples.",
+        "",
+        "| variant | final average accuracy | average forgetting | backward transfer | adapter params (trainable / total) | experts per FFN |",
+        "|---|---|---|---|---|---|",
+    ]
     for variant, row in result["table"].items():
+
         def cell(key):
             return f"{row[key]['mean']:.3f} +- {row[key]['std']:.3f}"
-        lines.append(f"| {variant} | {cell('final_average_accuracy')} | {cell('average_forgetting')} | {cell('backward_transfer')} | "
-                     f"{row['adapter_parameters']['trainable']:,} / {row['adapter_parameters']['total']:,} | {row['experts']} |")
-    lines += ["", "Accuracy matrix of the first seed (row: after training that task; columns: tasks so far).", "",
-              "| variant | " + " | ".join(f"after {t}" for t in TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+
+        lines.append(
+            f"| {variant} | {cell('final_average_accuracy')} | {cell('average_forgetting')} | {cell('backward_transfer')} | "
+            f"{row['adapter_parameters']['trainable']:,} / {row['adapter_parameters']['total']:,} | {row['experts']} |"
+        )
+    lines += [
+        "",
+        "Accuracy matrix of the first seed (row: after training that task; columns: tasks so far).",
+        "",
+        "| variant | " + " | ".join(f"after {t}" for t in TASKS) + " |",
+        "|---|" + "---|" * len(TASKS),
+    ]
     for variant in VARIANTS:
         run = next(r for r in result["runs"] if r["variant"] == variant)
-        lines.append(f"| {variant} | " + " | ".join(" / ".join(f"{a:.2f}" for a in row) for row in run["accuracy"]) + " |")
+        lines.append(
+            f"| {variant} | " + " | ".join(" / ".join(f"{a:.2f}" for a in row) for row in run["accuracy"]) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -120,22 +143,59 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             for variant, (strategy, extra) in VARIANTS.items():
                 out = tmp / f"{variant}-{seed}"
-                rc = continual_main(["--model", "tiny-llama", *task_flags, "--strategies", strategy, *extra,
-                                     "--eval-samples", str(args.n_eval), "--steps-per-task", str(args.steps), "--seed", str(seed),
-                                     "--no-progress", "--output-dir", str(out)])
+                rc = continual_main(
+                    [
+                        "--model",
+                        "tiny-llama",
+                        *task_flags,
+                        "--strategies",
+                        strategy,
+                        *extra,
+                        "--eval-samples",
+                        str(args.n_eval),
+                        "--steps-per-task",
+                        str(args.steps),
+                        "--seed",
+                        str(seed),
+                        "--no-progress",
+                        "--output-dir",
+                        str(out),
+                    ]
+                )
                 if rc != 0:
                     raise RuntimeError(f"{variant} (seed {seed}) failed with exit status {rc}")
                 record = json.loads((out / strategy / "metrics.json").read_text())
-                runs.append({"variant": variant, "seed": seed, "accuracy": record["accuracy"], "metrics": record["metrics"],
-                             "adapter_parameters": record["adapter_parameters"][-1], "experts": record["experts"][-1],
-                             "losses": record["losses"]})
-                print(f"seed {seed} {variant:18s} final avg acc {record['metrics']['final_average_accuracy']:.3f} "
-                      f"forgetting {record['metrics']['average_forgetting']:.3f}", flush=True)
-    result = {"benchmark": "continual_study", "date": _dt.date.today().isoformat(),
-              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "settings": {"tasks": list(TASKS), "seeds": args.seeds, "steps": args.steps, "n_train": args.n_train, "n_eval": args.n_eval,
-                           "variants": {k: [s, *f] for k, (s, f) in VARIANTS.items()}},
-              "runs": runs, "table": summarise(runs)}
+                runs.append(
+                    {
+                        "variant": variant,
+                        "seed": seed,
+                        "accuracy": record["accuracy"],
+                        "metrics": record["metrics"],
+                        "adapter_parameters": record["adapter_parameters"][-1],
+                        "experts": record["experts"][-1],
+                        "losses": record["losses"],
+                    }
+                )
+                print(
+                    f"seed {seed} {variant:18s} final avg acc {record['metrics']['final_average_accuracy']:.3f} "
+                    f"forgetting {record['metrics']['average_forgetting']:.3f}",
+                    flush=True,
+                )
+    result = {
+        "benchmark": "continual_study",
+        "date": _dt.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "settings": {
+            "tasks": list(TASKS),
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "n_train": args.n_train,
+            "n_eval": args.n_eval,
+            "variants": {k: [s, *f] for k, (s, f) in VARIANTS.items()},
+        },
+        "runs": runs,
+        "table": summarise(runs),
+    }
     write_result(args.output, result, markdown(result))
     return 0
 

@@ -7,6 +7,7 @@ entropy (1.0 = uniform). Also copies each task's heatmap next to the results.
 
     python benchmarks/demo_routing.py      # writes benchmarks/results/demo_routing.{json,md,png per task}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ from moe_peft_ds.profiling import plot_heatmap  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calibration-samples", type=int, default=256, help="samples per task, as in the demo (default 256)")
+    p.add_argument(
+        "--calibration-samples", type=int, default=256, help="samples per task, as in the demo (default 256)"
+    )
     p.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results", help="where results go")
     return p.parse_args(argv)
 
@@ -36,9 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     model, tokenizer = load_model("tiny-mixtral")
-    result = {"benchmark": "demo_routing", "date": dt.date.today().isoformat(),
-              "machine": {"platform": platform.platform(), "python": platform.python_version()},
-              "model": "tiny-mixtral", "calibration_samples": args.calibration_samples, "tasks": {}}
+    result = {
+        "benchmark": "demo_routing",
+        "date": dt.date.today().isoformat(),
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "model": "tiny-mixtral",
+        "calibration_samples": args.calibration_samples,
+        "tasks": {},
+    }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for task in TASKS:
         examples = load_examples(f"demo:{task}", tokenizer, 128, limit=args.calibration_samples)
@@ -58,11 +66,14 @@ def markdown(result: dict) -> str:
     head = " | ".join(f"{t}: top-25% coverage | {t}: entropy" for t in tasks)
     lines = [f"| layer | {head} |", "|---|" + "---:|" * (2 * len(tasks))]
     for layer in layers:
-        cells = " | ".join(f"{tasks[t]['skew'][layer]['top_coverage']:.3f} | {tasks[t]['skew'][layer]['entropy']:.3f}"
-                           for t in tasks)
+        cells = " | ".join(
+            f"{tasks[t]['skew'][layer]['top_coverage']:.3f} | {tasks[t]['skew'][layer]['entropy']:.3f}" for t in tasks
+        )
         lines.append(f"| {layer} | {cells} |")
-    return "\n".join(lines) + f"\n\n(uniform routing: coverage 0.25, entropy 1.0; {result['calibration_samples']} " \
-                              f"calibration samples per task; {result['date']})\n"
+    return (
+        "\n".join(lines) + f"\n\n(uniform routing: coverage 0.25, entropy 1.0; {result['calibration_samples']} "
+        f"calibration samples per task; {result['date']})\n"
+    )
 
 
 if __name__ == "__main__":

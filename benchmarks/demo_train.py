@@ -7,6 +7,7 @@ against LoRA on all experts, so the README's demo figures come from a results fi
 
 Writes ``benchmarks/results/demo_train.json`` and ``demo_train.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,13 +26,25 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 from measure import write_result  # noqa: E402
 
-DEMO = ["--model", "tiny-mixtral", "--method", "sieve", "--sieve-fraction", "0.25", "--data", "demo:arithmetic", "--no-progress"]
+DEMO = [
+    "--model",
+    "tiny-mixtral",
+    "--method",
+    "sieve",
+    "--sieve-fraction",
+    "0.25",
+    "--data",
+    "demo:arithmetic",
+    "--no-progress",
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="10 steps instead of the demo's 300")
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "demo_train.json"), help="result JSON path")
+    p.add_argument(
+        "--output", default=str(ROOT / "benchmarks" / "results" / "demo_train.json"), help="result JSON path"
+    )
     return p.parse_args(argv)
 
 
@@ -39,15 +52,22 @@ def markdown(result: dict) -> str:
     log, sizes = result["log"], result["log"]["sizes"]
     losses = log["losses"]
     head, tail = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
-    return "\n".join([
-        f"`python launch/train.py {' '.join(result['flags'])}` (as `make demo`; {result['date']}, {result['machine']}):", "",
-        "```",
-        f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts",
-        f"loss {head:.3f} -> {tail:.3f} over {len(losses)} steps ({log['seconds']:.1f} s, {log['world_size']} rank(s))",
-        f"trainable parameters: {sizes['trainable_params']:,} (LoRA on all experts: {sizes['all_experts_trainable_params']:,}, "
-        f"ratio {sizes['param_ratio']:.3f})",
-        f"adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB (all experts: {sizes['all_experts_adapter_bytes'] / 1e6:.2f} MB)",
-        "```"]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"`python launch/train.py {' '.join(result['flags'])}` (as `make demo`; {result['date']}, {result['machine']}):",
+                "",
+                "```",
+                f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts",
+                f"loss {head:.3f} -> {tail:.3f} over {len(losses)} steps ({log['seconds']:.1f} s, {log['world_size']} rank(s))",
+                f"trainable parameters: {sizes['trainable_params']:,} (LoRA on all experts: {sizes['all_experts_trainable_params']:,}, "
+                f"ratio {sizes['param_ratio']:.3f})",
+                f"adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB (all experts: {sizes['all_experts_adapter_bytes'] / 1e6:.2f} MB)",
+                "```",
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv=None) -> int:
@@ -59,8 +79,13 @@ def main(argv=None) -> int:
             raise RuntimeError("the demo run failed")
         log = json.loads((Path(out) / "train_log.json").read_text())
     log.pop("args", None)
-    result = {"benchmark": "demo_train", "date": _dt.date.today().isoformat(), "flags": flags,
-              "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}", "log": log}
+    result = {
+        "benchmark": "demo_train",
+        "date": _dt.date.today().isoformat(),
+        "flags": flags,
+        "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
+        "log": log,
+    }
     write_result(args.output, result, markdown(result))
     return 0
 

@@ -13,6 +13,7 @@ In one launch of 2 ranks, on a random-init Mixtral with LoRA on all experts:
     python benchmarks/ep_dispatch.py            # writes benchmarks/results/ep_dispatch.{json,md}
     python benchmarks/ep_dispatch.py --quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,17 +43,29 @@ QUICK = dict(layers=2, hidden=64, intermediate=128, experts=8, top_k=2, batch=2,
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a much smaller model and 2 rounds (a smoke run)")
-    p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "ep_dispatch.json",
-                   help="JSON result path; the Markdown table goes next to it (default %(default)s)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "ep_dispatch.json",
+        help="JSON result path; the Markdown table goes next to it (default %(default)s)",
+    )
     return p.parse_args(argv)
 
 
 def mixtral(s: dict):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = MixtralConfig(vocab_size=1024, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                        num_hidden_layers=s["layers"], num_attention_heads=4, num_key_value_heads=4,
-                        num_local_experts=s["experts"], num_experts_per_tok=s["top_k"], tie_word_embeddings=False)
+    cfg = MixtralConfig(
+        vocab_size=1024,
+        hidden_size=s["hidden"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=s["experts"],
+        num_experts_per_tok=s["top_k"],
+        tie_word_embeddings=False,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     return MixtralForCausalLM(cfg).float()
@@ -72,14 +85,16 @@ def ours(s: dict, rank: int) -> dict:
 
     ep1 = mp_.apply_sieve_lora(mixtral(s), mp_.all_experts_selection(mixtral(s)), mp_.AdapterConfig())
     ep2 = shard_experts(copy.deepcopy(ep1), dist.group.WORLD)
-    opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-            for name, m in (("ep1", ep1), ("ep2", ep2))}
+    opts = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        for name, m in (("ep1", ep1), ("ep2", ep2))
+    }
     g = torch.Generator().manual_seed(rank)
     times = {"ep1": [], "ep2": []}
     sent = 0
     for r in range(s["rounds"] + 1):  # round 0 is warm-up
         ids = torch.randint(0, 1024, (s["batch"], s["seq"]), generator=g)
-        for name, model in ((("ep1", ep1), ("ep2", ep2)) if r % 2 else (("ep2", ep2), ("ep1", ep1))):
+        for name, model in (("ep1", ep1), ("ep2", ep2)) if r % 2 else (("ep2", ep2), ("ep1", ep1)):
             for m in model.modules():
                 if isinstance(m, ExpertParallelExperts):
                     m.sent_rows = 0
@@ -95,9 +110,13 @@ def ours(s: dict, rank: int) -> dict:
             if name == "ep2":
                 sent = sum(m.sent_rows for m in model.modules() if isinstance(m, ExpertParallelExperts))
     routed = s["batch"] * s["seq"] * s["top_k"] * s["layers"]  # (token, expert) pairs this rank routes per forward
-    return {"step_s": {k: statistics.median(v) for k, v in times.items()}, "step_times_s": times,
-            "ours_rows_moved": sent, "routed_pairs": routed,
-            "expert_bytes_per_rank": {"ep1": expert_bytes(ep1), "ep2": expert_bytes(ep2)}}
+    return {
+        "step_s": {k: statistics.median(v) for k, v in times.items()},
+        "step_times_s": times,
+        "ours_rows_moved": sent,
+        "routed_pairs": routed,
+        "expert_bytes_per_rank": {"ep1": expert_bytes(ep1), "ep2": expert_bytes(ep2)},
+    }
 
 
 def deepspeed_native(s: dict, capacity_factor: float) -> dict:
@@ -105,10 +124,21 @@ def deepspeed_native(s: dict, capacity_factor: float) -> dict:
     from deepspeed.moe.layer import MoE
 
     torch.manual_seed(1)
-    expert = torch.nn.Sequential(torch.nn.Linear(s["hidden"], s["intermediate"]), torch.nn.SiLU(),
-                                 torch.nn.Linear(s["intermediate"], s["hidden"]))
-    moe = MoE(s["hidden"], expert, num_experts=s["experts"], ep_size=2, k=s["top_k"], capacity_factor=capacity_factor,
-              eval_capacity_factor=capacity_factor, min_capacity=0)
+    expert = torch.nn.Sequential(
+        torch.nn.Linear(s["hidden"], s["intermediate"]),
+        torch.nn.SiLU(),
+        torch.nn.Linear(s["intermediate"], s["hidden"]),
+    )
+    moe = MoE(
+        s["hidden"],
+        expert,
+        num_experts=s["experts"],
+        ep_size=2,
+        k=s["top_k"],
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        min_capacity=0,
+    )
     moe.set_deepspeed_parallelism()
     shapes = []
     moe.deepspeed_moe.experts.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
@@ -119,13 +149,19 @@ def deepspeed_native(s: dict, capacity_factor: float) -> dict:
     counts = moe.deepspeed_moe.exp_counts  # per expert, before capacity dropping
     routed = s["batch"] * s["seq"] * s["top_k"]
     dropped = int(torch.clamp(torch.as_tensor(counts) - capacity, min=0).sum())
-    return {"capacity_factor": capacity_factor, "capacity": capacity, "rows_moved": 2 * ep * e_local * capacity,
-            "routed_pairs": routed, "dropped_share": dropped / routed}
+    return {
+        "capacity_factor": capacity_factor,
+        "capacity": capacity,
+        "rows_moved": 2 * ep * e_local * capacity,
+        "routed_pairs": routed,
+        "dropped_share": dropped / routed,
+    }
 
 
 def _rank(rank: int, world: int, port: int, s: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -151,13 +187,24 @@ def run(args) -> dict:
     row_bytes = s["hidden"] * 4
     ds = [{**d, "bytes_ratio_to_minimum": d["rows_moved"] / (2 * d["routed_pairs"])} for d in ranks[0]["deepspeed"]]
     return {
-        "benchmark": "ep_dispatch", "date": dt.date.today().isoformat(), "sizes": s, "ranks": 2,
+        "benchmark": "ep_dispatch",
+        "date": dt.date.today().isoformat(),
+        "sizes": s,
+        "ranks": 2,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "ours": {"bytes_per_forward": moved * row_bytes, "minimum_bytes": minimum * row_bytes,
-                 "bytes_ratio_to_minimum": moved / minimum, "dropped_share": 0.0},
+        "ours": {
+            "bytes_per_forward": moved * row_bytes,
+            "minimum_bytes": minimum * row_bytes,
+            "bytes_ratio_to_minimum": moved / minimum,
+            "dropped_share": 0.0,
+        },
         "deepspeed_native_per_layer": ds,
-        "step_time": {"ep1_s": o["step_s"]["ep1"], "ep2_s": o["step_s"]["ep2"],
-                      "ep2_over_ep1": o["step_s"]["ep2"] / o["step_s"]["ep1"], "raw": o["step_times_s"]},
+        "step_time": {
+            "ep1_s": o["step_s"]["ep1"],
+            "ep2_s": o["step_s"]["ep2"],
+            "ep2_over_ep1": o["step_s"]["ep2"] / o["step_s"]["ep1"],
+            "raw": o["step_times_s"],
+        },
         "expert_bytes_per_rank": o["expert_bytes_per_rank"],
         "expert_memory_ratio_ep2_over_ep1": o["expert_bytes_per_rank"]["ep2"] / o["expert_bytes_per_rank"]["ep1"],
     }
@@ -165,19 +212,29 @@ def run(args) -> dict:
 
 def markdown(r: dict) -> str:
     s = r["sizes"]
-    lines = [f"2 gloo ranks, random-init Mixtral: {s['layers']} layers, hidden {s['hidden']}, {s['experts']} experts "
-             f"top-{s['top_k']}, {s['batch']}x{s['seq']} tokens per rank, fp32, LoRA r=8 on all experts ({r['date']}).", "",
-             "| all-to-all | bytes / minimum | routed pairs dropped |", "|---|---:|---:|",
-             f"| moe_peft_ds (dropless, uneven splits) | {r['ours']['bytes_ratio_to_minimum']:.3f} | 0 |"]
+    lines = [
+        f"2 gloo ranks, random-init Mixtral: {s['layers']} layers, hidden {s['hidden']}, {s['experts']} experts "
+        f"top-{s['top_k']}, {s['batch']}x{s['seq']} tokens per rank, fp32, LoRA r=8 on all experts ({r['date']}).",
+        "",
+        "| all-to-all | bytes / minimum | routed pairs dropped |",
+        "|---|---:|---:|",
+        f"| moe_peft_ds (dropless, uneven splits) | {r['ours']['bytes_ratio_to_minimum']:.3f} | 0 |",
+    ]
     for d in r["deepspeed_native_per_layer"]:
-        lines.append(f"| DeepSpeed MoE, capacity factor {d['capacity_factor']:g} (C={d['capacity']}) | "
-                     f"{d['bytes_ratio_to_minimum']:.3f} | {d['dropped_share']:.1%} |")
+        lines.append(
+            f"| DeepSpeed MoE, capacity factor {d['capacity_factor']:g} (C={d['capacity']}) | "
+            f"{d['bytes_ratio_to_minimum']:.3f} | {d['dropped_share']:.1%} |"
+        )
     st, mem = r["step_time"], r["expert_bytes_per_rank"]
-    lines += ["", "| | EP=1 (data parallel) | EP=2 | EP=2 / EP=1 |", "|---|---:|---:|---:|",
-              f"| step time (median of {s['rounds']} interleaved rounds) | {st['ep1_s'] * 1000:.0f} ms | "
-              f"{st['ep2_s'] * 1000:.0f} ms | {st['ep2_over_ep1']:.2f} |",
-              f"| expert weights + adapters per rank | {mem['ep1'] / 2**20:.2f} MiB | {mem['ep2'] / 2**20:.2f} MiB | "
-              f"{r['expert_memory_ratio_ep2_over_ep1']:.2f} |"]
+    lines += [
+        "",
+        "| | EP=1 (data parallel) | EP=2 | EP=2 / EP=1 |",
+        "|---|---:|---:|---:|",
+        f"| step time (median of {s['rounds']} interleaved rounds) | {st['ep1_s'] * 1000:.0f} ms | "
+        f"{st['ep2_s'] * 1000:.0f} ms | {st['ep2_over_ep1']:.2f} |",
+        f"| expert weights + adapters per rank | {mem['ep1'] / 2**20:.2f} MiB | {mem['ep2'] / 2**20:.2f} MiB | "
+        f"{r['expert_memory_ratio_ep2_over_ep1']:.2f} |",
+    ]
     return "\n".join(lines) + "\n"
 
 

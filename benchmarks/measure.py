@@ -1,5 +1,6 @@
 """What the benchmarks share: defaults for a full or ``--quick`` run, the result files, and the
 peak memory of one step on CPU (Linux)."""
+
 from __future__ import annotations
 
 import argparse

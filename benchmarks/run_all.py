@@ -14,6 +14,7 @@ README is rewritten from them, so each number the README quotes comes from a res
     python benchmarks/run_all.py --quick    # smoke sizes (a few minutes), e.g. into a scratch directory:
     python benchmarks/run_all.py --quick --results-dir /tmp/bench/results
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,31 @@ BENCHMARKS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every benchmark at its smoke size")
-    p.add_argument("--results-dir", type=Path, default=HERE / "results", help="where the JSON/MD/PNG results go (default benchmarks/results)")
-    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=None, help="run these benchmarks only (the report covers all results present)")
-    p.add_argument("--report-only", action="store_true", help="run nothing; rewrite the report (and README blocks) from the results present")
-    p.add_argument("--readme", type=Path, default=None,
-                   help="README whose <!-- results:NAME --> blocks are rewritten from the results (default: the project's "
-                        "README.md for a full run into benchmarks/results; none for --quick or another --results-dir)")
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=HERE / "results",
+        help="where the JSON/MD/PNG results go (default benchmarks/results)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(BENCHMARKS),
+        default=None,
+        help="run these benchmarks only (the report covers all results present)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing; rewrite the report (and README blocks) from the results present",
+    )
+    p.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="README whose <!-- results:NAME --> blocks are rewritten from the results (default: the project's "
+        "README.md for a full run into benchmarks/results; none for --quick or another --results-dir)",
+    )
     args = p.parse_args(argv)
     if args.readme is None and not args.quick and args.results_dir.resolve() == (HERE / "results").resolve():
         args.readme = ROOT / "README.md"  # smoke or scratch numbers never reach the README unless asked
@@ -89,7 +109,9 @@ def _loss_curves(ax, runs: list[dict], key: str, title: str) -> None:
     ax.legend(fontsize=7)
 
 
-def _accuracy_vs_params(ax, points: dict[str, dict[str, tuple[float, float, float]]], xlabel: str = "trainable parameters") -> None:
+def _accuracy_vs_params(
+    ax, points: dict[str, dict[str, tuple[float, float, float]]], xlabel: str = "trainable parameters"
+) -> None:
     """``points[series][label] = (params, mean accuracy, std)``, log-scale parameters."""
     for series, rows in points.items():
         xs, ys, errs = zip(*rows.values())
@@ -118,8 +140,20 @@ def plot_sieve_study(result: dict, results: Path) -> list[str]:
         _loss_curves(ax, [r for r in result["runs"] if r["task"] == task], "config", task)
     names = [_save(fig, results / "sieve_study_loss.png")]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    _accuracy_vs_params(ax, {task: {c: (result["table"][task][c]["trainable_params"], result["table"][task][c]["accuracy"]["mean"],
-                                        result["table"][task][c]["accuracy"]["std"]) for c in configs} for task in tasks})
+    _accuracy_vs_params(
+        ax,
+        {
+            task: {
+                c: (
+                    result["table"][task][c]["trainable_params"],
+                    result["table"][task][c]["accuracy"]["mean"],
+                    result["table"][task][c]["accuracy"]["std"],
+                )
+                for c in configs
+            }
+            for task in tasks
+        },
+    )
     names.append(_save(fig, results / "sieve_study_accuracy.png"))
     plt.close("all")
     return names
@@ -137,8 +171,15 @@ def plot_mixlora_study(result: dict, results: Path) -> list[str]:
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("held-out accuracy, mean over tasks and seeds")
     axes[1].legend(fontsize=7)
-    _accuracy_vs_params(axes[2], {"mean over tasks": {m: (row["trainable_params"], row["mean_accuracy"]["mean"], row["mean_accuracy"]["std"])
-                                                      for m, row in result["table"].items()}})
+    _accuracy_vs_params(
+        axes[2],
+        {
+            "mean over tasks": {
+                m: (row["trainable_params"], row["mean_accuracy"]["mean"], row["mean_accuracy"]["std"])
+                for m, row in result["table"].items()
+            }
+        },
+    )
     names = [_save(fig, results / "mixlora_study.png")]
     plt.close("all")
     return names
@@ -148,9 +189,20 @@ def plot_continual_study(result: dict, results: Path) -> list[str]:
     """Final average accuracy against total adapter parameters, per variant."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    _accuracy_vs_params(ax, {"after the last task": {
-        v: (row["adapter_parameters"]["total"], row["final_average_accuracy"]["mean"], row["final_average_accuracy"]["std"])
-        for v, row in result["table"].items()}}, xlabel="adapter parameters (total)")
+    _accuracy_vs_params(
+        ax,
+        {
+            "after the last task": {
+                v: (
+                    row["adapter_parameters"]["total"],
+                    row["final_average_accuracy"]["mean"],
+                    row["final_average_accuracy"]["std"],
+                )
+                for v, row in result["table"].items()
+            }
+        },
+        xlabel="adapter parameters (total)",
+    )
     names = [_save(fig, results / "continual_study.png")]
     plt.close("all")
     return names
@@ -162,8 +214,10 @@ PLOTS = {"sieve_study": plot_sieve_study, "mixlora_study": plot_mixlora_study, "
 def machine() -> str:
     import torch
 
-    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"python {platform.python_version()}, torch {torch.__version__}")
+    return (
+        f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def record_runs(results: Path, runs: dict, quick: bool) -> dict:
@@ -188,12 +242,18 @@ def _body(results: Path, name: str) -> list[str]:
 
 def readme_block(results: Path, name: str) -> str:
     """What the README shows for ``name``: where the numbers come from, then the benchmark's tables."""
-    run = json.loads((results / "run_all.json").read_text())["benchmarks"].get(name) if (results / "run_all.json").exists() else None
+    run = (
+        json.loads((results / "run_all.json").read_text())["benchmarks"].get(name)
+        if (results / "run_all.json").exists()
+        else None
+    )
     if run is None:
         source = f"From `benchmarks/results/{name}.json`, **not written by `run_all.py`** (run it to refresh)."
     else:
-        source = (f"From `benchmarks/results/{name}.json`, written by `python benchmarks/run_all.py{' --quick' if run['quick'] else ''}` "
-                  f"on {run['date']} ({run['machine']}; `python {run['command']}`, {run['seconds']:.0f} s).")
+        source = (
+            f"From `benchmarks/results/{name}.json`, written by `python benchmarks/run_all.py{' --quick' if run['quick'] else ''}` "
+            f"on {run['date']} ({run['machine']}; `python {run['command']}`, {run['seconds']:.0f} s)."
+        )
     return "\n".join([source, "", *_body(results, name)]).rstrip() + "\n"
 
 
@@ -217,10 +277,14 @@ def write_report(results: Path, runs: dict, quick: bool) -> Path:
     """``REPORT.md`` next to ``results``: every result present, with its table and plots."""
     report = results.parent / "REPORT.md"
     rel = results.name
-    lines = ["# Benchmark report", "",
-             f"Written by `benchmarks/run_all.py{' --quick' if quick else ''}` on {_dt.date.today().isoformat()}, {machine()}.",
-             "Each section is the table its benchmark wrote (its JSON holds every number, the machine and the date); "
-             "`results/run_all.json` records the run that wrote it.", ""]
+    lines = [
+        "# Benchmark report",
+        "",
+        f"Written by `benchmarks/run_all.py{' --quick' if quick else ''}` on {_dt.date.today().isoformat()}, {machine()}.",
+        "Each section is the table its benchmark wrote (its JSON holds every number, the machine and the date); "
+        "`results/run_all.json` records the run that wrote it.",
+        "",
+    ]
     for name in BENCHMARKS:
         if not (results / f"{name}.md").exists():
             continue

@@ -40,6 +40,7 @@ the rounds (``rounds_of``); run them on a GPU for numbers that matter.
 Writes ``benchmarks/results/step_time.json`` and a Markdown report next to it (``.md``).
 Absolute times on a shared machine mean little; read the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,9 @@ from measure import fill_defaults, peak_rss_delta  # noqa: E402
 # Sizes shared by every shape; the per-shape ones (experts, top_k, intermediate) are in SHAPES.
 # --quick is a smoke run on one thread: with two threads on a shared 2-core machine, every
 # parallel region waits for a descheduled thread and a tiny bf16 step goes from 0.04 s to 1 s.
-DEFAULTS = dict(layers=4, hidden=256, heads=4, vocab=1024, batch=4, seq=256, steps=20, warmup=3, calib_batches=4, threads=2)
+DEFAULTS = dict(
+    layers=4, hidden=256, heads=4, vocab=1024, batch=4, seq=256, steps=20, warmup=3, calib_batches=4, threads=2
+)
 QUICK = dict(layers=2, hidden=64, heads=4, vocab=256, batch=2, seq=64, steps=3, warmup=1, calib_batches=2, threads=1)
 
 # shape -> (full sizes, --quick sizes). Within a column top_k * intermediate is the same for
@@ -86,12 +89,54 @@ PROFILE_STEPS, PROFILE_ROWS = 2, 12
 
 # ratio name -> (numerator, denominator, quantity, comparison, bound, meaning)
 TARGETS = {
-    "step_time sieve25/frozen_base": ("sieve25", "frozen_base", "step_time", "<=", 1.04, "sieve step vs frozen-base floor"),
-    "step_time ours_all/frozen_base": ("ours_all", "frozen_base", "step_time", "<=", 1.10, "all-expert step vs frozen-base floor"),
-    "step_time sieve25/peft_all": ("sieve25", "peft_all", "step_time", "<=", 0.70, "sieve step vs PEFT on all experts"),
-    "trainable_params sieve25/ours_all": ("sieve25", "ours_all", "trainable_params", "<=", 0.3, "trainable parameters"),
-    "adapter_file sieve25/ours_all": ("sieve25", "ours_all", "adapter_file_bytes", "<=", 0.3, "adapter checkpoint size"),
-    "peak_memory sieve25/ours_all": ("sieve25", "ours_all", "peak_step_memory_bytes", "<", 1.0, "peak step memory: sieve below all experts"),
+    "step_time sieve25/frozen_base": (
+        "sieve25",
+        "frozen_base",
+        "step_time",
+        "<=",
+        1.04,
+        "sieve step vs frozen-base floor",
+    ),
+    "step_time ours_all/frozen_base": (
+        "ours_all",
+        "frozen_base",
+        "step_time",
+        "<=",
+        1.10,
+        "all-expert step vs frozen-base floor",
+    ),
+    "step_time sieve25/peft_all": (
+        "sieve25",
+        "peft_all",
+        "step_time",
+        "<=",
+        0.70,
+        "sieve step vs PEFT on all experts",
+    ),
+    "trainable_params sieve25/ours_all": (
+        "sieve25",
+        "ours_all",
+        "trainable_params",
+        "<=",
+        0.3,
+        "trainable parameters",
+    ),
+    "adapter_file sieve25/ours_all": (
+        "sieve25",
+        "ours_all",
+        "adapter_file_bytes",
+        "<=",
+        0.3,
+        "adapter checkpoint size",
+    ),
+    "peak_memory sieve25/ours_all": (
+        "sieve25",
+        "ours_all",
+        "peak_step_memory_bytes",
+        "<",
+        1.0,
+        "peak step memory: sieve below all experts",
+    ),
 }
 COMPARE = {"<=": operator.le, "<": operator.lt}
 INFO_RATIOS = {  # reported, no target
@@ -102,45 +147,98 @@ INFO_RATIOS = {  # reported, no target
     "adapter_file ours_all/peft_all": ("ours_all", "peft_all", "adapter_file_bytes"),
 }
 SUMMARY = {  # column of the summary table -> target ratio
-    "sieve/base": "step_time sieve25/frozen_base", "all/base": "step_time ours_all/frozen_base",
-    "sieve/peft": "step_time sieve25/peft_all", "sieve mem < all mem": "peak_memory sieve25/ours_all",
+    "sieve/base": "step_time sieve25/frozen_base",
+    "all/base": "step_time ours_all/frozen_base",
+    "sieve/peft": "step_time sieve25/peft_all",
+    "sieve mem < all mem": "peak_memory sieve25/ours_all",
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_size_flags(p)
-    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
-                   help="model shapes to measure: e16k2 = 16 experts top-2, intermediate 512 (--quick: 8 experts top-2, 128); "
-                        "e64k8 = 64 experts top-8, intermediate 128 (--quick: 16 experts top-4, 64) (default: both)")
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
-                   help="dtypes the base model is cast to, one cell per shape and dtype; the step-time targets apply to "
-                        "fp32 cells only (default: fp32 bf16; bf16 is very slow on CPUs without native bf16)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where models and batches live; cuda synchronizes before each timer read and measures memory "
-                        "with torch.cuda.max_memory_allocated (default %(default)s)")
-    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"after timing each cell, run torch.profiler over {PROFILE_STEPS} steps of {' and '.join(PROFILED)} "
-                        f"and report the top {PROFILE_ROWS} ops by self time (default: on, off with --quick)")
-    p.add_argument("--fraction", type=float, default=0.25, help="share of experts per layer the sieve selects (topk policy) (default %(default)s)")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=list(SHAPES),
+        default=list(SHAPES),
+        help="model shapes to measure: e16k2 = 16 experts top-2, intermediate 512 (--quick: 8 experts top-2, 128); "
+        "e64k8 = 64 experts top-8, intermediate 128 (--quick: 16 experts top-4, 64) (default: both)",
+    )
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=list(DTYPES),
+        default=list(DTYPES),
+        help="dtypes the base model is cast to, one cell per shape and dtype; the step-time targets apply to "
+        "fp32 cells only (default: fp32 bf16; bf16 is very slow on CPUs without native bf16)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where models and batches live; cuda synchronizes before each timer read and measures memory "
+        "with torch.cuda.max_memory_allocated (default %(default)s)",
+    )
+    p.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"after timing each cell, run torch.profiler over {PROFILE_STEPS} steps of {' and '.join(PROFILED)} "
+        f"and report the top {PROFILE_ROWS} ops by self time (default: on, off with --quick)",
+    )
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=0.25,
+        help="share of experts per layer the sieve selects (topk policy) (default %(default)s)",
+    )
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r for every adapter variant (default %(default)s)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha for every adapter variant (default %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate for the adapter variants (default %(default)s)")
-    p.add_argument("--threads", type=int, default=None,
-                   help=f"torch.set_num_threads for the whole run (default {DEFAULTS['threads']}; --quick: {QUICK['threads']})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the base weights (identical for every variant) and of the data (default %(default)s)")
-    p.add_argument("--experts-implementation", default=None, choices=["eager", "grouped_mm", "batched_mm"],
-                   help="transformers experts kernel for the unwrapped fused experts (frozen_base, peft_all); "
-                        "default: what transformers picks (grouped_mm on torch>=2.9). moe_peft_ds replaces the "
-                        "experts module, so it does not use this setting")
-    p.add_argument("--variants", default="sieve25,ours_all,peft_all,frozen_base",
-                   help="comma-separated subset of variants to run (ratios need their two variants) (default %(default)s)")
+    p.add_argument(
+        "--alpha", type=float, default=16.0, help="LoRA alpha for every adapter variant (default %(default)s)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=1e-4, help="AdamW learning rate for the adapter variants (default %(default)s)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"torch.set_num_threads for the whole run (default {DEFAULTS['threads']}; --quick: {QUICK['threads']})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the base weights (identical for every variant) and of the data (default %(default)s)",
+    )
+    p.add_argument(
+        "--experts-implementation",
+        default=None,
+        choices=["eager", "grouped_mm", "batched_mm"],
+        help="transformers experts kernel for the unwrapped fused experts (frozen_base, peft_all); "
+        "default: what transformers picks (grouped_mm on torch>=2.9). moe_peft_ds replaces the "
+        "experts module, so it does not use this setting",
+    )
+    p.add_argument(
+        "--variants",
+        default="sieve25,ours_all,peft_all,frozen_base",
+        help="comma-separated subset of variants to run (ratios need their two variants) (default %(default)s)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory measurement step")
-    p.add_argument("--quick", action="store_true",
-                   help="much smaller models, few steps, one thread, no profile, still every shape and dtype (a smoke run, about 25 s); "
-                        "explicit flags still win")
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "step_time.json"),
-                   help="JSON result path; the Markdown report goes next to it with a .md suffix (default %(default)s)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="much smaller models, few steps, one thread, no profile, still every shape and dtype (a smoke run, about 25 s); "
+        "explicit flags still win",
+    )
+    p.add_argument(
+        "--output",
+        default=str(ROOT / "benchmarks" / "results" / "step_time.json"),
+        help="JSON result path; the Markdown report goes next to it with a .md suffix (default %(default)s)",
+    )
     args = p.parse_args(argv)
     fill_defaults(args, DEFAULTS, QUICK)
     if args.profile is None:
@@ -151,25 +249,55 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def add_size_flags(p: argparse.ArgumentParser) -> None:
     # the same in every shape
-    sizes = {"layers": "decoder layers, all MoE", "hidden": "hidden size", "heads": "attention heads, also used as KV heads",
-             "vocab": "vocabulary size", "batch": "sequences per training batch", "seq": "tokens per sequence",
-             "steps": "timed rounds per cell; each round runs one step of every variant",
-             "warmup": "untimed warm-up rounds per cell before the timed ones",
-             "calib_batches": "random calibration batches for the sieve's routing profile"}
+    sizes = {
+        "layers": "decoder layers, all MoE",
+        "hidden": "hidden size",
+        "heads": "attention heads, also used as KV heads",
+        "vocab": "vocabulary size",
+        "batch": "sequences per training batch",
+        "seq": "tokens per sequence",
+        "steps": "timed rounds per cell; each round runs one step of every variant",
+        "warmup": "untimed warm-up rounds per cell before the timed ones",
+        "calib_batches": "random calibration batches for the sieve's routing profile",
+    }
     for key, meaning in sizes.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
-                       help=f"{meaning} (default {DEFAULTS[key]}; --quick: {QUICK[key]})")
+        p.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=int,
+            default=None,
+            help=f"{meaning} (default {DEFAULTS[key]}; --quick: {QUICK[key]})",
+        )
     # each shape's own unless given
-    per_shape = {"experts": "experts per MoE layer", "top_k": "experts routed per token", "intermediate": "expert FFN intermediate size"}
+    per_shape = {
+        "experts": "experts per MoE layer",
+        "top_k": "experts routed per token",
+        "intermediate": "expert FFN intermediate size",
+    }
     for key, meaning in per_shape.items():
         by_shape = ", ".join(f"{s} {full[key]}" for s, (full, _) in SHAPES.items())
         quick = ", ".join(f"{s} {q[key]}" for s, (_, q) in SHAPES.items())
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
-                       help=f"{meaning}; overrides every shape's value (default per shape: {by_shape}; --quick: {quick})")
+        p.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=int,
+            default=None,
+            help=f"{meaning}; overrides every shape's value (default per shape: {by_shape}; --quick: {quick})",
+        )
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for key in ("layers", "hidden", "heads", "vocab", "batch", "seq", "steps", "calib_batches", "threads", "rank", *PER_SHAPE):
+    for key in (
+        "layers",
+        "hidden",
+        "heads",
+        "vocab",
+        "batch",
+        "seq",
+        "steps",
+        "calib_batches",
+        "threads",
+        "rank",
+        *PER_SHAPE,
+    ):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             p.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
     if args.warmup < 0:
@@ -197,6 +325,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 @dataclass(frozen=True)
 class Cell:
     """Everything the builders need for one (shape, dtype) cell."""
+
     shape: str
     dtype: str
     device: str
@@ -242,10 +371,16 @@ def mixtral_config(cell: Cell):
     from transformers import MixtralConfig
 
     cfg = MixtralConfig(
-        vocab_size=cell.vocab, hidden_size=cell.hidden, intermediate_size=cell.intermediate,
-        num_hidden_layers=cell.layers, num_attention_heads=cell.heads, num_key_value_heads=cell.heads,
-        num_local_experts=cell.experts, num_experts_per_tok=cell.top_k,
-        max_position_embeddings=max(4096, cell.seq), tie_word_embeddings=False,
+        vocab_size=cell.vocab,
+        hidden_size=cell.hidden,
+        intermediate_size=cell.intermediate,
+        num_hidden_layers=cell.layers,
+        num_attention_heads=cell.heads,
+        num_key_value_heads=cell.heads,
+        num_local_experts=cell.experts,
+        num_experts_per_tok=cell.top_k,
+        max_position_embeddings=max(4096, cell.seq),
+        tie_word_embeddings=False,
     )
     cfg._attn_implementation = "eager"
     if cell.experts_implementation:
@@ -297,6 +432,7 @@ def adapter_step(model, optimizer) -> Callable[[torch.Tensor], float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
     return step
 
 
@@ -321,9 +457,13 @@ def build_sieve(cell: Cell) -> Variant:
     profile = mp.profile_routing(probe, calib, progress=False)
     selection = mp.select_experts(profile, policy="topk", fraction=cell.fraction)
     del probe
-    return build_ours(cell, "sieve25", selection,
-                      f"moe_peft_ds sieve: LoRA on top {cell.fraction:.0%} experts/layer (profile_routing + select_experts topk)",
-                      calibration_tokens=profile.tokens)
+    return build_ours(
+        cell,
+        "sieve25",
+        selection,
+        f"moe_peft_ds sieve: LoRA on top {cell.fraction:.0%} experts/layer (profile_routing + select_experts topk)",
+        calibration_tokens=profile.tokens,
+    )
 
 
 def build_ours_all(cell: Cell) -> Variant:
@@ -347,15 +487,24 @@ def build_peft(cell: Cell) -> Variant:
     params = trainable(model)
     wrapped = sum(1 for n, _ in model.named_parameters() if "lora_A" in n)
     if not params or wrapped != 2 * cell.layers:
-        raise RuntimeError(f"PEFT target_parameters={PEFT_TARGETS} wrapped {wrapped} expert tensors, expected {2 * cell.layers}")
+        raise RuntimeError(
+            f"PEFT target_parameters={PEFT_TARGETS} wrapped {wrapped} expert tensors, expected {2 * cell.layers}"
+        )
     opt = torch.optim.AdamW(params, lr=cell.lr)
 
     def save(d: Path) -> Path:
         model.save_pretrained(str(d))
         return Path(d) / "adapter_model.safetensors"
 
-    return Variant("peft_all", f"PEFT LoraConfig(target_parameters={PEFT_TARGETS}), all experts", model,
-                   adapter_step(model, opt), opt, save, {"target_parameters": PEFT_TARGETS})
+    return Variant(
+        "peft_all",
+        f"PEFT LoraConfig(target_parameters={PEFT_TARGETS}), all experts",
+        model,
+        adapter_step(model, opt),
+        opt,
+        save,
+        {"target_parameters": PEFT_TARGETS},
+    )
 
 
 def build_frozen(cell: Cell) -> Variant:
@@ -373,7 +522,12 @@ def build_frozen(cell: Cell) -> Variant:
     return Variant("frozen_base", "no adapter, all frozen; backward to inputs_embeds only, no optimizer", model, step)
 
 
-VARIANT_BUILDERS = {"sieve25": build_sieve, "ours_all": build_ours_all, "peft_all": build_peft, "frozen_base": build_frozen}
+VARIANT_BUILDERS = {
+    "sieve25": build_sieve,
+    "ours_all": build_ours_all,
+    "peft_all": build_peft,
+    "frozen_base": build_frozen,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +542,7 @@ def clock(device: str) -> Callable[[], float]:
     def now() -> float:
         torch.cuda.synchronize()
         return time.perf_counter()
+
     return now
 
 
@@ -403,7 +558,10 @@ def cuda_peak_delta(step: Callable[[], object]) -> int:
 
 MEMORY = {  # device -> (what the peak_step_memory_bytes of a variant is, how it is measured)
     "cpu": ("cpu_peak_rss_delta: approximate peak-RSS increase over one step (Linux/glibc)", peak_rss_delta),
-    "cuda": ("cuda_max_memory_allocated_delta: torch.cuda.max_memory_allocated increase over one step", cuda_peak_delta),
+    "cuda": (
+        "cuda_max_memory_allocated_delta: torch.cuda.max_memory_allocated increase over one step",
+        cuda_peak_delta,
+    ),
 }
 
 
@@ -425,13 +583,20 @@ def machine(device: str) -> dict:
 
     try:
         import peft
+
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
     return {
-        "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-        "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__, "peft": peft_version,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "peft": peft_version,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -470,8 +635,12 @@ def time_rounds(cell: Cell, variants: list[Variant], data: list[torch.Tensor], w
                 if r >= warmup:
                     v.times.append(dt)
             tag = "warm-up" if r < warmup else "timed"
-            print(f"{cell.name} round {r + 1}/{rounds} ({tag}) " + " ".join(f"{v.name}={this_round[v.name]:.3f}s" for v in variants),
-                  file=sys.stderr, flush=True)
+            print(
+                f"{cell.name} round {r + 1}/{rounds} ({tag}) "
+                + " ".join(f"{v.name}={this_round[v.name]:.3f}s" for v in variants),
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         gc.enable()
 
@@ -520,6 +689,7 @@ def profile_ops(v: Variant, cell: Cell, data: list[torch.Tensor]) -> str:
 def ratio_entry(per: dict, num: str, den: str, what: str) -> dict | None:
     """``num``'s quantity over ``den``'s, plus for step times the median of the per-round ratios
     (steadier when the load drifts); None when either is missing or the denominator is zero."""
+
     def quantity(name: str):
         return per[name]["median_step_s"] if what == "step_time" else per[name][what]
 
@@ -528,7 +698,8 @@ def ratio_entry(per: dict, num: str, den: str, what: str) -> dict | None:
     entry = {"value": quantity(num) / quantity(den)}
     if what == "step_time":
         entry["median_of_round_ratios"] = statistics.median(
-            a / b for a, b in zip(per[num]["step_times_s"], per[den]["step_times_s"]))
+            a / b for a, b in zip(per[num]["step_times_s"], per[den]["step_times_s"])
+        )
     return entry
 
 
@@ -537,8 +708,14 @@ def cell_ratios(per: dict, cell: Cell) -> dict:
     for key, (num, den, what, op, bound, meaning) in TARGETS.items():
         entry = ratio_entry(per, num, den, what)
         if entry is not None:
-            ratios[key] = {**entry, "target": f"{op} {bound:g}", "target_max": bound, "pass": COMPARE[op](entry["value"], bound),
-                           "applies": what != "step_time" or cell.dtype in TARGET_DTYPES, "meaning": meaning}
+            ratios[key] = {
+                **entry,
+                "target": f"{op} {bound:g}",
+                "target_max": bound,
+                "pass": COMPARE[op](entry["value"], bound),
+                "applies": what != "step_time" or cell.dtype in TARGET_DTYPES,
+                "meaning": meaning,
+            }
     for key, (num, den, what) in INFO_RATIOS.items():
         entry = ratio_entry(per, num, den, what)
         if entry is not None:
@@ -554,7 +731,8 @@ def cell_checks(per: dict, cell: Cell) -> dict:
     return {
         "identical_first_loss": max(firsts) - min(firsts) <= tolerance * max(1.0, abs(firsts[0])),
         "ours_all_params_equal_peft_all": (per["ours_all"]["trainable_params"] == per["peft_all"]["trainable_params"])
-        if {"ours_all", "peft_all"} <= per.keys() else None,
+        if {"ours_all", "peft_all"} <= per.keys()
+        else None,
     }
 
 
@@ -567,9 +745,12 @@ def cell_config(cell: Cell, args: argparse.Namespace, variants: list[Variant]) -
         **{f.name: getattr(cell, f.name) for f in fields(Cell)},
         **{k: getattr(args, k) for k in ("threads", "quick")},
         **dict(zip(("steps", "warmup"), rounds_of(cell, args))),
-        "torch_dtype": str(cell.torch_dtype).removeprefix("torch."), "attn_implementation": "eager",
+        "torch_dtype": str(cell.torch_dtype).removeprefix("torch."),
+        "attn_implementation": "eager",
         "experts_implementation": variants[0].model.config._experts_implementation if variants else None,
-        "optimizer": "AdamW", "labels": "input_ids", "variants": args.variants,
+        "optimizer": "AdamW",
+        "labels": "input_ids",
+        "variants": args.variants,
         "memory_kind": None if args.no_memory else MEMORY[cell.device][0],
     }
 
@@ -594,18 +775,31 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
     per = {v.name: variant_stats(v, cell, data[0], not args.no_memory) for v in variants}
     profile = None
     if args.profile:
-        profile = {"steps": PROFILE_STEPS, "sort_by": profile_sort_key(cell.device),
-                   "tables": {v.name: profile_ops(v, cell, data) for v in variants if v.name in PROFILED}}
-    return {"config": cell_config(cell, args, variants), "variants": per, "ratios": cell_ratios(per, cell),
-            "checks": cell_checks(per, cell), "profile": profile,
-            "run_time_s": {"timing_phase": timing_s, "total": time.perf_counter() - t_start}}
+        profile = {
+            "steps": PROFILE_STEPS,
+            "sort_by": profile_sort_key(cell.device),
+            "tables": {v.name: profile_ops(v, cell, data) for v in variants if v.name in PROFILED},
+        }
+    return {
+        "config": cell_config(cell, args, variants),
+        "variants": per,
+        "ratios": cell_ratios(per, cell),
+        "checks": cell_checks(per, cell),
+        "profile": profile,
+        "run_time_s": {"timing_phase": timing_s, "total": time.perf_counter() - t_start},
+    }
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    result = {"benchmark": "step_time", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(args.device), "device": args.device, "cells": {}}
+    result = {
+        "benchmark": "step_time",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(args.device),
+        "device": args.device,
+        "cells": {},
+    }
     t_start = time.perf_counter()
     for shape in args.shapes:
         for dtype in args.dtypes:
@@ -633,8 +827,10 @@ def verdict(r: dict) -> str:
 def summary_table(result: dict) -> list[str]:
     lines = ["| cell | " + " | ".join(SUMMARY) + " |", "|---|" + "---:|" * len(SUMMARY)]
     for name, c in result["cells"].items():
-        row = [f"{c['ratios'][key]['value']:.2f} {verdict(c['ratios'][key])}" if key in c["ratios"] else "n/a"
-               for key in SUMMARY.values()]
+        row = [
+            f"{c['ratios'][key]['value']:.2f} {verdict(c['ratios'][key])}" if key in c["ratios"] else "n/a"
+            for key in SUMMARY.values()
+        ]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     return lines
 
@@ -642,13 +838,17 @@ def summary_table(result: dict) -> list[str]:
 def variant_table(c: dict) -> list[str]:
     per = c["variants"]
     base = per.get("frozen_base", {}).get("median_step_s")
-    lines = ["| variant | median step | vs frozen base | trainable params | adapter dtype | optimizer state | adapter file | peak memory +step |",
-             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        "| variant | median step | vs frozen base | trainable params | adapter dtype | optimizer state | adapter file | peak memory +step |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
     for name, v in per.items():
         rel = f"{v['median_step_s'] / base:.2f}x" if base else "n/a"
-        lines.append(f"| `{name}` | {v['median_step_s'] * 1000:.0f} ms | {rel} | {v['trainable_params']:,} | {v['adapter_dtype'] or 'n/a'} | "
-                     f"{_fmt_bytes(v['optimizer_state_bytes'])} | {_fmt_bytes(v['adapter_file_bytes'])} | "
-                     f"{_fmt_bytes(v['peak_step_memory_bytes'])} |")
+        lines.append(
+            f"| `{name}` | {v['median_step_s'] * 1000:.0f} ms | {rel} | {v['trainable_params']:,} | {v['adapter_dtype'] or 'n/a'} | "
+            f"{_fmt_bytes(v['optimizer_state_bytes'])} | {_fmt_bytes(v['adapter_file_bytes'])} | "
+            f"{_fmt_bytes(v['peak_step_memory_bytes'])} |"
+        )
     return lines
 
 
@@ -669,17 +869,30 @@ def profile_section(name: str, profile: dict | None) -> list[str]:
         return []
     lines = []
     for variant, table in profile["tables"].items():
-        lines += [f"<details><summary>{name} <code>{variant}</code>: top {PROFILE_ROWS} ops by {profile['sort_by']}, "
-                  f"{profile['steps']} steps</summary>", "", "```text", *table.rstrip().splitlines(), "```", "", "</details>", ""]
+        lines += [
+            f"<details><summary>{name} <code>{variant}</code>: top {PROFILE_ROWS} ops by {profile['sort_by']}, "
+            f"{profile['steps']} steps</summary>",
+            "",
+            "```text",
+            *table.rstrip().splitlines(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return lines
 
 
 def cell_section(name: str, c: dict) -> list[str]:
     cfg = c["config"]
-    lines = [f"### {name}", "",
-             f"{cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['experts']} experts top-{cfg['top_k']}, intermediate "
-             f"{cfg['intermediate']}, batch {cfg['batch']}x{cfg['seq']}, base in {cfg['dtype']}, base experts kernel "
-             f"`{cfg['experts_implementation']}`; median of {cfg['steps']} interleaved rounds after {cfg['warmup']} warm-up.", ""]
+    lines = [
+        f"### {name}",
+        "",
+        f"{cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['experts']} experts top-{cfg['top_k']}, intermediate "
+        f"{cfg['intermediate']}, batch {cfg['batch']}x{cfg['seq']}, base in {cfg['dtype']}, base experts kernel "
+        f"`{cfg['experts_implementation']}`; median of {cfg['steps']} interleaved rounds after {cfg['warmup']} warm-up.",
+        "",
+    ]
     lines += variant_table(c) + [""] + ratio_table(c) + [""]
     if not checks_pass(c):
         lines += [f"**Sanity checks failed:** {c['checks']}", ""]
@@ -696,9 +909,10 @@ def markdown(result: dict) -> str:
         f"alpha={first['alpha']:g}; device {device}, {m['cpu_count']} CPUs, torch threads {first['threads']}; torch {m['torch']}, "
         f"transformers {m['transformers']}, peft {m['peft']}; peak memory = {memory} ({result['date'][:10]}).",
         "",
-        "Targets: " + "; ".join(f"{key} {spec[3]} {spec[4]:g}" for key, spec in TARGETS.items())
+        "Targets: "
+        + "; ".join(f"{key} {spec[3]} {spec[4]:g}" for key, spec in TARGETS.items())
         + f" (step times: medians). The step-time targets apply to {'/'.join(sorted(TARGET_DTYPES))} cells only; other "
-          "dtypes show the same ratios for information (`info: pass/miss`).",
+        "dtypes show the same ratios for information (`info: pass/miss`).",
         "",
         *summary_table(result),
         "",

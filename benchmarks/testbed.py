@@ -14,6 +14,7 @@ chosen on the eval split.
 - ``more_or_fewer`` (prose around arithmetic): "Anna has 37 coins and gives 12 away. Does Anna
   have more or fewer coins now?".
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,6 +23,7 @@ import statistics
 import time
 from typing import Callable
 
+from measure import peak_rss_delta  # benchmarks/ is on sys.path: the studies import this module from there
 from transformers import get_cosine_schedule_with_warmup
 
 from moe_peft_ds.data import make_train_loader
@@ -29,12 +31,12 @@ from moe_peft_ds.evaluate import accuracy, score_items
 from moe_peft_ds.tasks import MCItem
 from moe_peft_ds.train import build_optimizer, train_step
 
-from measure import peak_rss_delta  # benchmarks/ is on sys.path: the studies import this module from there
-
 _NAMES = "Anna Ben Carla David Emma Felix Grace Hugo Iris Jonas".split()
 _ITEMS = "apple book coin marble pencil stamp ticket shell".split()
-_FUNCS = ("add scale merge count clip shift mix pack total sum blend join apply step fold move combine update "
-          "compute adjust handle process reduce grow").split()
+_FUNCS = (
+    "add scale merge count clip shift mix pack total sum blend join apply step fold move combine update "
+    "compute adjust handle process reduce grow"
+).split()
 _ARGS = [("a", "b"), ("x", "y"), ("n", "m"), ("left", "right"), ("p", "q")]
 _ADJS = "quiet old bright small gentle tired golden distant".split()
 _SUBJECTS = "fisherman teacher fox traveller child baker sailor poet".split()
@@ -48,8 +50,10 @@ TASK_NAMES = ("mood", "operator", "parity", "more_or_fewer")
 def _mood(rng: random.Random) -> tuple[str, list[str], int]:
     subject, happy = rng.choice(_SUBJECTS), rng.random() < 0.5
     ending = rng.choice(_HAPPY if happy else _SAD)
-    story = (f"The {rng.choice(_ADJS)} {subject} {rng.choice(_MOTIONS)} to the {rng.choice(_PLACES)} "
-             f"{rng.choice(_TIMES)} and {ending}.")
+    story = (
+        f"The {rng.choice(_ADJS)} {subject} {rng.choice(_MOTIONS)} to the {rng.choice(_PLACES)} "
+        f"{rng.choice(_TIMES)} and {ending}."
+    )
     return f"{story} Was the {subject} happy or sad?", ["happy", "sad"], 0 if happy else 1
 
 
@@ -72,8 +76,11 @@ def _more_or_fewer(rng: random.Random) -> tuple[str, list[str], int]:
     name, item, a = rng.choice(_NAMES), rng.choice(_ITEMS), rng.randint(10, 99)
     gets = rng.random() < 0.5
     change = f"gets {rng.randint(2, 40)} more" if gets else f"gives {rng.randint(2, a - 1)} away"
-    return (f"{name} has {a} {item}s and {change}. Does {name} have more or fewer {item}s now?",
-            ["more", "fewer"], 0 if gets else 1)
+    return (
+        f"{name} has {a} {item}s and {change}. Does {name} have more or fewer {item}s now?",
+        ["more", "fewer"],
+        0 if gets else 1,
+    )
 
 
 _MAKERS = {"mood": _mood, "operator": _operator, "parity": _parity, "more_or_fewer": _more_or_fewer}
@@ -97,8 +104,12 @@ def task_pairs(task: str, seed: int, n_train: int, n_eval: int) -> tuple[list[di
         raise ValueError(f"could not draw {n_train + n_eval} distinct {task} questions")
     questions = list(seen.items())
     train = [{"prompt": _prompt(q), "response": f" {choices[a]}"} for q, (choices, a) in questions[:n_train]]
-    items = [MCItem(q, choices, [(_prompt(q), f" {c}") for c in choices], a, [chr(ord("A") + i) for i in range(len(choices))])
-             for q, (choices, a) in questions[n_train:]]
+    items = [
+        MCItem(
+            q, choices, [(_prompt(q), f" {c}") for c in choices], a, [chr(ord("A") + i) for i in range(len(choices))]
+        )
+        for q, (choices, a) in questions[n_train:]
+    ]
     return train, items
 
 
@@ -114,12 +125,26 @@ def held_out_accuracy(model, tokenizer, items: list[MCItem]) -> float:
 
 
 def mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
 
-def fine_tune(model, tokenizer, examples: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
-              evaluate: Callable[[], object], eval_every: int = 0, memory_step: int | None = None) -> dict:
+def fine_tune(
+    model,
+    tokenizer,
+    examples: list[dict],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    evaluate: Callable[[], object],
+    eval_every: int = 0,
+    memory_step: int | None = None,
+) -> dict:
     """Train ``model``'s trainable parameters on ``examples``: AdamW at ``lr``, 10 warm-up steps then
     cosine decay, gradients clipped to norm 1. Returns the losses, the median step time, the peak
     memory that step ``memory_step`` adds (``measure.peak_rss_delta``; None if not measured) and
@@ -144,8 +169,12 @@ def fine_tune(model, tokenizer, examples: list[dict], *, steps: int, batch_size:
         one_step()
         times.append(time.perf_counter() - start)
     evals[steps] = _evaluated(model, evaluate)
-    return {"losses": [round(x, 4) for x in losses], "step_time_s": statistics.median(times[1:] or times),
-            "peak_step_memory_bytes": peak, "evals": evals}
+    return {
+        "losses": [round(x, 4) for x in losses],
+        "step_time_s": statistics.median(times[1:] or times),
+        "peak_step_memory_bytes": peak,
+        "evals": evals,
+    }
 
 
 def _evaluated(model, evaluate):

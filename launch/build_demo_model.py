@@ -18,23 +18,42 @@ from moe_peft_ds.demo import ARCHS, DEFAULT_STEPS, DEMO_DATA_DIR, build_demo, de
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=ARCHS, default="mixtral",
-                        help="mixtral: the 16-expert demo MoE; llama: the dense demo model (default: %(default)s)")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="where to save the model, tokenizer and build_info.json (default: moe_peft_ds/assets/tiny-<arch>)")
-    parser.add_argument("--data-dir", type=Path, default=DEMO_DATA_DIR,
-                        help="where to write the task JSONL files (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help="pretraining optimizer steps (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed for corpus, task data, initialisation and batching (default: %(default)s)")
+    parser.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="mixtral",
+        help="mixtral: the 16-expert demo MoE; llama: the dense demo model (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where to save the model, tokenizer and build_info.json (default: moe_peft_ds/assets/tiny-<arch>)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEMO_DATA_DIR,
+        help="where to write the task JSONL files (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help="pretraining optimizer steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for corpus, task data, initialisation and batching (default: %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Build the demo and print where it went."""
     args = parse_args(argv)
-    out = build_demo(args.output_dir or default_dir(args.arch), args.data_dir, steps=args.steps, seed=args.seed, arch=args.arch)
+    out = build_demo(
+        args.output_dir or default_dir(args.arch), args.data_dir, steps=args.steps, seed=args.seed, arch=args.arch
+    )
     print(f"model: {out}\ndata:  {args.data_dir}")
 
 

@@ -27,6 +27,7 @@ Accuracy is teacher-forced exact match on each task's held-out samples (the last
 --eval-samples of its training split after a seeded shuffle, never trained on): a sample counts
 when the most likely next token is right at every response token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_peft_ds import MixLoRAConfig, apply_mixlora, save_adapter  # noqa: E402
 from moe_peft_ds.cli import DATA_HELP, add_model_data_args, check_positive, data_format, init_distributed, run_cli  # noqa: E402
 from moe_peft_ds.config import ATTENTION_TARGETS, AUX_LOSS_POOLINGS, MIXLORA_METHODS, ROUTINGS, ConfigError  # noqa: E402
-from moe_peft_ds.continual import (adapter_parameters, continual_metrics, expert_usage, grow_experts, merge_experts,  # noqa: E402
-                                   prune_experts, router_kl, router_targets)
+from moe_peft_ds.continual import (  # noqa: E402
+    adapter_parameters,
+    continual_metrics,
+    expert_usage,
+    grow_experts,
+    merge_experts,
+    prune_experts,
+    router_kl,
+    router_targets,
+)
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
+from moe_peft_ds.dispatch import deepspeed_expert_group  # noqa: E402
 from moe_peft_ds.evaluate import exact_match  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model, load_tokenizer  # noqa: E402
-from moe_peft_ds.dispatch import deepspeed_expert_group  # noqa: E402
 from moe_peft_ds.parallel import shard_experts  # noqa: E402
 from moe_peft_ds.train import deepspeed_config, train, train_deepspeed  # noqa: E402
 
@@ -60,55 +69,114 @@ def parse_args(argv=None) -> argparse.Namespace:
     io = p.add_argument_group("model, tasks, output")
     add_model_data_args(io, data=False)
     io.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the base model (default fp32)")
-    io.add_argument("--task", action="append", default=[], metavar="NAME=DATA",
-                    help=f"a task, in training order (repeat the flag; names unique); DATA: {DATA_HELP}")
-    io.add_argument("--eval-samples", type=int, default=100, help="held-out samples per task, never trained on (default 100)")
+    io.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME=DATA",
+        help=f"a task, in training order (repeat the flag; names unique); DATA: {DATA_HELP}",
+    )
+    io.add_argument(
+        "--eval-samples", type=int, default=100, help="held-out samples per task, never trained on (default 100)"
+    )
     io.add_argument("--train-samples", type=int, default=None, help="use at most this many training samples per task")
-    io.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["dynamic"],
-                    help="dynamic (the method), lora and mixlora (the baselines); default dynamic")
+    io.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=STRATEGIES,
+        default=["dynamic"],
+        help="dynamic (the method), lora and mixlora (the baselines); default dynamic",
+    )
     m = p.add_argument_group("experts")
-    m.add_argument("--method", default="mixlora", choices=MIXLORA_METHODS, help="LoRA or DoRA experts (default mixlora)")
+    m.add_argument(
+        "--method", default="mixlora", choices=MIXLORA_METHODS, help="LoRA or DoRA experts (default mixlora)"
+    )
     m.add_argument("--experts-per-task", type=int, default=2, help="experts added to every FFN per task (default 2)")
     m.add_argument("--top-k", type=int, default=2, help="experts per token; at most --experts-per-task (default 2)")
     m.add_argument("--routing", default="topk", choices=ROUTINGS, help="routing strategy (default topk)")
     m.add_argument("--lora-r", type=int, default=8, help="rank of every expert (default 8)")
     m.add_argument("--lora-alpha", type=float, default=16.0, help="alpha of every expert (default 16)")
-    m.add_argument("--attention-lora", nargs="*", default=[], choices=ATTENTION_TARGETS, metavar="PROJ",
-                   help="plain LoRA on these attention projections too (trained in the first task only for dynamic; "
-                        "default none)")
-    m.add_argument("--router-aux-loss-coef", type=float, default=0.01, help="load-balancing loss coefficient (default 0.01)")
-    m.add_argument("--router-aux-loss-pooling", default="pooled", choices=AUX_LOSS_POOLINGS,
-                   help="pooled: one balancing loss over all layers' tokens (default); per_layer_sum: each layer's, summed")
+    m.add_argument(
+        "--attention-lora",
+        nargs="*",
+        default=[],
+        choices=ATTENTION_TARGETS,
+        metavar="PROJ",
+        help="plain LoRA on these attention projections too (trained in the first task only for dynamic; "
+        "default none)",
+    )
+    m.add_argument(
+        "--router-aux-loss-coef", type=float, default=0.01, help="load-balancing loss coefficient (default 0.01)"
+    )
+    m.add_argument(
+        "--router-aux-loss-pooling",
+        default="pooled",
+        choices=AUX_LOSS_POOLINGS,
+        help="pooled: one balancing loss over all layers' tokens (default); per_layer_sum: each layer's, summed",
+    )
     c = p.add_argument_group("router protection and pool management (dynamic)")
     c.add_argument("--train-old-router", action="store_true", help="keep training the earlier experts' router rows")
-    c.add_argument("--kl-coef", type=float, default=0.0,
-                   help="weight of KL(router before the task || router now) on earlier tasks' samples (default 0: off)")
-    c.add_argument("--kl-samples", type=int, default=16, help="samples per earlier task the KL penalty uses (default 16)")
-    c.add_argument("--replay-size", type=int, default=0,
-                   help="samples of each earlier task mixed into the current task's training (default 0: none)")
-    c.add_argument("--prune-threshold", type=float, default=0.0,
-                   help="after each task, remove experts whose routed share (mean over layers, on --profile-samples "
-                        "of every task so far) is below this (default 0: never)")
-    c.add_argument("--merge-threshold", type=float, default=0.0,
-                   help="after each task, merge experts whose updates' cosine similarity is at least this (default 0: never)")
-    c.add_argument("--profile-samples", type=int, default=64, help="samples per task for pruning's usage profile (default 64)")
+    c.add_argument(
+        "--kl-coef",
+        type=float,
+        default=0.0,
+        help="weight of KL(router before the task || router now) on earlier tasks' samples (default 0: off)",
+    )
+    c.add_argument(
+        "--kl-samples", type=int, default=16, help="samples per earlier task the KL penalty uses (default 16)"
+    )
+    c.add_argument(
+        "--replay-size",
+        type=int,
+        default=0,
+        help="samples of each earlier task mixed into the current task's training (default 0: none)",
+    )
+    c.add_argument(
+        "--prune-threshold",
+        type=float,
+        default=0.0,
+        help="after each task, remove experts whose routed share (mean over layers, on --profile-samples "
+        "of every task so far) is below this (default 0: never)",
+    )
+    c.add_argument(
+        "--merge-threshold",
+        type=float,
+        default=0.0,
+        help="after each task, merge experts whose updates' cosine similarity is at least this (default 0: never)",
+    )
+    c.add_argument(
+        "--profile-samples", type=int, default=64, help="samples per task for pruning's usage profile (default 64)"
+    )
     t = p.add_argument_group("training")
     t.add_argument("--steps-per-task", type=int, default=100, help="optimizer steps per task (default 100)")
     t.add_argument("--batch-size", type=int, default=8, help="samples per step and rank (default 8)")
     t.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default 128)")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of each task, warmup then cosine (default 2e-3)")
-    t.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling, the held-out split and replay")
+    t.add_argument(
+        "--lr", type=float, default=2e-3, help="peak learning rate of each task, warmup then cosine (default 2e-3)"
+    )
+    t.add_argument(
+        "--seed", type=int, default=0, help="seed for initialisation, shuffling, the held-out split and replay"
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     t.add_argument("--overwrite", action="store_true", help="allow writing into an output dir that holds a run")
     d = p.add_argument_group("distributed (under the deepspeed launcher)")
-    d.add_argument("--deepspeed_config", default=None, help="a ZeRO-0/1/2 preset from ds_configs/; every task trains "
-                                                            "under deepspeed.initialize (data parallel)")
-    d.add_argument("--ep-size", type=int, default=1,
-                   help="expert parallelism: split every FFN's LoRA experts over groups of this many ranks (each rank "
-                        "holds an equal share of every task's experts; --experts-per-task must be a multiple). Needs "
-                        "--deepspeed_config; the lora baseline (one expert) stays data parallel (default 1)")
+    d.add_argument(
+        "--deepspeed_config",
+        default=None,
+        help="a ZeRO-0/1/2 preset from ds_configs/; every task trains under deepspeed.initialize (data parallel)",
+    )
+    d.add_argument(
+        "--ep-size",
+        type=int,
+        default=1,
+        help="expert parallelism: split every FFN's LoRA experts over groups of this many ranks (each rank "
+        "holds an equal share of every task's experts; --experts-per-task must be a multiple). Needs "
+        "--deepspeed_config; the lora baseline (one expert) stays data parallel (default 1)",
+    )
     d.add_argument("--dist-timeout", type=int, default=1800, help="seconds a collective may wait (default 1800)")
-    d.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself")
+    d.add_argument(
+        "--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself"
+    )
     return p.parse_args(argv)
 
 
@@ -131,13 +199,23 @@ def parse_tasks(specs: list[str]) -> list[tuple[str, str]]:
 def check_args(args) -> list[tuple[str, str]]:
     """Validate every flag and that every task's data exists, before any model is loaded."""
     tasks = parse_tasks(args.task)
-    check_positive(experts_per_task=args.experts_per_task, top_k=args.top_k, eval_samples=args.eval_samples,
-                   steps_per_task=args.steps_per_task, batch_size=args.batch_size, max_length=args.max_length,
-                   kl_samples=args.kl_samples, profile_samples=args.profile_samples, dist_timeout=args.dist_timeout,
-                   ep_size=args.ep_size)
+    check_positive(
+        experts_per_task=args.experts_per_task,
+        top_k=args.top_k,
+        eval_samples=args.eval_samples,
+        steps_per_task=args.steps_per_task,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        kl_samples=args.kl_samples,
+        profile_samples=args.profile_samples,
+        dist_timeout=args.dist_timeout,
+        ep_size=args.ep_size,
+    )
     if args.top_k > args.experts_per_task:
-        raise ConfigError(f"--top-k {args.top_k} must be at most --experts-per-task {args.experts_per_task} "
-                          "(the first task has only those experts)")
+        raise ConfigError(
+            f"--top-k {args.top_k} must be at most --experts-per-task {args.experts_per_task} "
+            "(the first task has only those experts)"
+        )
     for flag in ("kl_coef", "replay_size", "prune_threshold", "merge_threshold"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 0")
@@ -148,15 +226,19 @@ def check_args(args) -> list[tuple[str, str]]:
     if args.ep_size > 1 and args.deepspeed_config is None:
         raise ConfigError("--ep-size > 1 needs --deepspeed_config (run under the deepspeed launcher)")
     if args.experts_per_task % args.ep_size:
-        raise ConfigError(f"--experts-per-task {args.experts_per_task} must be a multiple of --ep-size {args.ep_size}: "
-                          "every rank holds an equal share of each task's experts")
+        raise ConfigError(
+            f"--experts-per-task {args.experts_per_task} must be a multiple of --ep-size {args.ep_size}: "
+            "every rank holds an equal share of each task's experts"
+        )
     if args.deepspeed_config is not None:
         if not Path(args.deepspeed_config).is_file():
             raise ConfigError(f"--deepspeed_config {args.deepspeed_config} does not exist; presets are in ds_configs/")
         stage = json.loads(Path(args.deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0)
         if stage == 3:
-            raise ConfigError("continual learning adds parameters between tasks, which ZeRO-3 partitions once; "
-                              "use a ZeRO-0/1/2 preset")
+            raise ConfigError(
+                "continual learning adds parameters between tasks, which ZeRO-3 partitions once; "
+                "use a ZeRO-0/1/2 preset"
+            )
     for _, data in tasks:
         resolve_data(data, args.train_split)
     out = Path(args.output_dir)
@@ -176,11 +258,19 @@ def split_task(examples: list[dict], n_eval: int, n_train: int | None, seed: int
 
 def adapter_config(args, strategy: str, num_tasks: int, first_task: str) -> MixLoRAConfig:
     experts = {"dynamic": args.experts_per_task, "lora": 1, "mixlora": args.experts_per_task * num_tasks}[strategy]
-    return MixLoRAConfig(method=args.method, r=args.lora_r, alpha=args.lora_alpha, num_experts=experts,
-                         top_k=1 if strategy == "lora" else args.top_k, routing="topk" if strategy == "lora" else args.routing,
-                         attention_targets=list(args.attention_lora), router_aux_loss_coef=args.router_aux_loss_coef,
-                         router_aux_loss_pooling=args.router_aux_loss_pooling,
-                         expert_tasks=[first_task] * experts if strategy == "dynamic" else [], base_model=args.model)
+    return MixLoRAConfig(
+        method=args.method,
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        num_experts=experts,
+        top_k=1 if strategy == "lora" else args.top_k,
+        routing="topk" if strategy == "lora" else args.routing,
+        attention_targets=list(args.attention_lora),
+        router_aux_loss_coef=args.router_aux_loss_coef,
+        router_aux_loss_pooling=args.router_aux_loss_pooling,
+        expert_tasks=[first_task] * experts if strategy == "dynamic" else [],
+        base_model=args.model,
+    )
 
 
 def kl_penalty(model, batches: list[dict], coef: float):
@@ -199,7 +289,9 @@ def manage_pool(args, model, tokenizer, profile: list[dict], log) -> dict:
     if args.merge_threshold > 0:
         changes["merged"] = merge_experts(model, args.merge_threshold)
     if changes:
-        log(f"pool: {changes}; {model.moe_peft_config.num_experts} experts, tasks {model.moe_peft_config.expert_tasks}")
+        log(
+            f"pool: {changes}; {model.moe_peft_config.num_experts} experts, tasks {model.moe_peft_config.expert_tasks}"
+        )
     return changes
 
 
@@ -209,15 +301,25 @@ def run_strategy(args, strategy: str, tasks, data, rank: int, world: int, log) -
     model, tokenizer = load_model(args.model, args.dtype, args.tokenizer)
     out = Path(args.output_dir) / strategy
     out.mkdir(parents=True, exist_ok=True)
-    record = {"strategy": strategy, "tasks": [n for n, _ in tasks], "accuracy": [], "exact_match_detail": [],
-              "adapter_parameters": [], "pool_changes": [], "losses": [], "experts": []}
+    record = {
+        "strategy": strategy,
+        "tasks": [n for n, _ in tasks],
+        "accuracy": [],
+        "exact_match_detail": [],
+        "adapter_parameters": [],
+        "pool_changes": [],
+        "losses": [],
+        "experts": [],
+    }
     seen = []
     for i, (name, _) in enumerate(tasks):
         train_ex, _ = data[name]
         protect = strategy == "dynamic" and i > 0
         extra = None
         if protect and args.kl_coef > 0:
-            kl_batches = [b for n in seen for b in make_loader(data[n][0][: args.kl_samples], tokenizer, args.batch_size)]
+            kl_batches = [
+                b for n in seen for b in make_loader(data[n][0][: args.kl_samples], tokenizer, args.batch_size)
+            ]
             extra = kl_penalty(model, kl_batches, args.kl_coef)
         if i == 0:
             apply_mixlora(model, adapter_config(args, strategy, len(tasks), name))
@@ -236,7 +338,9 @@ def run_strategy(args, strategy: str, tasks, data, rank: int, world: int, log) -
         seen.append(name)
         changes = {}
         if strategy == "dynamic":
-            changes = manage_pool(args, model, tokenizer, [x for n in seen for x in data[n][0][: args.profile_samples]], log)
+            changes = manage_pool(
+                args, model, tokenizer, [x for n in seen for x in data[n][0][: args.profile_samples]], log
+            )
         scores = {n: exact_match(model, make_loader(data[n][1], tokenizer, args.batch_size)) for n in seen}
         record["accuracy"].append([scores[n]["exact_match"] for n in seen])
         record["exact_match_detail"].append(scores)
@@ -245,8 +349,11 @@ def run_strategy(args, strategy: str, tasks, data, rank: int, world: int, log) -
         record["losses"].append(losses)
         record["experts"].append(model.moe_peft_config.num_experts)
         save_adapter(model, out / f"stage_{i}_{name}")
-        log(f"[{strategy}] after {name}: " + ", ".join(f"{n} {scores[n]['exact_match']:.3f}" for n in seen)
-            + f"; adapter parameters {record['adapter_parameters'][-1]}")
+        log(
+            f"[{strategy}] after {name}: "
+            + ", ".join(f"{n} {scores[n]['exact_match']:.3f}" for n in seen)
+            + f"; adapter parameters {record['adapter_parameters'][-1]}"
+        )
     record["metrics"] = continual_metrics(record["accuracy"])
     if rank == 0:
         (out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -289,17 +396,22 @@ def run(args) -> int:
     if rank != 0:
         return 0
     out = Path(args.output_dir)
-    summary = {s: {**r["metrics"], "adapter_parameters": r["adapter_parameters"][-1], "experts": r["experts"][-1]}
-               for s, r in records.items()}
-    (out / "summary.json").write_text(json.dumps({"tasks": [n for n, _ in tasks], "strategies": summary,
-                                                  "args": vars(args)}, indent=1) + "\n")
+    summary = {
+        s: {**r["metrics"], "adapter_parameters": r["adapter_parameters"][-1], "experts": r["experts"][-1]}
+        for s, r in records.items()
+    }
+    (out / "summary.json").write_text(
+        json.dumps({"tasks": [n for n, _ in tasks], "strategies": summary, "args": vars(args)}, indent=1) + "\n"
+    )
     for strategy, r in records.items():
         plot({strategy: r}, out / strategy / "accuracy_vs_params.png")
     plot(records, out / "accuracy_vs_params.png")
     for s, m in summary.items():
-        print(f"{s:8s} final average accuracy {m['final_average_accuracy']:.3f}, average forgetting "
-              f"{m['average_forgetting']:.3f}, backward transfer {m['backward_transfer']:+.3f}, "
-              f"adapter parameters {m['adapter_parameters']['total']:,} ({m['experts']} experts per FFN)")
+        print(
+            f"{s:8s} final average accuracy {m['final_average_accuracy']:.3f}, average forgetting "
+            f"{m['average_forgetting']:.3f}, backward transfer {m['backward_transfer']:+.3f}, "
+            f"adapter parameters {m['adapter_parameters']['total']:,} ({m['experts']} experts per FFN)"
+        )
     print(f"wrote {out}")
     return 0
 

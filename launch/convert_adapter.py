@@ -9,6 +9,7 @@ Megatron's linear_fc1 is [gate; up] like the fused tensor of Mixtral-style famil
 config changes: the tensors are copied as they are. Adapters with LoRA outside the routed experts
 (attention, shared experts), MixLoRA adapters and families laid out otherwise (GPT-OSS) are refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapter", help="adapter directory to convert (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("output_dir", help="where the converted adapter is written")
-    p.add_argument("--to", required=True, help="'megatron', or the transformers model_type to convert to (mixtral, qwen2_moe, ...)")
-    p.add_argument("--base-model", default="", help="the base model the converted adapter belongs to (recorded in its config)")
+    p.add_argument(
+        "--to",
+        required=True,
+        help="'megatron', or the transformers model_type to convert to (mixtral, qwen2_moe, ...)",
+    )
+    p.add_argument(
+        "--base-model", default="", help="the base model the converted adapter belongs to (recorded in its config)"
+    )
     return p.parse_args(argv)
 
 

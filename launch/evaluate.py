@@ -13,6 +13,7 @@ and the next-token logit of its letter (acc_letter); accuracies come with a 95% 
 interval. Under the deepspeed launcher the items are split over the ranks and the scores
 gathered, and rank 0 writes <output-dir>/eval_results.json and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,30 +28,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_peft_ds.checkpoint import load_adapter  # noqa: E402
 from moe_peft_ds.cli import check_positive, run_cli  # noqa: E402
 from moe_peft_ds.config import ConfigError  # noqa: E402
-from moe_peft_ds.evaluate import METRICS, accuracy, score_distributed  # noqa: E402
 from moe_peft_ds.device import bind_accelerator  # noqa: E402
+from moe_peft_ds.evaluate import METRICS, accuracy, score_distributed  # noqa: E402
 from moe_peft_ds.models import DTYPES, PRESETS, load_model  # noqa: E402
 from moe_peft_ds.tasks import TASKS, get_task, load_items  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=f"Hugging Face model id or local path, or a bundled preset: {', '.join(PRESETS)}")
-    p.add_argument("--tokenizer", default=None, help="a tokenizer other than the model's own (checked against the model)")
-    p.add_argument("--adapter", default=None, help="an adapter directory (any method of this project); the base model "
-                                                   "is evaluated first, then with the adapter (default: base only)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f"Hugging Face model id or local path, or a bundled preset: {', '.join(PRESETS)}",
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help="a tokenizer other than the model's own (checked against the model)"
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="an adapter directory (any method of this project); the base model "
+        "is evaluated first, then with the adapter (default: base only)",
+    )
     p.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help=f"one or more of {sorted(TASKS)}")
-    p.add_argument("--source", default="hub", help="hub (default), fixtures (bundled items), or a directory of <task>.jsonl")
+    p.add_argument(
+        "--source", default="hub", help="hub (default), fixtures (bundled items), or a directory of <task>.jsonl"
+    )
     p.add_argument("--split", default=None, help="the split to evaluate (default: each task's usual eval split)")
     p.add_argument("--limit", type=int, default=None, help="the first N items of each task (default all)")
-    p.add_argument("--shots", type=int, default=0, help="solved examples in front of each prompt, from the task's "
-                                                        "few-shot split (default 0)")
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=0,
+        help="solved examples in front of each prompt, from the task's few-shot split (default 0)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the model (default fp32)")
     p.add_argument("--output-dir", required=True, help="where eval_results.json is written")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself")
+    p.add_argument(
+        "--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself"
+    )
     return p.parse_args(argv)
 
 
@@ -69,9 +88,19 @@ def init_distributed() -> tuple[int, int]:
 def evaluate(model, tokenizer, tasks: dict, args, rank: int, world: int, label: str) -> dict:
     results = {}
     for name, (items, pool) in tasks.items():
-        scores = score_distributed(model, tokenizer, items, rank, world, pool=pool, shots=args.shots, seed=args.seed,
-                                   batch_size=args.batch_size, progress=not args.no_progress and rank == 0,
-                                   desc=f"{label} {name}")
+        scores = score_distributed(
+            model,
+            tokenizer,
+            items,
+            rank,
+            world,
+            pool=pool,
+            shots=args.shots,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=not args.no_progress and rank == 0,
+            desc=f"{label} {name}",
+        )
         results[name] = accuracy(scores)
     return results
 
@@ -108,8 +137,14 @@ def run(args) -> int:
     if rank == 0:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"model": args.model, "adapter": args.adapter, "shots": args.shots, "source": args.source,
-                  "world_size": world, "results": results}
+        record = {
+            "model": args.model,
+            "adapter": args.adapter,
+            "shots": args.shots,
+            "source": args.source,
+            "world_size": world,
+            "results": results,
+        }
         (out / "eval_results.json").write_text(json.dumps(record, indent=1) + "\n")
         print(table(results))
         print(f"written to {out / 'eval_results.json'}")

@@ -12,6 +12,7 @@ build_model. Needs megatron-core (pip install -e .[megatron]); Megatron's router
 assume CUDA, so run it on GPUs. The adapter converts to the transformers layout with
 moe_peft_ds.checkpoint.convert_adapter when the model has a Mixtral-style counterpart.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,14 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from moe_peft_ds import AdapterConfig, SieveConfig, profile_routing, save_adapter, select_experts  # noqa: E402
-from moe_peft_ds import apply_sieve_lora  # noqa: E402
+from moe_peft_ds import (  # noqa: E402
+    AdapterConfig,
+    SieveConfig,
+    apply_sieve_lora,  # noqa: E402
+    profile_routing,
+    save_adapter,
+    select_experts,
+)
 from moe_peft_ds.cli import check_positive, run_cli  # noqa: E402
 from moe_peft_ds.config import POLICIES  # noqa: E402
 from moe_peft_ds.data import IGNORE_INDEX, load_examples, make_loader  # noqa: E402
@@ -37,7 +44,9 @@ from moe_peft_ds.profiling import megatron_forward  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="demo:<task>, a .jsonl/.json/.parquet/.csv file or directory, or a hub dataset")
+    p.add_argument(
+        "--data", required=True, help="demo:<task>, a .jsonl/.json/.parquet/.csv file or directory, or a hub dataset"
+    )
     p.add_argument("--output-dir", required=True, help="directory the adapter and routing profile are written to")
     p.add_argument("--num-layers", type=int, default=2, help="decoder layers, all MoE (default 2)")
     p.add_argument("--hidden-size", type=int, default=64, help="model width (default 64)")
@@ -45,11 +54,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     p.add_argument("--ffn-hidden-size", type=int, default=128, help="each expert's FFN width (default 128)")
-    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks; must divide the world size and --num-experts (default 1)")
-    p.add_argument("--dispatcher", default="allgather", choices=("allgather", "alltoall"),
-                   help="Megatron's token dispatcher (default allgather)")
-    p.add_argument("--selection-policy", default="topk", choices=POLICIES, help="how experts are picked (default topk)")
-    p.add_argument("--sieve-fraction", type=float, default=0.25, help="share of experts per layer that get LoRA (default 0.25)")
+    p.add_argument(
+        "--ep-size",
+        type=int,
+        default=1,
+        help="expert-parallel ranks; must divide the world size and --num-experts (default 1)",
+    )
+    p.add_argument(
+        "--dispatcher",
+        default="allgather",
+        choices=("allgather", "alltoall"),
+        help="Megatron's token dispatcher (default allgather)",
+    )
+    p.add_argument(
+        "--selection-policy", default="topk", choices=POLICIES, help="how experts are picked (default topk)"
+    )
+    p.add_argument(
+        "--sieve-fraction", type=float, default=0.25, help="share of experts per layer that get LoRA (default 0.25)"
+    )
     p.add_argument("--calibration-samples", type=int, default=64, help="samples profiled, over all ranks (default 64)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per rank per step (default 8)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per sample after truncation (default 64)")
@@ -92,17 +114,31 @@ def build_model(args, vocab_size: int):
     except ImportError:
         spec = specs.get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=False)
     config = TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        ffn_hidden_size=4 * args.hidden_size, num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.ffn_hidden_size,
-        moe_router_topk=args.top_k, moe_token_dispatcher_type=args.dispatcher, expert_model_parallel_size=args.ep_size,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=0.0, use_cpu_initialization=not cuda, params_dtype=torch.float32)
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=4 * args.hidden_size,
+        num_moe_experts=args.num_experts,
+        moe_ffn_hidden_size=args.ffn_hidden_size,
+        moe_router_topk=args.top_k,
+        moe_token_dispatcher_type=args.dispatcher,
+        expert_model_parallel_size=args.ep_size,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=not cuda,
+        params_dtype=torch.float32,
+    )
     if cuda:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size, max_sequence_length=args.max_length)
+    model = GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=vocab_size, max_sequence_length=args.max_length
+    )
     return model.cuda() if cuda else model
 
 
@@ -115,7 +151,10 @@ def fixed_length(batch: dict, length: int, pad_id: int) -> dict:
 
 
 def batches(examples: list[dict], tokenizer, args):
-    return [fixed_length(b, args.max_length, tokenizer.pad_token_id) for b in make_loader(examples, tokenizer, args.batch_size)]
+    return [
+        fixed_length(b, args.max_length, tokenizer.pad_token_id)
+        for b in make_loader(examples, tokenizer, args.batch_size)
+    ]
 
 
 def next_token_loss(model, batch: dict, device) -> torch.Tensor:
@@ -134,8 +173,12 @@ def run(args) -> int:
 
     from moe_peft_ds.demo import DEMO_MODEL_DIR
 
-    check_positive(max_steps=args.max_steps, batch_size=args.batch_size, calibration_samples=args.calibration_samples,
-                   ep_size=args.ep_size)
+    check_positive(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        calibration_samples=args.calibration_samples,
+        ep_size=args.ep_size,
+    )
     init_parallel(args.ep_size)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.output_dir)
@@ -145,14 +188,18 @@ def run(args) -> int:
     device = next(model.parameters()).device
     quiet = args.no_progress or rank != 0
 
-    per_rank = args.calibration_samples // world  # the same share on every rank (collective forwards); counts are summed
-    calibration = examples[rank * per_rank:(rank + 1) * per_rank]
+    per_rank = (
+        args.calibration_samples // world
+    )  # the same share on every rank (collective forwards); counts are summed
+    calibration = examples[rank * per_rank : (rank + 1) * per_rank]
     profile = profile_routing(model, batches(calibration, tokenizer, args), progress=not quiet, data_id=args.data)
     selection = select_experts(profile, SieveConfig(policy=args.selection_policy, fraction=args.sieve_fraction))
     apply_sieve_lora(model, selection, AdapterConfig(method="sieve", r=args.lora_r, alpha=args.lora_alpha))
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = torch.tensor(sum(p.numel() for p in params), device=device)
-    dist.all_reduce(trainable, group=parallel_state.get_expert_model_parallel_group())  # each rank holds its experts' adapters
+    dist.all_reduce(
+        trainable, group=parallel_state.get_expert_model_parallel_group()
+    )  # each rank holds its experts' adapters
     # Megatron's DDP puts the adapters (tagged allreduce=False) in its expert-parallel buffers and
     # averages their gradients over the expert-data-parallel group, like the experts' own weights.
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
@@ -178,8 +225,13 @@ def run(args) -> int:
     save_adapter(model, out)  # every rank: the expert-parallel shards are gathered, rank 0 writes
     if rank == 0:
         profile.save(out / "routing_profile.json")
-        summary = {"selection": {str(k): v for k, v in selection.items()}, "losses": losses,
-                   "trainable_params_all_ranks": int(trainable), "world": world, "ep_size": args.ep_size}
+        summary = {
+            "selection": {str(k): v for k, v in selection.items()},
+            "losses": losses,
+            "trainable_params_all_ranks": int(trainable),
+            "world": world,
+            "ep_size": args.ep_size,
+        }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.max_steps} steps; adapter in {out}")
     return 0

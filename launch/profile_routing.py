@@ -7,6 +7,7 @@ the top 25% of experts, normalised entropy) and the experts a policy would selec
 
     python launch/profile_routing.py --model tiny-mixtral --data demo:arithmetic --output-dir out/profile
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,24 +28,43 @@ from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_data_args(p)
-    p.add_argument("--calibration-samples", type=int, default=256, help="samples of --data used for profiling (default 256)")
+    p.add_argument(
+        "--calibration-samples", type=int, default=256, help="samples of --data used for profiling (default 256)"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default 16)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default 128)")
-    p.add_argument("--selection-policy", default="topk", choices=POLICIES, help="policy whose selection is previewed (default topk)")
-    p.add_argument("--sieve-fraction", type=float, default=0.25, help="share of experts per layer for the preview (default 0.25)")
-    p.add_argument("--sieve-coverage", type=float, default=None, help="routed-token share for the coverage policy preview")
+    p.add_argument(
+        "--selection-policy",
+        default="topk",
+        choices=POLICIES,
+        help="policy whose selection is previewed (default topk)",
+    )
+    p.add_argument(
+        "--sieve-fraction", type=float, default=0.25, help="share of experts per layer for the preview (default 0.25)"
+    )
+    p.add_argument(
+        "--sieve-coverage", type=float, default=None, help="routed-token share for the coverage policy preview"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     return p.parse_args(argv)
 
 
 def run(args) -> int:
-    check_positive(calibration_samples=args.calibration_samples, batch_size=args.batch_size, max_length=args.max_length)
+    check_positive(
+        calibration_samples=args.calibration_samples, batch_size=args.batch_size, max_length=args.max_length
+    )
     sieve = SieveConfig(policy=args.selection_policy, fraction=args.sieve_fraction, coverage=args.sieve_coverage)
     model, tokenizer = load_model(args.model, tokenizer=args.tokenizer)
-    examples = load_examples(args.data, tokenizer, args.max_length, args.train_split, limit=args.calibration_samples,
-                             fmt=data_format(args))
-    profile = profile_routing(model, make_loader(examples, tokenizer, args.batch_size),
-                              model_id=args.model, data_id=args.data, progress=not args.no_progress)
+    examples = load_examples(
+        args.data, tokenizer, args.max_length, args.train_split, limit=args.calibration_samples, fmt=data_format(args)
+    )
+    profile = profile_routing(
+        model,
+        make_loader(examples, tokenizer, args.batch_size),
+        model_id=args.model,
+        data_id=args.data,
+        progress=not args.no_progress,
+    )
     selection = select_experts(profile, sieve)  # before writing: a bad policy setting writes nothing
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ set -> select experts) -> inject adapters -> (shard experts) -> train -> save th
     python launch/train.py --model <dense llama/mistral/qwen/gemma> --method mixlora --num-experts 8 \
         --top-k 2 --data demo:arithmetic --output-dir out/mixlora
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,23 +26,40 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_peft_ds import (AdapterConfig, SieveConfig, all_experts_selection, apply_sieve_lora, profile_routing,  # noqa: E402
-                         save_adapter, select_experts)
-from moe_peft_ds.backends.hf import FusedExpertsWithLoRA  # noqa: E402
+from moe_peft_ds import (  # noqa: E402
+    AdapterConfig,
+    SieveConfig,
+    all_experts_selection,
+    apply_sieve_lora,
+    profile_routing,
+    save_adapter,
+    select_experts,
+)
 from moe_peft_ds.backends import backend_for  # noqa: E402
+from moe_peft_ds.backends.hf import FusedExpertsWithLoRA  # noqa: E402
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
 from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, init_distributed, run_cli  # noqa: E402
-from moe_peft_ds.config import (ADAPTER_DTYPES, ATTENTION_TARGETS, STANDARD_ATTENTION, AUX_LOSS_POOLINGS, CAPACITY_SCOPES, MIXLORA_METHODS, POLICIES,  # noqa: E402
-                                ROUTINGS, ConfigError, MixLoRAConfig)
-from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
-from moe_peft_ds.monitor import TrainingMonitor  # noqa: E402
-from moe_peft_ds.tasks import get_task, load_items  # noqa: E402
+from moe_peft_ds.config import (  # noqa: E402
+    ADAPTER_DTYPES,
+    ATTENTION_TARGETS,
+    AUX_LOSS_POOLINGS,
+    CAPACITY_SCOPES,
+    MIXLORA_METHODS,
+    POLICIES,
+    ROUTINGS,
+    STANDARD_ATTENTION,
+    ConfigError,
+    MixLoRAConfig,
+)
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
-from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
-from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
 from moe_peft_ds.dispatch import deepspeed_expert_group  # noqa: E402
+from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
+from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
+from moe_peft_ds.monitor import TrainingMonitor  # noqa: E402
 from moe_peft_ds.parallel import shard_experts  # noqa: E402
+from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
 from moe_peft_ds.resume import resolve_resume  # noqa: E402
+from moe_peft_ds.tasks import get_task, load_items  # noqa: E402
 from moe_peft_ds.train import Checkpointing, count_trainable, deepspeed_config, train, train_deepspeed  # noqa: E402
 
 
@@ -49,109 +67,241 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("model, data, output")
     add_model_data_args(io)
-    io.add_argument("--overwrite", action="store_true", help="allow writing into an output dir that already holds an adapter")
+    io.add_argument(
+        "--overwrite", action="store_true", help="allow writing into an output dir that already holds an adapter"
+    )
     io.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the base model (default fp32)")
     m = p.add_argument_group("method")
-    m.add_argument("--method", default="sieve", choices=["sieve", "lora", "dora", *MIXLORA_METHODS],
-                   help="sieve: LoRA on the selected experts only; lora/dora: on all experts (the full-LoRA baseline); "
-                        "mixlora/mixdora: a dense model's FFNs become routed mixtures of LoRA/DoRA experts")
+    m.add_argument(
+        "--method",
+        default="sieve",
+        choices=["sieve", "lora", "dora", *MIXLORA_METHODS],
+        help="sieve: LoRA on the selected experts only; lora/dora: on all experts (the full-LoRA baseline); "
+        "mixlora/mixdora: a dense model's FFNs become routed mixtures of LoRA/DoRA experts",
+    )
     m.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     m.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     m.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
     m.add_argument("--use-rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
-    m.add_argument("--use-dora", action="store_true", help="DoRA magnitudes on the adapted experts (implied by --method dora)")
-    m.add_argument("--attention-lora", nargs="*", default=None, choices=ATTENTION_TARGETS, metavar="PROJ",
-                   help=f"plain LoRA on these attention projections too, any of {ATTENTION_TARGETS} that the model has "
-                        "(MLA models: q_a_proj/q_b_proj/kv_a_proj_with_mqa/kv_b_proj/o_proj); the flag alone: none "
-                        f"(default: none for sieve/lora/dora, {' '.join(STANDARD_ATTENTION)} for mixlora/mixdora)")
-    m.add_argument("--shared-expert-lora", action="store_true", help="plain LoRA on shared experts (Qwen2-MoE, DeepSeek)")
-    m.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
-                   help="adapter parameters in float32 over a bf16/fp16 base (as PEFT; default), or in the base's dtype. "
-                        "A DeepSpeed bf16/fp16 config casts every parameter itself (its optimizer keeps fp32 master weights)")
+    m.add_argument(
+        "--use-dora", action="store_true", help="DoRA magnitudes on the adapted experts (implied by --method dora)"
+    )
+    m.add_argument(
+        "--attention-lora",
+        nargs="*",
+        default=None,
+        choices=ATTENTION_TARGETS,
+        metavar="PROJ",
+        help=f"plain LoRA on these attention projections too, any of {ATTENTION_TARGETS} that the model has "
+        "(MLA models: q_a_proj/q_b_proj/kv_a_proj_with_mqa/kv_b_proj/o_proj); the flag alone: none "
+        f"(default: none for sieve/lora/dora, {' '.join(STANDARD_ATTENTION)} for mixlora/mixdora)",
+    )
+    m.add_argument(
+        "--shared-expert-lora", action="store_true", help="plain LoRA on shared experts (Qwen2-MoE, DeepSeek)"
+    )
+    m.add_argument(
+        "--adapter-dtype",
+        default="float32",
+        choices=ADAPTER_DTYPES,
+        help="adapter parameters in float32 over a bf16/fp16 base (as PEFT; default), or in the base's dtype. "
+        "A DeepSpeed bf16/fp16 config casts every parameter itself (its optimizer keeps fp32 master weights)",
+    )
     x = p.add_argument_group("mixlora / mixdora")
     x.add_argument("--num-experts", type=int, default=8, help="LoRA experts per FFN (default 8)")
     x.add_argument("--top-k", type=int, default=2, help="experts per token with --routing topk (default 2)")
-    x.add_argument("--routing", default="topk", choices=ROUTINGS,
-                   help="topk: softmax top-k, renormalised; dynamic: top-p; switch: top-1 with a capacity (default topk)")
-    x.add_argument("--top-p", type=float, default=0.8,
-                   help="--routing dynamic: experts in order of probability up to the first at which their cumulative "
-                        "probability exceeds this; weights are their probabilities (default 0.8, as the MixLoRA reference)")
-    x.add_argument("--top-p-renormalize", action="store_true", help="--routing dynamic: renormalise the kept experts' weights to sum to 1")
-    x.add_argument("--top-p-max-experts", type=int, default=None, help="--routing dynamic: at most this many experts per token (default: no cap)")
-    x.add_argument("--router-temperature", type=float, default=0.0, help="router softmax temperature, softmax(logits / t) (default 0: off)")
-    x.add_argument("--capacity-factor", type=float, default=1.0,
-                   help="--routing switch: tokens per expert = ceil(factor x tokens / experts); the rest skip the "
-                        "experts' LoRA and keep the frozen FFN (default 1.0)")
-    x.add_argument("--capacity-scope", default="batch", choices=CAPACITY_SCOPES,
-                   help="--routing switch: the tokens a capacity counts, the micro-batch or each sequence (default batch)")
-    x.add_argument("--router-aux-loss-coef", type=float, default=0.01, help="load-balancing loss coefficient (default 0.01)")
-    x.add_argument("--router-aux-loss-pooling", default="pooled", choices=AUX_LOSS_POOLINGS,
-                   help="pooled: one balancing loss over all layers' tokens, as transformers and the MixLoRA reference "
-                        "(default); per_layer_sum: each layer's loss, summed (about num_layers times stronger)")
-    x.add_argument("--router-z-loss-coef", type=float, default=None,
-                   help="router z-loss coefficient (default 0.001 with --routing switch, else 0)")
-    x.add_argument("--router-init-range", type=float, default=0.02, help="std of the router's initialisation (default 0.02)")
-    x.add_argument("--jitter-noise", type=float, default=0.0,
-                   help="multiplicative U(1-eps, 1+eps) noise while training on the router's input, and with topk/dynamic "
-                        "routing on the experts' input too, as the MixLoRA reference (default 0)")
-    x.add_argument("--expert-r", default="", metavar="E:R,...", help="per-expert ranks, e.g. 0:16,1:4 (default: --lora-r)")
+    x.add_argument(
+        "--routing",
+        default="topk",
+        choices=ROUTINGS,
+        help="topk: softmax top-k, renormalised; dynamic: top-p; switch: top-1 with a capacity (default topk)",
+    )
+    x.add_argument(
+        "--top-p",
+        type=float,
+        default=0.8,
+        help="--routing dynamic: experts in order of probability up to the first at which their cumulative "
+        "probability exceeds this; weights are their probabilities (default 0.8, as the MixLoRA reference)",
+    )
+    x.add_argument(
+        "--top-p-renormalize",
+        action="store_true",
+        help="--routing dynamic: renormalise the kept experts' weights to sum to 1",
+    )
+    x.add_argument(
+        "--top-p-max-experts",
+        type=int,
+        default=None,
+        help="--routing dynamic: at most this many experts per token (default: no cap)",
+    )
+    x.add_argument(
+        "--router-temperature",
+        type=float,
+        default=0.0,
+        help="router softmax temperature, softmax(logits / t) (default 0: off)",
+    )
+    x.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=1.0,
+        help="--routing switch: tokens per expert = ceil(factor x tokens / experts); the rest skip the "
+        "experts' LoRA and keep the frozen FFN (default 1.0)",
+    )
+    x.add_argument(
+        "--capacity-scope",
+        default="batch",
+        choices=CAPACITY_SCOPES,
+        help="--routing switch: the tokens a capacity counts, the micro-batch or each sequence (default batch)",
+    )
+    x.add_argument(
+        "--router-aux-loss-coef", type=float, default=0.01, help="load-balancing loss coefficient (default 0.01)"
+    )
+    x.add_argument(
+        "--router-aux-loss-pooling",
+        default="pooled",
+        choices=AUX_LOSS_POOLINGS,
+        help="pooled: one balancing loss over all layers' tokens, as transformers and the MixLoRA reference "
+        "(default); per_layer_sum: each layer's loss, summed (about num_layers times stronger)",
+    )
+    x.add_argument(
+        "--router-z-loss-coef",
+        type=float,
+        default=None,
+        help="router z-loss coefficient (default 0.001 with --routing switch, else 0)",
+    )
+    x.add_argument(
+        "--router-init-range", type=float, default=0.02, help="std of the router's initialisation (default 0.02)"
+    )
+    x.add_argument(
+        "--jitter-noise",
+        type=float,
+        default=0.0,
+        help="multiplicative U(1-eps, 1+eps) noise while training on the router's input, and with topk/dynamic "
+        "routing on the experts' input too, as the MixLoRA reference (default 0)",
+    )
+    x.add_argument(
+        "--expert-r", default="", metavar="E:R,...", help="per-expert ranks, e.g. 0:16,1:4 (default: --lora-r)"
+    )
     x.add_argument("--expert-alpha", default="", metavar="E:A,...", help="per-expert alphas (default: --lora-alpha)")
-    x.add_argument("--reference-path", action="store_true",
-                   help="run every chosen expert's full FFN instead of the fast shared-W1/W3 path (same result, slower)")
+    x.add_argument(
+        "--reference-path",
+        action="store_true",
+        help="run every chosen expert's full FFN instead of the fast shared-W1/W3 path (same result, slower)",
+    )
     s = p.add_argument_group("sieve: routing profile and expert selection")
-    s.add_argument("--selection-policy", default="topk", choices=POLICIES,
-                   help="topk: most-routed per layer; coverage: smallest set reaching --sieve-coverage; random: ablation "
-                        "at the topk budget; greedy: one total budget spread by marginal coverage; all: every expert")
-    s.add_argument("--sieve-fraction", type=float, default=None, help="share of experts per layer, in (0, 1] (default 0.25)")
+    s.add_argument(
+        "--selection-policy",
+        default="topk",
+        choices=POLICIES,
+        help="topk: most-routed per layer; coverage: smallest set reaching --sieve-coverage; random: ablation "
+        "at the topk budget; greedy: one total budget spread by marginal coverage; all: every expert",
+    )
+    s.add_argument(
+        "--sieve-fraction", type=float, default=None, help="share of experts per layer, in (0, 1] (default 0.25)"
+    )
     s.add_argument("--sieve-k", type=int, default=None, help="experts per layer (overrides --sieve-fraction)")
-    s.add_argument("--sieve-coverage", type=float, default=None, help="routed-token share for --selection-policy coverage")
-    s.add_argument("--calibration-samples", type=int, default=256, help="samples of --data used to profile routing (default 256)")
+    s.add_argument(
+        "--sieve-coverage", type=float, default=None, help="routed-token share for --selection-policy coverage"
+    )
+    s.add_argument(
+        "--calibration-samples", type=int, default=256, help="samples of --data used to profile routing (default 256)"
+    )
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default 300)")
-    t.add_argument("--batch-size", type=int, default=16, help="samples per step and rank; N ranks see the global batches of one process with N times as many (default 16)")
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="samples per step and rank; N ranks see the global batches of one process with N times as many (default 16)",
+    )
     t.add_argument("--max-length", type=int, default=128, help="tokens per sample after truncation (default 128)")
-    t.add_argument("--packing", action="store_true",
-                   help="concatenate samples into rows of --max-length tokens; attention crosses sample boundaries "
-                        "inside a row (samples are separated by EOS), labels stay per sample")
+    t.add_argument(
+        "--packing",
+        action="store_true",
+        help="concatenate samples into rows of --max-length tokens; attention crosses sample boundaries "
+        "inside a row (samples are separated by EOS), labels stay per sample",
+    )
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, warmup then cosine (default 2e-3)")
-    t.add_argument("--max-grad-norm", type=float, default=None,
-                   help="clip gradients to this global norm, 0 for none (default: 1.0 in one process; under "
-                        "--deepspeed_config the preset's gradient_clipping, which this flag overrides)")
-    t.add_argument("--activation-checkpointing", default="none", choices=["none", "reentrant", "non-reentrant"],
-                   help="recompute each decoder layer in backward to save activation memory (default none)")
+    t.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip gradients to this global norm, 0 for none (default: 1.0 in one process; under "
+        "--deepspeed_config the preset's gradient_clipping, which this flag overrides)",
+    )
+    t.add_argument(
+        "--activation-checkpointing",
+        default="none",
+        choices=["none", "reentrant", "non-reentrant"],
+        help="recompute each decoder layer in backward to save activation memory (default none)",
+    )
     t.add_argument("--seed", type=int, default=0, help="seed for adapter init, shuffling and the random policy")
-    t.add_argument("--save-every", type=int, default=0,
-                   help="write training state (adapters, optimizer, scheduler, step) to <output-dir>/checkpoints/step_N "
-                        "every N steps, for --resume (default 0: never)")
-    t.add_argument("--resume", default=None,
-                   help="continue from a training state: a checkpoints/step_N directory, or a checkpoints directory "
-                        "(its latest step); same flags and number of ranks as the saved run")
+    t.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="write training state (adapters, optimizer, scheduler, step) to <output-dir>/checkpoints/step_N "
+        "every N steps, for --resume (default 0: never)",
+    )
+    t.add_argument(
+        "--resume",
+        default=None,
+        help="continue from a training state: a checkpoints/step_N directory, or a checkpoints directory "
+        "(its latest step); same flags and number of ranks as the saved run",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     e = p.add_argument_group("evaluation while training")
-    e.add_argument("--eval-every", type=int, default=0,
-                   help="every N steps: validation loss per token (and --eval-tasks accuracy), logged with the "
-                        "training loss to <output-dir>/train_log.jsonl, TensorBoard when installed, and the console "
-                        "(default 0: never)")
-    e.add_argument("--eval-split", default="validation", help="the split of --data for the validation loss (default "
-                                                             "validation; the demo tasks call theirs eval)")
+    e.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="every N steps: validation loss per token (and --eval-tasks accuracy), logged with the "
+        "training loss to <output-dir>/train_log.jsonl, TensorBoard when installed, and the console "
+        "(default 0: never)",
+    )
+    e.add_argument(
+        "--eval-split",
+        default="validation",
+        help="the split of --data for the validation loss (default validation; the demo tasks call theirs eval)",
+    )
     e.add_argument("--eval-samples", type=int, default=256, help="validation samples (default 256)")
-    e.add_argument("--eval-tasks", nargs="*", default=[], metavar="TASK",
-                   help="multiple-choice tasks scored at each evaluation too (see launch/evaluate.py)")
+    e.add_argument(
+        "--eval-tasks",
+        nargs="*",
+        default=[],
+        metavar="TASK",
+        help="multiple-choice tasks scored at each evaluation too (see launch/evaluate.py)",
+    )
     e.add_argument("--eval-task-source", default="hub", help="hub (default), fixtures, or a directory of <task>.jsonl")
     e.add_argument("--eval-task-limit", type=int, default=200, help="items per task at each evaluation (default 200)")
-    e.add_argument("--keep-best", action="store_true",
-                   help="save the adapter with the lowest validation loss to <output-dir>/best as well")
+    e.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="save the adapter with the lowest validation loss to <output-dir>/best as well",
+    )
     d = p.add_argument_group("distributed (under the deepspeed launcher)")
-    d.add_argument("--deepspeed_config", default=None,
-                   help="a DeepSpeed JSON preset from ds_configs/; trains with deepspeed.initialize "
-                        "(--batch-size becomes the per-rank micro batch)")
-    d.add_argument("--ep-size", type=int, default=1,
-                   help="expert parallelism: each MoE layer's experts (MixLoRA: each FFN's LoRA experts) are split over "
-                        "this many ranks, tokens reach them by all-to-all (default 1; needs --deepspeed_config; ZeRO-0/1/2 only)")
-    d.add_argument("--dist-timeout", type=int, default=1800,
-                   help="seconds a collective may wait for the other ranks before the run fails with an error "
-                        "(a dead or hung rank ends the run instead of hanging it; default 1800)")
-    d.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself")
+    d.add_argument(
+        "--deepspeed_config",
+        default=None,
+        help="a DeepSpeed JSON preset from ds_configs/; trains with deepspeed.initialize "
+        "(--batch-size becomes the per-rank micro batch)",
+    )
+    d.add_argument(
+        "--ep-size",
+        type=int,
+        default=1,
+        help="expert parallelism: each MoE layer's experts (MixLoRA: each FFN's LoRA experts) are split over "
+        "this many ranks, tokens reach them by all-to-all (default 1; needs --deepspeed_config; ZeRO-0/1/2 only)",
+    )
+    d.add_argument(
+        "--dist-timeout",
+        type=int,
+        default=1800,
+        help="seconds a collective may wait for the other ranks before the run fails with an error "
+        "(a dead or hung rank ends the run instead of hanging it; default 1800)",
+    )
+    d.add_argument(
+        "--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself"
+    )
     return p.parse_args(argv)
 
 
@@ -164,29 +314,58 @@ def per_expert(flag: str, text: str, cast) -> dict:
 
 
 def build_adapter_config(args) -> AdapterConfig | MixLoRAConfig:
-    lora = dict(method=args.method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, adapter_dtype=args.adapter_dtype,
-                use_rslora=args.use_rslora, use_dora=args.use_dora or args.method in ("dora", "mixdora"))
+    lora = dict(
+        method=args.method,
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        adapter_dtype=args.adapter_dtype,
+        use_rslora=args.use_rslora,
+        use_dora=args.use_dora or args.method in ("dora", "mixdora"),
+    )
     if args.method in MIXLORA_METHODS:
         attention = STANDARD_ATTENTION if args.attention_lora is None else args.attention_lora
-        return MixLoRAConfig(**lora, attention_targets=list(attention), num_experts=args.num_experts, top_k=args.top_k,
-                             routing=args.routing, top_p=args.top_p, top_p_renormalize=args.top_p_renormalize,
-                             top_p_max_experts=args.top_p_max_experts, router_temperature=args.router_temperature,
-                             capacity_factor=args.capacity_factor, capacity_scope=args.capacity_scope,
-                             router_aux_loss_coef=args.router_aux_loss_coef, router_aux_loss_pooling=args.router_aux_loss_pooling,
-                             router_z_loss_coef=args.router_z_loss_coef,
-                             router_init_range=args.router_init_range, jitter_noise=args.jitter_noise,
-                             expert_r=per_expert("--expert-r", args.expert_r, int),
-                             expert_alpha=per_expert("--expert-alpha", args.expert_alpha, float))
-    return AdapterConfig(**lora, attention_targets=list(args.attention_lora or []), shared_expert_lora=args.shared_expert_lora)
+        return MixLoRAConfig(
+            **lora,
+            attention_targets=list(attention),
+            num_experts=args.num_experts,
+            top_k=args.top_k,
+            routing=args.routing,
+            top_p=args.top_p,
+            top_p_renormalize=args.top_p_renormalize,
+            top_p_max_experts=args.top_p_max_experts,
+            router_temperature=args.router_temperature,
+            capacity_factor=args.capacity_factor,
+            capacity_scope=args.capacity_scope,
+            router_aux_loss_coef=args.router_aux_loss_coef,
+            router_aux_loss_pooling=args.router_aux_loss_pooling,
+            router_z_loss_coef=args.router_z_loss_coef,
+            router_init_range=args.router_init_range,
+            jitter_noise=args.jitter_noise,
+            expert_r=per_expert("--expert-r", args.expert_r, int),
+            expert_alpha=per_expert("--expert-alpha", args.expert_alpha, float),
+        )
+    return AdapterConfig(
+        **lora, attention_targets=list(args.attention_lora or []), shared_expert_lora=args.shared_expert_lora
+    )
 
 
 def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
     """Validate every flag before any model or data is loaded."""
-    check_positive(calibration_samples=args.calibration_samples, max_steps=args.max_steps,
-                   batch_size=args.batch_size, max_length=args.max_length)
+    check_positive(
+        calibration_samples=args.calibration_samples,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
     fraction = args.sieve_fraction if args.sieve_fraction is not None else (None if args.sieve_k else 0.25)
-    sieve = SieveConfig(policy=args.selection_policy if args.method == "sieve" else "all",
-                        fraction=fraction, k=args.sieve_k, coverage=args.sieve_coverage, seed=args.seed)
+    sieve = SieveConfig(
+        policy=args.selection_policy if args.method == "sieve" else "all",
+        fraction=fraction,
+        k=args.sieve_k,
+        coverage=args.sieve_coverage,
+        seed=args.seed,
+    )
     adapter = build_adapter_config(args)
     check_distributed(args)
     if args.max_grad_norm is not None and args.max_grad_norm < 0:
@@ -224,24 +403,33 @@ def check_distributed(args) -> None:
     except json.JSONDecodeError as err:
         raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {err}") from err
     if stage == 3 and args.ep_size > 1:
-        raise ConfigError("ZeRO-3 cannot shard expert-parallel experts (DeepSpeed MoE rejects it); "
-                          "use a ZeRO-0/1/2 preset with --ep-size > 1")
+        raise ConfigError(
+            "ZeRO-3 cannot shard expert-parallel experts (DeepSpeed MoE rejects it); "
+            "use a ZeRO-0/1/2 preset with --ep-size > 1"
+        )
 
 
 def size_report(model, selection_all: dict[int, list[int]]) -> dict:
     """Trainable parameters and adapter bytes of this run, and what LoRA on all experts would take."""
     trainable, nbytes = count_trainable(model), adapter_nbytes(model)
     experts = [m for m in model.modules() if isinstance(m, FusedExpertsWithLoRA)]
-    per_expert = sum(p.numel() for m in experts for p in m.adapters.parameters()) / sum(len(m.expert_ids) for m in experts)
+    per_expert = sum(p.numel() for m in experts for p in m.adapters.parameters()) / sum(
+        len(m.expert_ids) for m in experts
+    )
     n_selected = sum(len(m.expert_ids) for m in experts)
     n_all = sum(len(v) for v in selection_all.values())
     extra = trainable - per_expert * n_selected  # attention / shared-expert adapters
     all_trainable = int(extra + per_expert * n_all)
     bytes_per_param = nbytes / trainable
-    return {"trainable_params": trainable, "adapter_bytes": nbytes, "selected_experts": n_selected,
-            "all_experts": n_all, "all_experts_trainable_params": all_trainable,
-            "all_experts_adapter_bytes": int(all_trainable * bytes_per_param),
-            "param_ratio": trainable / all_trainable}
+    return {
+        "trainable_params": trainable,
+        "adapter_bytes": nbytes,
+        "selected_experts": n_selected,
+        "all_experts": n_all,
+        "all_experts_trainable_params": all_trainable,
+        "all_experts_adapter_bytes": int(all_trainable * bytes_per_param),
+        "param_ratio": trainable / all_trainable,
+    }
 
 
 def main(argv=None) -> int:
@@ -253,8 +441,9 @@ def training_monitor(args, tokenizer, out: Path) -> TrainingMonitor:
     so that a missing split fails before training)."""
     examples, tasks = [], {}
     if args.eval_every:
-        examples = load_examples(args.data, tokenizer, args.max_length, args.eval_split, limit=args.eval_samples,
-                                 fmt=data_format(args))
+        examples = load_examples(
+            args.data, tokenizer, args.max_length, args.eval_split, limit=args.eval_samples, fmt=data_format(args)
+        )
         tasks = {name: load_items(name, args.eval_task_source, limit=args.eval_task_limit) for name in args.eval_tasks}
     return TrainingMonitor(out, tokenizer, args.eval_every, examples, tasks, args.batch_size, args.keep_best)
 
@@ -264,8 +453,10 @@ def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank,
     routing profile (None unless sieve) and the size report."""
     info = backend_for(model).describe(model)
     if info["num_experts"] % args.ep_size or world % args.ep_size:
-        raise ConfigError(f"--ep-size {args.ep_size} must divide both the experts per layer ({info['num_experts']}) "
-                          f"and the number of ranks ({world})")
+        raise ConfigError(
+            f"--ep-size {args.ep_size} must divide both the experts per layer ({info['num_experts']}) "
+            f"and the number of ranks ({world})"
+        )
     profile = None
     if args.method == "sieve":
         calib = make_loader(examples[: args.calibration_samples][rank::world], tokenizer, args.batch_size)
@@ -276,8 +467,10 @@ def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank,
         selection = all_experts_selection(model)
     apply_sieve_lora(model, selection, adapter_cfg)
     sizes = size_report(model, all_experts_selection(model))
-    log(f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts "
-        f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)")
+    log(
+        f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts "
+        f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)"
+    )
     return profile, sizes
 
 
@@ -290,23 +483,31 @@ def run(args) -> int:
     out = Path(args.output_dir)
 
     model, tokenizer = load_model(args.model, args.dtype, args.tokenizer)
-    examples = load_examples(args.data, tokenizer, args.max_length, args.train_split, fmt=data_format(args),
-                             packing=args.packing)
+    examples = load_examples(
+        args.data, tokenizer, args.max_length, args.train_split, fmt=data_format(args), packing=args.packing
+    )
     adapter_cfg.base_model = args.model
     profile = None
     if isinstance(adapter_cfg, MixLoRAConfig):
         if adapter_cfg.num_experts % args.ep_size or world % args.ep_size:
-            raise ConfigError(f"--ep-size {args.ep_size} must divide both --num-experts ({adapter_cfg.num_experts}) "
-                              f"and the number of ranks ({world})")
+            raise ConfigError(
+                f"--ep-size {args.ep_size} must divide both --num-experts ({adapter_cfg.num_experts}) "
+                f"and the number of ranks ({world})"
+            )
         apply_mixlora(model, adapter_cfg, fast=not args.reference_path)
         sizes = {"trainable_params": count_trainable(model), "adapter_bytes": adapter_nbytes(model)}
-        log(f"{args.method}: {args.num_experts} LoRA experts per FFN, {args.routing} routing, "
-            f"{sizes['trainable_params']:,} trainable parameters")
+        log(
+            f"{args.method}: {args.num_experts} LoRA experts per FFN, {args.routing} routing, "
+            f"{sizes['trainable_params']:,} trainable parameters"
+        )
     else:
-        profile, sizes = inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress)
+        profile, sizes = inject_sieve(
+            args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress
+        )
     if args.activation_checkpointing != "none":
         model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": args.activation_checkpointing == "reentrant"})
+            activation_checkpointing_kwargs={"use_reentrant": args.activation_checkpointing == "reentrant"}
+        )
         model.enable_input_require_grads()  # the frozen embeddings give no input with a gradient otherwise
 
     monitor = training_monitor(args, tokenizer, out)
@@ -316,15 +517,18 @@ def run(args) -> int:
     start = time.perf_counter()
     if args.deepspeed_config is None:
         clip = 1.0 if args.max_grad_norm is None else args.max_grad_norm
-        losses = train(model, loader, args.max_steps, args.lr, clip=clip, progress=progress, ckpt=ckpt, monitor=monitor)
+        losses = train(
+            model, loader, args.max_steps, args.lr, clip=clip, progress=progress, ckpt=ckpt, monitor=monitor
+        )
     else:
         if args.ep_size > 1:
             shard_experts(model, deepspeed_expert_group(args.ep_size))
         config = deepspeed_config(args.deepspeed_config, args.batch_size)
         if args.max_grad_norm is not None:
             config["gradient_clipping"] = args.max_grad_norm
-        losses = train_deepspeed(model, loader, args.max_steps, args.lr, config, progress=progress, ckpt=ckpt,
-                                 monitor=monitor)
+        losses = train_deepspeed(
+            model, loader, args.max_steps, args.lr, config, progress=progress, ckpt=ckpt, monitor=monitor
+        )
     elapsed = time.perf_counter() - start
     monitor.close()
 
@@ -334,18 +538,31 @@ def run(args) -> int:
     if profile is not None:
         profile.save(out / "routing_profile.json")
         plot_heatmap(profile, out / "routing_heatmap.png")
-    record = {"losses": losses, "evaluations": [r for r in monitor.history if "train_loss" not in r],
-              "first_step": args.max_steps - len(losses), "seconds": elapsed, "sizes": sizes, "world_size": world, "args": vars(args)}
+    record = {
+        "losses": losses,
+        "evaluations": [r for r in monitor.history if "train_loss" not in r],
+        "first_step": args.max_steps - len(losses),
+        "seconds": elapsed,
+        "sizes": sizes,
+        "world_size": world,
+        "args": vars(args),
+    }
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
 
     head, tail = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
     print(f"loss {head:.3f} -> {tail:.3f} over {len(losses)} steps ({elapsed:.1f} s, {world} rank(s))")
     if "param_ratio" in sizes:
-        print(f"trainable parameters: {sizes['trainable_params']:,} (LoRA on all experts: "
-              f"{sizes['all_experts_trainable_params']:,}, ratio {sizes['param_ratio']:.3f})")
-        print(f"adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB (all experts: {sizes['all_experts_adapter_bytes'] / 1e6:.2f} MB)")
+        print(
+            f"trainable parameters: {sizes['trainable_params']:,} (LoRA on all experts: "
+            f"{sizes['all_experts_trainable_params']:,}, ratio {sizes['param_ratio']:.3f})"
+        )
+        print(
+            f"adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB (all experts: {sizes['all_experts_adapter_bytes'] / 1e6:.2f} MB)"
+        )
     else:
-        print(f"trainable parameters: {sizes['trainable_params']:,}; adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB")
+        print(
+            f"trainable parameters: {sizes['trainable_params']:,}; adapter size: {sizes['adapter_bytes'] / 1e6:.2f} MB"
+        )
     print(f"saved to {out}")
     return 0
 

@@ -6,6 +6,7 @@ and Megatron-core, one ``backend_for(model)``) <- methods (``sieve``, ``mixlora`
 ``multi_adapter``, ``profiling``, ``selection``) <- API (``checkpoint``, ``parallel``, ``train``,
 this package) <- launchers (``launch/``).
 """
+
 from .backends.hf_families import supported_model_types
 from .checkpoint import convert_adapter, load_adapter, merge_adapter, remove_adapter, save_adapter
 from .config import AdapterConfig, ConfigError, MixLoRAConfig, SieveConfig
@@ -16,8 +17,20 @@ from .sieve import all_experts_selection, apply_sieve_lora
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdapterConfig", "ConfigError", "MixLoRAConfig", "RoutingProfile", "SieveConfig", "all_experts_selection",
-    "apply_mixlora", "apply_sieve_lora", "convert_adapter",
-    "load_adapter", "merge_adapter", "profile_routing", "remove_adapter", "save_adapter", "select_experts",
+    "AdapterConfig",
+    "ConfigError",
+    "MixLoRAConfig",
+    "RoutingProfile",
+    "SieveConfig",
+    "all_experts_selection",
+    "apply_mixlora",
+    "apply_sieve_lora",
+    "convert_adapter",
+    "load_adapter",
+    "merge_adapter",
+    "profile_routing",
+    "remove_adapter",
+    "save_adapter",
+    "select_experts",
     "supported_model_types",
 ]

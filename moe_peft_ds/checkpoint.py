@@ -8,6 +8,7 @@ their module path (``model.layers.0.self_attn.q_proj.lora_A``). MixLoRA layers h
 ``layers.{L}.mixlora.router.weight`` and ``layers.{L}.mixlora.experts.{e}.{gate_proj|up_proj|down_proj}.{...}``,
 each expert's tensors at its own rank.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ from .dispatch import gather_expert_state
 from .lora import LoRALinear
 from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, describe_dense, expert_groups
 from .modules import layer_index, replace_module
-from .multi_adapter import add_adapter, adapter_sites, drop_adapter
+from .multi_adapter import adapter_sites, add_adapter, drop_adapter
 from .sieve import apply_sieve_lora
 
 CONFIG_NAME = "adapter_config.json"
@@ -63,7 +64,9 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> LoRAConfig:
         raise ValueError(f"this model carries adapters {sorted(configs)}; name one (adapter=...)")
     cfg = configs[adapter] if configs else getattr(model, "moe_peft_config", None)
     if cfg is None:
-        raise ValueError("this model carries no moe_peft_ds adapter; inject one first (apply_sieve_lora, apply_mixlora, load_adapter)")
+        raise ValueError(
+            "this model carries no moe_peft_ds adapter; inject one first (apply_sieve_lora, apply_mixlora, load_adapter)"
+        )
     return cfg
 
 
@@ -123,7 +126,9 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], adapter: str | Non
     bad = [k for k in own if own[k].shape != state[k].shape]
     if bad:
         k = bad[0]
-        raise AdapterMismatchError(f"{len(bad)} adapter tensors have the wrong shape, e.g. {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
+        raise AdapterMismatchError(
+            f"{len(bad)} adapter tensors have the wrong shape, e.g. {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+        )
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(state[k])
@@ -188,16 +193,24 @@ def convert_adapter(path: str | Path, output_dir: str | Path, model_type: str, b
 
     cfg, state = read_adapter(path)
     if not isinstance(cfg, AdapterConfig):
-        raise AdapterMismatchError(f"{path} holds a {cfg.method} adapter; only expert (sieve/lora/dora) adapters convert")
+        raise AdapterMismatchError(
+            f"{path} holds a {cfg.method} adapter; only expert (sieve/lora/dora) adapters convert"
+        )
     hf_type = model_type if cfg.model_type == "megatron" else cfg.model_type
     if (cfg.model_type == "megatron") == (model_type == "megatron"):
-        raise AdapterMismatchError(f"{path} is a {cfg.model_type!r} adapter; convert it to 'megatron' or from 'megatron' to a transformers family")
+        raise AdapterMismatchError(
+            f"{path} is a {cfg.model_type!r} adapter; convert it to 'megatron' or from 'megatron' to a transformers family"
+        )
     layouts = [f.model_type for f in discover_families() if megatron_compatible(f)]
     if hf_type not in layouts:
-        raise AdapterMismatchError(f"model_type {hf_type!r} has no Megatron counterpart here; Mixtral-style families: {layouts}")
+        raise AdapterMismatchError(
+            f"model_type {hf_type!r} has no Megatron counterpart here; Mixtral-style families: {layouts}"
+        )
     other = sorted(k for k in state if not _EXPERT.match(k))
     if other:
-        raise AdapterMismatchError(f"{path} has LoRA outside the routed experts ({other[:3]}...), which Megatron's expert backend does not hold")
+        raise AdapterMismatchError(
+            f"{path} has LoRA outside the routed experts ({other[:3]}...), which Megatron's expert backend does not hold"
+        )
     cfg.model_type, cfg.base_model = model_type, base_model or cfg.base_model
     return _write(Path(output_dir), cfg, state)
 
@@ -220,17 +233,23 @@ def check_compatible(model: nn.Module, cfg: LoRAConfig) -> None:
     if isinstance(cfg, MixLoRAConfig):
         for key, value in describe_dense(model).items():
             if getattr(cfg, key) != value:
-                raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, but the model has {key}={value!r}")
+                raise AdapterMismatchError(
+                    f"adapter was made for {key}={getattr(cfg, key)!r}, but the model has {key}={value!r}"
+                )
         return
     info = backend_for(model).describe(model)
     for key in ("model_type", "num_experts", "hidden_size"):
         if getattr(cfg, key) != info[key]:
-            raise AdapterMismatchError(f"adapter was made for {key}={getattr(cfg, key)!r}, but the model has {key}={info[key]!r}")
+            raise AdapterMismatchError(
+                f"adapter was made for {key}={getattr(cfg, key)!r}, but the model has {key}={info[key]!r}"
+            )
     if info.get("stage_layers_only"):  # under pipeline parallelism the other stages hold the other layers
         return
     extra = sorted(set(cfg.selection) - set(info["moe_layers"]))
     if extra:
-        raise AdapterMismatchError(f"adapter has layers {extra} that are not MoE layers of this model ({info['moe_layers']})")
+        raise AdapterMismatchError(
+            f"adapter has layers {extra} that are not MoE layers of this model ({info['moe_layers']})"
+        )
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None) -> nn.Module:
@@ -269,7 +288,6 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
     return model
 
 
-
 def remove_adapter(model: nn.Module) -> nn.Module:
     """Take every adapter out of ``model`` without merging (the base model is restored)."""
     multi = bool(getattr(model, "moe_peft_configs", None))
@@ -295,8 +313,10 @@ def merge_adapter(model: nn.Module, attention_only: bool = False) -> nn.Module:
     if cfg is None:
         raise ValueError("this model carries no moe_peft_ds adapter to merge")
     if isinstance(cfg, MixLoRAConfig) and not attention_only:
-        raise ValueError(f"a {cfg.method} adapter cannot be merged: its FFN is a routed mixture of experts, not one "
-                         "weight update. merge_adapter(model, attention_only=True) folds the attention LoRA alone.")
+        raise ValueError(
+            f"a {cfg.method} adapter cannot be merged: its FFN is a routed mixture of experts, not one "
+            "weight update. merge_adapter(model, attention_only=True) folds the attention LoRA alone."
+        )
     for name, module in list(adapter_modules(model)):
         if isinstance(module, LoRALinear):
             module.base.weight.copy_(module.merged_weight())
@@ -315,4 +335,13 @@ def adapter_nbytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in adapter_state_dict(model).values())
 
 
-__all__ = ["save_adapter", "load_adapter", "convert_adapter", "merge_adapter", "remove_adapter", "read_adapter", "AdapterMismatchError", "ConfigError"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "convert_adapter",
+    "merge_adapter",
+    "remove_adapter",
+    "read_adapter",
+    "AdapterMismatchError",
+    "ConfigError",
+]

@@ -1,5 +1,6 @@
 """What the command-line scripts in ``launch/`` share: the model/data flags and how bad
 input is reported (one ``error:`` line on stderr, exit status 2, nothing written)."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,48 +8,73 @@ import datetime
 import os
 import sys
 
-from .modules import UnsupportedModelError
 from .checkpoint import AdapterMismatchError
 from .config import ConfigError
 from .data import FORMATS, DataError, DataFormat
 from .device import bind_accelerator
 from .models import PRESETS
+from .modules import UnsupportedModelError
 from .tasks import TaskError
 
 # OSError covers missing files and model ids that cannot be resolved (no hub access).
 USER_ERRORS = (ConfigError, DataError, TaskError, UnsupportedModelError, AdapterMismatchError, OSError)
 
 
-DATA_HELP = ("demo:<task> (bundled: demo:arithmetic, demo:code); a .jsonl/.json/.parquet/.csv file; a directory of them "
-             "(a split's files have its name in theirs); a save_to_disk directory; or a Hugging Face hub dataset name")
+DATA_HELP = (
+    "demo:<task> (bundled: demo:arithmetic, demo:code); a .jsonl/.json/.parquet/.csv file; a directory of them "
+    "(a split's files have its name in theirs); a save_to_disk directory; or a Hugging Face hub dataset name"
+)
 
 
 def add_model_data_args(parser: argparse.ArgumentParser, data: bool = True) -> None:
     """``--model``, ``--data`` (unless ``data=False``: the script names its data otherwise), the
     data-format flags and ``--output-dir``, spelled the same in every script."""
-    parser.add_argument("--model", required=True,
-                        help=f"Hugging Face model id or local path, or a bundled preset: {', '.join(PRESETS)}")
-    parser.add_argument("--tokenizer", default=None, help="a tokenizer other than the model's own (checked against the model)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"Hugging Face model id or local path, or a bundled preset: {', '.join(PRESETS)}",
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="a tokenizer other than the model's own (checked against the model)"
+    )
     if data:
         parser.add_argument("--data", required=True, help=DATA_HELP)
-    parser.add_argument("--data-format", default="auto", choices=FORMATS,
-                        help="instruction (prompt + response columns), chat (a messages column, rendered with the "
-                             "tokenizer's chat template), text; auto picks by the columns (default)")
-    parser.add_argument("--prompt-column", default="prompt", help="instruction format: the prompt column (default prompt)")
-    parser.add_argument("--response-column", default="response", help="instruction format: the response column (default response)")
-    parser.add_argument("--messages-column", default="messages", help="chat format: the messages column (default messages)")
+    parser.add_argument(
+        "--data-format",
+        default="auto",
+        choices=FORMATS,
+        help="instruction (prompt + response columns), chat (a messages column, rendered with the "
+        "tokenizer's chat template), text; auto picks by the columns (default)",
+    )
+    parser.add_argument(
+        "--prompt-column", default="prompt", help="instruction format: the prompt column (default prompt)"
+    )
+    parser.add_argument(
+        "--response-column", default="response", help="instruction format: the response column (default response)"
+    )
+    parser.add_argument(
+        "--messages-column", default="messages", help="chat format: the messages column (default messages)"
+    )
     parser.add_argument("--text-column", default="text", help="text format: the text column (default text)")
     parser.add_argument("--train-split", default="train", help="the split to train (or profile) on (default train)")
-    parser.add_argument("--train-on-prompt", action="store_true",
-                        help="labels on the prompt tokens too (default: only the response is learned)")
+    parser.add_argument(
+        "--train-on-prompt",
+        action="store_true",
+        help="labels on the prompt tokens too (default: only the response is learned)",
+    )
     parser.add_argument("--output-dir", required=True, help="directory the results are written to")
 
 
 def data_format(args: argparse.Namespace) -> DataFormat:
     """The ``DataFormat`` the data flags describe."""
-    return DataFormat(kind=args.data_format, prompt_column=args.prompt_column, response_column=args.response_column,
-                      messages_column=args.messages_column, text_column=args.text_column,
-                      train_on_prompt=args.train_on_prompt)
+    return DataFormat(
+        kind=args.data_format,
+        prompt_column=args.prompt_column,
+        response_column=args.response_column,
+        messages_column=args.messages_column,
+        text_column=args.text_column,
+        train_on_prompt=args.train_on_prompt,
+    )
 
 
 def check_positive(**flags: int) -> None:
@@ -76,8 +102,13 @@ def init_distributed(deepspeed_config: str | None, timeout_s: int) -> tuple[int,
     import torch.distributed as dist
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+        )
     bind_accelerator()
     # NCCL on GPUs, gloo on the CPU accelerator; the timeout turns a dead peer into an error.
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))

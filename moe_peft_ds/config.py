@@ -4,6 +4,7 @@ Every field carries ``metadata={"help": ...}`` (the same text the launchers show
 ``--help``), and ``__post_init__`` rejects bad values naming the field and what is allowed,
 before any model is touched.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,19 @@ MIXLORA_METHODS = ("mixlora", "mixdora")
 POLICIES = ("topk", "coverage", "random", "greedy", "all")
 # Attention projections LoRA may target; a model has some of them (standard: the first four; MLA:
 # q_a/q_b/kv_a/kv_b; fused: qkv_proj); naming one the model lacks is an error at injection.
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
-                     "kv_b_proj", "out_proj", "dense")
+ATTENTION_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "out_proj",
+    "dense",
+)
 STANDARD_ATTENTION = ATTENTION_TARGETS[:4]
 ROUTINGS = ("topk", "dynamic", "switch")
 AUX_LOSS_POOLINGS = ("pooled", "per_layer_sum")
@@ -38,7 +50,9 @@ class LoRAConfig:
 
     method: str = field(default="", metadata={"help": "adapter method"})
     r: int = field(default=8, metadata={"help": "LoRA rank r (> 0)"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling is alpha/r, or alpha/sqrt(r) with rsLoRA"})
+    alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha; scaling is alpha/r, or alpha/sqrt(r) with rsLoRA"}
+    )
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input, in [0, 1)"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r)"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: train a per-output magnitude vector as well"})
@@ -46,16 +60,24 @@ class LoRAConfig:
         default_factory=list,
         metadata={"help": f"attention projections that get plain LoRA, any of {ATTENTION_TARGETS}"},
     )
-    adapter_dtype: str = field(default="float32", metadata={
-        "help": f"dtype of the adapter parameters, one of {ADAPTER_DTYPES}: float32 whatever the base's dtype (as PEFT "
-                "and the MixLoRA reference: a bf16/fp16 base computes its LoRA updates in fp32), or the base's own"})
-    base_model: str = field(default="", metadata={"help": "name or path of the base model (recorded, checked on load)"})
+    adapter_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": f"dtype of the adapter parameters, one of {ADAPTER_DTYPES}: float32 whatever the base's dtype (as PEFT "
+            "and the MixLoRA reference: a bf16/fp16 base computes its LoRA updates in fp32), or the base's own"
+        },
+    )
+    base_model: str = field(
+        default="", metadata={"help": "name or path of the base model (recorded, checked on load)"}
+    )
     model_type: str = field(default="", metadata={"help": "transformers model_type of the base model (filled in)"})
     hidden_size: int = field(default=0, metadata={"help": "hidden size of the base model (filled in)"})
 
     def __post_init__(self):
         if self.method not in self.METHODS:
-            raise ConfigError(f"method={self.method!r} is not supported by {type(self).__name__}; choose one of {self.METHODS}")
+            raise ConfigError(
+                f"method={self.method!r} is not supported by {type(self).__name__}; choose one of {self.METHODS}"
+            )
         check_rank_alpha("", self.r, self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
@@ -94,7 +116,11 @@ class LoRAConfig:
     def from_dict(cls, raw: dict, source: str = "adapter config") -> "LoRAConfig":
         """The config class that ``raw["method"]`` names, built from ``raw``; unknown or missing keys fail."""
         method = raw.get("method")
-        target = next((c for c in (AdapterConfig, MixLoRAConfig) if method in c.METHODS), None) if cls is LoRAConfig else cls
+        target = (
+            next((c for c in (AdapterConfig, MixLoRAConfig) if method in c.METHODS), None)
+            if cls is LoRAConfig
+            else cls
+        )
         if target is None:
             raise ConfigError(f"{source} has method={method!r}; known: {METHODS + MIXLORA_METHODS}")
         known = {f.name for f in fields(target)}
@@ -144,7 +170,9 @@ class AdapterConfig(LoRAConfig):
         super().__post_init__()
         bad = set(self.expert_targets) - {"gate_up_proj", "down_proj"}
         if bad or not self.expert_targets:
-            raise ConfigError(f"expert_targets={self.expert_targets!r}; allowed: a non-empty subset of gate_up_proj, down_proj")
+            raise ConfigError(
+                f"expert_targets={self.expert_targets!r}; allowed: a non-empty subset of gate_up_proj, down_proj"
+            )
         # JSON turns int keys into strings; normalise so a loaded config equals the saved one.
         self.selection = {int(k): sorted(int(e) for e in v) for k, v in self.selection.items()}
 
@@ -164,33 +192,79 @@ class MixLoRAConfig(LoRAConfig):
     )
     num_experts: int = field(default=8, metadata={"help": "LoRA experts per FFN (>= 1)"})
     top_k: int = field(default=2, metadata={"help": "experts per token (topk), the most experts per token (dynamic)"})
-    routing: str = field(default="topk", metadata={"help": f"routing strategy, one of {ROUTINGS}: softmax top-k "
-                                                          "renormalised; dynamic: top-p; switch: top-1 with capacity"})
-    top_p: float = field(default=0.8, metadata={"help": "dynamic routing: experts in order of probability up to the first at which "
-                                                        "their cumulative probability exceeds this, in (0, 1]"})
-    top_p_renormalize: bool = field(default=False, metadata={
-        "help": "dynamic routing: renormalise the kept experts' weights to sum to 1 (default: the router probabilities, as the reference)"})
-    top_p_max_experts: int | None = field(default=None, metadata={
-        "help": "dynamic routing: keep at most this many experts per token (default: no cap, as the reference)"})
-    router_temperature: float = field(default=0.0, metadata={
-        "help": "softmax temperature of the router, probabilities = softmax(logits / t) (0: off, i.e. 1)"})
-    capacity_factor: float = field(default=1.0, metadata={"help": "switch routing: tokens per expert = ceil(factor x tokens / experts)"})
-    capacity_scope: str = field(default="batch", metadata={
-        "help": f"switch routing, one of {CAPACITY_SCOPES}: the tokens a capacity counts, the whole batch or each sequence"})
+    routing: str = field(
+        default="topk",
+        metadata={
+            "help": f"routing strategy, one of {ROUTINGS}: softmax top-k "
+            "renormalised; dynamic: top-p; switch: top-1 with capacity"
+        },
+    )
+    top_p: float = field(
+        default=0.8,
+        metadata={
+            "help": "dynamic routing: experts in order of probability up to the first at which "
+            "their cumulative probability exceeds this, in (0, 1]"
+        },
+    )
+    top_p_renormalize: bool = field(
+        default=False,
+        metadata={
+            "help": "dynamic routing: renormalise the kept experts' weights to sum to 1 (default: the router probabilities, as the reference)"
+        },
+    )
+    top_p_max_experts: int | None = field(
+        default=None,
+        metadata={
+            "help": "dynamic routing: keep at most this many experts per token (default: no cap, as the reference)"
+        },
+    )
+    router_temperature: float = field(
+        default=0.0,
+        metadata={"help": "softmax temperature of the router, probabilities = softmax(logits / t) (0: off, i.e. 1)"},
+    )
+    capacity_factor: float = field(
+        default=1.0, metadata={"help": "switch routing: tokens per expert = ceil(factor x tokens / experts)"}
+    )
+    capacity_scope: str = field(
+        default="batch",
+        metadata={
+            "help": f"switch routing, one of {CAPACITY_SCOPES}: the tokens a capacity counts, the whole batch or each sequence"
+        },
+    )
     router_init_range: float = field(default=0.02, metadata={"help": "std of the router's N(0, std) initialisation"})
-    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing loss coef x E x sum_e f_e P_e (>= 0)"})
-    router_aux_loss_pooling: str = field(default="pooled", metadata={
-        "help": f"one of {AUX_LOSS_POOLINGS}: one loss over all layers' tokens (as transformers and the reference), "
-                "or each layer's loss summed (about num_layers times stronger)"})
-    router_z_loss_coef: float | None = field(default=None, metadata={
-        "help": "router z-loss coef x mean(logsumexp(logits)^2) (>= 0; default 0.001 with switch routing, else 0)"})
-    jitter_noise: float = field(default=0.0, metadata={
-        "help": "training only: input x U(1-eps, 1+eps), eps in [0, 1); the router's and the experts' input "
-                "(topk/dynamic, as the reference), the router's only (switch)"})
+    router_aux_loss_coef: float = field(
+        default=0.01, metadata={"help": "load-balancing loss coef x E x sum_e f_e P_e (>= 0)"}
+    )
+    router_aux_loss_pooling: str = field(
+        default="pooled",
+        metadata={
+            "help": f"one of {AUX_LOSS_POOLINGS}: one loss over all layers' tokens (as transformers and the reference), "
+            "or each layer's loss summed (about num_layers times stronger)"
+        },
+    )
+    router_z_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "router z-loss coef x mean(logsumexp(logits)^2) (>= 0; default 0.001 with switch routing, else 0)"
+        },
+    )
+    jitter_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "training only: input x U(1-eps, 1+eps), eps in [0, 1); the router's and the experts' input "
+            "(topk/dynamic, as the reference), the router's only (switch)"
+        },
+    )
     expert_r: dict[int, int] = field(default_factory=dict, metadata={"help": "per-expert rank overrides {expert: r}"})
-    expert_alpha: dict[int, float] = field(default_factory=dict, metadata={"help": "per-expert alpha overrides {expert: alpha}"})
-    expert_tasks: list[str] = field(default_factory=list, metadata={
-        "help": "continual learning (filled in): the task each expert was trained on, by expert id ('a+b' after a merge)"})
+    expert_alpha: dict[int, float] = field(
+        default_factory=dict, metadata={"help": "per-expert alpha overrides {expert: alpha}"}
+    )
+    expert_tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "continual learning (filled in): the task each expert was trained on, by expert id ('a+b' after a merge)"
+        },
+    )
 
     def __post_init__(self):
         self.use_dora = self.use_dora or self.method == "mixdora"
@@ -234,8 +308,12 @@ class MixLoRAConfig(LoRAConfig):
     def written_before(cls, raw: dict) -> dict:
         """Before 2026-12-01 (issue 18) dynamic routing renormalised and kept at most ``top_k``
         experts, and the balancing loss was summed over the layers."""
-        return {**super().written_before(raw), "top_p_renormalize": True, "top_p_max_experts": raw.get("top_k", 2),
-                "router_aux_loss_pooling": "per_layer_sum"}
+        return {
+            **super().written_before(raw),
+            "top_p_renormalize": True,
+            "top_p_max_experts": raw.get("top_k", 2),
+            "router_aux_loss_pooling": "per_layer_sum",
+        }
 
     def rank_of(self, expert: int) -> int:
         return self.expert_r.get(expert, self.r)
@@ -249,9 +327,15 @@ class SieveConfig:
     """How experts are chosen from a routing profile."""
 
     policy: str = field(default="topk", metadata={"help": f"selection policy, one of {POLICIES}"})
-    fraction: float | None = field(default=0.25, metadata={"help": "share of experts per layer for topk/random/greedy, in (0, 1]"})
-    k: int | None = field(default=None, metadata={"help": "experts per layer for topk/random/greedy (overrides fraction)"})
-    coverage: float | None = field(default=None, metadata={"help": "routed-token share to reach per layer for the coverage policy, in (0, 1]"})
+    fraction: float | None = field(
+        default=0.25, metadata={"help": "share of experts per layer for topk/random/greedy, in (0, 1]"}
+    )
+    k: int | None = field(
+        default=None, metadata={"help": "experts per layer for topk/random/greedy (overrides fraction)"}
+    )
+    coverage: float | None = field(
+        default=None, metadata={"help": "routed-token share to reach per layer for the coverage policy, in (0, 1]"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the random policy"})
 
     def __post_init__(self):

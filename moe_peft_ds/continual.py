@@ -24,6 +24,7 @@ exactly as one process would, and shard it again; the pool must therefore stay a
 ``ep_size``: ``n`` per task is, and pruning and merging remove a multiple of it (the
 candidates beyond are kept: the most used, the least similar).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -37,9 +38,18 @@ import torch.nn.functional as F
 from .config import ConfigError, MixLoRAConfig
 from .device import model_device
 from .lora import ExpertLoRA, LoRALinear
+from .mixlora import (
+    PROJECTIONS,
+    ExpertLoRAPool,
+    MixLoRAFFN,
+    Router,
+    RouterPool,
+    _shared,
+    expert_groups,
+    mixlora_layers,
+    router_blocks,
+)
 from .routing import route
-from .mixlora import (PROJECTIONS, ExpertLoRAPool, MixLoRAFFN, Router, RouterPool, _shared, expert_groups, mixlora_layers,
-                      router_blocks)
 
 
 def _layers(model: nn.Module) -> list[MixLoRAFFN]:
@@ -47,7 +57,9 @@ def _layers(model: nn.Module) -> list[MixLoRAFFN]:
     cfg = getattr(model, "moe_peft_config", None)
     layers = [layer for _, layer in mixlora_layers(model)]
     if not isinstance(cfg, MixLoRAConfig) or not layers:
-        raise ConfigError("continual learning needs a model with a MixLoRA adapter (apply_mixlora or load_adapter first)")
+        raise ConfigError(
+            "continual learning needs a model with a MixLoRA adapter (apply_mixlora or load_adapter first)"
+        )
     if len(getattr(model, "moe_peft_configs", None) or {}) > 1:
         raise ConfigError("continual learning on a model carrying several adapters is not supported; use one adapter")
     if cfg.expert_r or cfg.expert_alpha:
@@ -105,16 +117,19 @@ def grow_experts(model: nn.Module, n: int, task: str, train_old_router: bool = F
     if task in tasks:
         raise ConfigError(f"task {task!r} already has experts; task names must be unique")
     if n % _ep_size(layers):
-        raise ConfigError(f"experts per task ({n}) must be a multiple of ep_size={_ep_size(layers)}: "
-                          "every rank holds an equal share of each task's experts")
+        raise ConfigError(
+            f"experts per task ({n}) must be a multiple of ep_size={_ep_size(layers)}: "
+            "every rank holds an equal share of each task's experts"
+        )
     new_ids = list(range(len(tasks), len(tasks) + n))
     with _unsharded(layers):
         _grow(model, layers, new_ids, task, tasks, train_old_router)
     return new_ids
 
 
-def _grow(model: nn.Module, layers: list[MixLoRAFFN], new_ids: list[int], task: str, tasks: list[str],
-          train_old_router: bool) -> None:
+def _grow(
+    model: nn.Module, layers: list[MixLoRAFFN], new_ids: list[int], task: str, tasks: list[str], train_old_router: bool
+) -> None:
     cfg, old, n = model.moe_peft_config, len(tasks), len(new_ids)
     for module in model.modules():
         if isinstance(module, LoRALinear):
@@ -251,8 +266,12 @@ def expert_similarity(model: nn.Module) -> torch.Tensor:
     sims = []
     with _unsharded(layers):
         for layer in layers:
-            flat = torch.stack([torch.cat([delta_weight(layer, p, e).flatten() for p in PROJECTIONS])
-                                for e in range(layer.num_experts)])
+            flat = torch.stack(
+                [
+                    torch.cat([delta_weight(layer, p, e).flatten() for p in PROJECTIONS])
+                    for e in range(layer.num_experts)
+                ]
+            )
             flat = F.normalize(flat, dim=1)
             sims.append(flat @ flat.T)
     return torch.stack(sims).mean(0)
@@ -271,8 +290,10 @@ def merge_experts(model: nn.Module, threshold: float) -> list[tuple[int, int]]:
         pairs = pairs[: len(pairs) - len(pairs) % ep_size]
         n = sim.shape[0]
         if pairs and n - len(pairs) < model.moe_peft_config.top_k:
-            raise ConfigError(f"merging {len(pairs)} pairs would leave {n - len(pairs)} experts, fewer than "
-                              f"top_k={model.moe_peft_config.top_k}; raise the merge threshold")
+            raise ConfigError(
+                f"merging {len(pairs)} pairs would leave {n - len(pairs)} experts, fewer than "
+                f"top_k={model.moe_peft_config.top_k}; raise the merge threshold"
+            )
         if pairs:
             partner = dict(pairs)
             tasks = task_of_experts(model)
@@ -284,7 +305,9 @@ def merge_experts(model: nn.Module, threshold: float) -> list[tuple[int, int]]:
 def _most_similar_pairs(sim: torch.Tensor, threshold: float) -> list[tuple[int, int]]:
     """Pairs ``(i, j)``, ``i < j``, with similarity at least ``threshold``, most similar first, each expert once."""
     pairs, used = [], set()
-    candidates = sorted(((float(sim[i, j]), i, j) for i in range(len(sim)) for j in range(i + 1, len(sim))), reverse=True)
+    candidates = sorted(
+        ((float(sim[i, j]), i, j) for i in range(len(sim)) for j in range(i + 1, len(sim))), reverse=True
+    )
     for value, i, j in candidates:
         if value >= threshold and i not in used and j not in used:
             pairs.append((i, j))
@@ -373,9 +396,13 @@ def continual_metrics(acc: list[list[float]]) -> dict:
     average = [statistics.mean(acc[i][: i + 1]) for i in range(T)]
     forgetting = [max(acc[k][j] for k in range(j, T - 1)) - acc[T - 1][j] for j in range(T - 1)]
     bwt = [acc[T - 1][j] - acc[j][j] for j in range(T - 1)]
-    return {"average_accuracy": average, "final_average_accuracy": average[-1], "forgetting": forgetting,
-            "average_forgetting": statistics.mean(forgetting) if forgetting else 0.0,
-            "backward_transfer": statistics.mean(bwt) if bwt else 0.0}
+    return {
+        "average_accuracy": average,
+        "final_average_accuracy": average[-1],
+        "forgetting": forgetting,
+        "average_forgetting": statistics.mean(forgetting) if forgetting else 0.0,
+        "backward_transfer": statistics.mean(bwt) if bwt else 0.0,
+    }
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, int]:

@@ -12,6 +12,7 @@ one; the last assistant turn is the response) or plain text. Tokenisation goes t
 ``Dataset.map``, which ``datasets`` caches: a second run on the same files and tokenizer
 reads the cache instead of tokenising again.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,15 +47,20 @@ class DataFormat:
 
     def resolve(self, columns: list[str], source: str) -> str:
         """The format of a dataset with ``columns``; a clear error if its columns do not fit."""
-        needs = {"chat": [self.messages_column], "instruction": [self.prompt_column, self.response_column],
-                 "text": [self.text_column]}
+        needs = {
+            "chat": [self.messages_column],
+            "instruction": [self.prompt_column, self.response_column],
+            "text": [self.text_column],
+        }
         kinds = [self.kind] if self.kind != "auto" else list(needs)
         for kind in kinds:
             if all(c in columns for c in needs[kind]):
                 return kind
         wanted = " or ".join("+".join(needs[k]) for k in kinds)
-        raise DataError(f"{source} has columns {sorted(columns)}; expected {wanted} "
-                        "(map yours with --prompt-column/--response-column/--messages-column/--text-column)")
+        raise DataError(
+            f"{source} has columns {sorted(columns)}; expected {wanted} "
+            "(map yours with --prompt-column/--response-column/--messages-column/--text-column)"
+        )
 
 
 def resolve_data(spec: str, split: str = "train") -> Path | str:
@@ -66,7 +72,9 @@ def resolve_data(spec: str, split: str = "train") -> Path | str:
         path = DEMO_DATA_DIR / f"{spec[5:]}_{'eval' if split == 'validation' else split}.jsonl"
         if not path.is_file():
             tasks = sorted({p.stem.rsplit("_", 1)[0] for p in DEMO_DATA_DIR.glob("*_train.jsonl")})
-            raise FileNotFoundError(f"no bundled demo task {spec!r} (split {split!r}); available: {['demo:' + t for t in tasks]}")
+            raise FileNotFoundError(
+                f"no bundled demo task {spec!r} (split {split!r}); available: {['demo:' + t for t in tasks]}"
+            )
         return path
     path = Path(spec)
     if path.exists():
@@ -129,12 +137,14 @@ def _chat_text(messages: list[dict], tokenizer) -> tuple[str, str]:
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full.startswith(prompt):
             raise DataError("the chat template does not render the conversation as its prompt followed by the reply")
-        return prompt, full[len(prompt):]
+        return prompt, full[len(prompt) :]
     prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
     return prompt, messages[-1]["content"]
 
 
-def encode(record: dict, tokenizer, max_length: int, fmt: DataFormat = DataFormat(), kind: str | None = None) -> dict[str, list[int]]:
+def encode(
+    record: dict, tokenizer, max_length: int, fmt: DataFormat = DataFormat(), kind: str | None = None
+) -> dict[str, list[int]]:
     """Token ids and labels of one record; prompt tokens get label -100 unless ``fmt.train_on_prompt``."""
     kind = kind or fmt.resolve(list(record), "the record")
     if kind == "text":
@@ -183,7 +193,9 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def make_loader(examples: list[dict], tokenizer, batch_size: int) -> DataLoader:
     """Batches of ``examples`` in order, the last one possibly short (calibration, evaluation)."""
-    return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+    return DataLoader(
+        examples, batch_size=batch_size, shuffle=False, collate_fn=lambda b: collate(b, tokenizer.pad_token_id)
+    )
 
 
 class GlobalBatches(Sampler[list[int]]):
@@ -198,9 +210,17 @@ class GlobalBatches(Sampler[list[int]]):
 
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
         if num_samples < batch_size * world:
-            raise DataError(f"{num_samples} training samples are fewer than one global batch "
-                            f"({batch_size} per rank x {world} ranks)")
-        self.num_samples, self.batch_size, self.rank, self.world, self.seed = num_samples, batch_size, rank, world, seed
+            raise DataError(
+                f"{num_samples} training samples are fewer than one global batch "
+                f"({batch_size} per rank x {world} ranks)"
+            )
+        self.num_samples, self.batch_size, self.rank, self.world, self.seed = (
+            num_samples,
+            batch_size,
+            rank,
+            world,
+            seed,
+        )
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -211,14 +231,18 @@ class GlobalBatches(Sampler[list[int]]):
         self.epoch += 1
         first = self.rank * self.batch_size
         for start in range(0, len(self) * self.batch_size * self.world, self.batch_size * self.world):
-            yield order[start + first: start + first + self.batch_size].tolist()
+            yield order[start + first : start + first + self.batch_size].tolist()
 
 
-def make_train_loader(examples: list[dict], tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
-                      world: int = 1) -> DataLoader:
+def make_train_loader(
+    examples: list[dict], tokenizer, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1
+) -> DataLoader:
     """Shuffled training batches of ``batch_size`` per rank (see ``GlobalBatches``)."""
-    return DataLoader(examples, batch_sampler=GlobalBatches(len(examples), batch_size, rank, world, seed),
-                      collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+    return DataLoader(
+        examples,
+        batch_sampler=GlobalBatches(len(examples), batch_size, rank, world, seed),
+        collate_fn=lambda b: collate(b, tokenizer.pad_token_id),
+    )
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -226,8 +250,15 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def load_examples(spec: str, tokenizer, max_length: int, split: str = "train", limit: int | None = None,
-                  fmt: DataFormat = DataFormat(), packing: bool = False) -> list[dict]:
+def load_examples(
+    spec: str,
+    tokenizer,
+    max_length: int,
+    split: str = "train",
+    limit: int | None = None,
+    fmt: DataFormat = DataFormat(),
+    packing: bool = False,
+) -> list[dict]:
     """Encoded examples of one split of ``--data``; ``limit`` keeps the first ``limit`` records.
     Tokenisation runs through ``Dataset.map`` and is cached by ``datasets``."""
     ds = load_split(spec, split)
@@ -236,7 +267,8 @@ def load_examples(spec: str, tokenizer, max_length: int, split: str = "train", l
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     kind = fmt.resolve(ds.column_names, f"--data {spec!r}")
-    encoded = ds.map(lambda r: encode(r, tokenizer, max_length, fmt, kind), remove_columns=ds.column_names,
-                     desc="tokenising")
+    encoded = ds.map(
+        lambda r: encode(r, tokenizer, max_length, fmt, kind), remove_columns=ds.column_names, desc="tokenising"
+    )
     examples = [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in encoded]
     return pack(examples, max_length) if packing else examples

@@ -48,12 +48,15 @@ _PLACES = "harbor forest village valley river bank garden market".split()
 _TIMES = "at dawn|before the storm|after supper|in the rain|under the stars|at noon".split("|")
 _FEELINGS = "smiled|sighed|laughed softly|stayed silent|sang a song|closed her eyes".split("|")
 # country, capital, continent, river
-_GEO = [row.split(":") for row in (
-    "France:Paris:Europe:Seine;Germany:Berlin:Europe:Rhine;Egypt:Cairo:Africa:Nile;"
-    "Brazil:Brasilia:South America:Amazon;Japan:Tokyo:Asia:Tone;Canada:Ottawa:North America:Fraser;"
-    "Peru:Lima:South America:Ucayali;Kenya:Nairobi:Africa:Tana;India:Delhi:Asia:Ganges;"
-    "Spain:Madrid:Europe:Tagus;Poland:Warsaw:Europe:Vistula;Mali:Bamako:Africa:Niger"
-).split(";")]
+_GEO = [
+    row.split(":")
+    for row in (
+        "France:Paris:Europe:Seine;Germany:Berlin:Europe:Rhine;Egypt:Cairo:Africa:Nile;"
+        "Brazil:Brasilia:South America:Amazon;Japan:Tokyo:Asia:Tone;Canada:Ottawa:North America:Fraser;"
+        "Peru:Lima:South America:Ucayali;Kenya:Nairobi:Africa:Tana;India:Delhi:Asia:Ganges;"
+        "Spain:Madrid:Europe:Tagus;Poland:Warsaw:Europe:Vistula;Mali:Bamako:Africa:Niger"
+    ).split(";")
+]
 
 
 def _sum_question(rng: random.Random) -> tuple[str, str]:
@@ -69,11 +72,13 @@ def _arithmetic(rng: random.Random) -> str:
     question, answer = _sum_question(rng)
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(2, 60), rng.randint(2, 30)
-    return rng.choice([
-        f"{question} = {answer}",
-        f"Q: What is {question}?\nA: {answer}",
-        f"{name} has {a} {item}s and gets {b} more, so {name} has {a + b} {item}s.",
-    ])
+    return rng.choice(
+        [
+            f"{question} = {answer}",
+            f"Q: What is {question}?\nA: {answer}",
+            f"{name} has {a} {item}s and gets {b} more, so {name} has {a + b} {item}s.",
+        ]
+    )
 
 
 def _function(rng: random.Random) -> tuple[str, str, str, str, str]:
@@ -88,25 +93,31 @@ def _code(rng: random.Random) -> str:
     name, word, op, a, b = _function(rng)
     if rng.random() < 0.7:
         return f'def {name}({a}, {b}):\n    """Return the {word} of {a} and {b}."""\n    return {a} {op} {b}\n'
-    return (f"def {name}(items):\n    total = 0\n    for item in items:\n"
-            f"        if item > {rng.randint(0, 9)}:\n            total {op}= item\n    return total\n")
+    return (
+        f"def {name}(items):\n    total = 0\n    for item in items:\n"
+        f"        if item > {rng.randint(0, 9)}:\n            total {op}= item\n    return total\n"
+    )
 
 
 def _prose(rng: random.Random) -> str:
     """Two narrative sentences built from word lists."""
     c = rng.choice
-    return (f"The {c(_ADJS)} {c(_SUBJECTS)} {c(_MOTIONS)} to the {c(_ADJS)} {c(_PLACES)} {c(_TIMES)}. "
-            f"When the {c(_SUBJECTS)} saw the {c(_PLACES)}, she {c(_FEELINGS)}.")
+    return (
+        f"The {c(_ADJS)} {c(_SUBJECTS)} {c(_MOTIONS)} to the {c(_ADJS)} {c(_PLACES)} {c(_TIMES)}. "
+        f"When the {c(_SUBJECTS)} saw the {c(_PLACES)}, she {c(_FEELINGS)}."
+    )
 
 
 def _geography(rng: random.Random) -> str:
     """One fact about a country: capital, continent or river."""
     country, capital, continent, river = rng.choice(_GEO)
-    return rng.choice([
-        f"{capital} is the capital of {country}.",
-        f"{country} is a country in {continent}.",
-        f"The {river} river flows through {country}.",
-    ])
+    return rng.choice(
+        [
+            f"{capital} is the capital of {country}.",
+            f"{country} is a country in {continent}.",
+            f"The {river} river flows through {country}.",
+        ]
+    )
 
 
 _DOMAINS = {"arithmetic": _arithmetic, "code": _code, "prose": _prose, "geography": _geography}
@@ -125,8 +136,10 @@ def _task_pair(domain: str, rng: random.Random) -> dict[str, str]:
         return {"prompt": f"Q: What is {question}?\nA:", "response": f" {answer}"}
     if domain == "code":
         name, word, op, a, b = _function(rng)
-        return {"prompt": f"Q: Write a Python function {name} that returns the {word} of {a} and {b}.\nA:",
-                "response": f"\ndef {name}({a}, {b}):\n    return {a} {op} {b}"}
+        return {
+            "prompt": f"Q: Write a Python function {name} that returns the {word} of {a} and {b}.\nA:",
+            "response": f"\ndef {name}({a}, {b}):\n    return {a} {op} {b}",
+        }
     raise ValueError(f"no task for domain {domain!r}; choose from {TASKS}")
 
 
@@ -144,44 +157,67 @@ def task_examples(domain: str, seed: int, n: int) -> list[dict[str, str]]:
 def build_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on ``texts``; digits are split so sums stay learnable."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     # Prepend <s> like Llama/Mixtral tokenizers do; </s> is left to the caller.
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", padding_side="right")
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="right"
+    )
 
 
 def tiny_mixtral_config(vocab_size: int) -> MixtralConfig:
     """4 layers x 16 experts (top-2), hidden 64: about 1.7M parameters, ~7 MB in fp32."""
     return MixtralConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2,
-        max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=16,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
         router_aux_loss_coef=0.001,  # weak: keeps experts alive, lets each domain specialise
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
 
 
 def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     """4 layers, hidden 64, one FFN of 256 (as wide as tiny-mixtral's two active experts together): about 0.31M parameters."""
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
 
 
-def _pack(tokenizer: PreTrainedTokenizerFast, texts: list[str], seq_len: int,
-          rng: random.Random) -> torch.Tensor:
+def _pack(tokenizer: PreTrainedTokenizerFast, texts: list[str], seq_len: int, rng: random.Random) -> torch.Tensor:
     """Shuffle documents, join them as ``<s> text </s>`` and cut into rows: [n_rows, seq_len]."""
     docs = rng.sample(texts, len(texts))
     flat = [t for ids in tokenizer(docs)["input_ids"] for t in ids + [tokenizer.eos_token_id]]
@@ -192,12 +228,23 @@ def _pack(tokenizer: PreTrainedTokenizerFast, texts: list[str], seq_len: int,
 def _lr_lambda(steps: int):
     """Linear warm-up over 5% of the steps, then cosine decay to 10%."""
     warmup = max(1, steps // 20)
-    return lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (
-        1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+    return lambda s: (
+        (s + 1) / warmup
+        if s < warmup
+        else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+    )
 
 
-def pretrain(model: MixtralForCausalLM | LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str],
-             steps: int, seq_len: int, batch_size: int, seed: int, lr: float) -> list[float]:
+def pretrain(
+    model: MixtralForCausalLM | LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    steps: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    lr: float,
+) -> list[float]:
     """Causal-LM pretraining (plus router aux loss) on packed mixed-domain text; returns losses."""
     torch.manual_seed(seed)
     rows = _pack(tokenizer, texts, seq_len, random.Random(seed))  # [n_rows, seq_len]
@@ -241,8 +288,13 @@ def default_dir(arch: str) -> Path:
     return DEMO_MODEL_DIR if arch == "mixtral" else DEMO_DENSE_DIR
 
 
-def build_demo(out_dir: Path = DEMO_MODEL_DIR, data_dir: Path = DEMO_DATA_DIR,
-               steps: int = DEFAULT_STEPS, seed: int = 0, arch: str = "mixtral") -> Path:
+def build_demo(
+    out_dir: Path = DEMO_MODEL_DIR,
+    data_dir: Path = DEMO_DATA_DIR,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    arch: str = "mixtral",
+) -> Path:
     """Build corpus, tokenizer and tiny Mixtral (or dense tiny LLaMA), pretrain it, save model and task data.
 
     Returns ``out_dir``. About 3 minutes on 2 idle CPU cores with the default steps.
@@ -264,10 +316,14 @@ def build_demo(out_dir: Path = DEMO_MODEL_DIR, data_dir: Path = DEMO_DATA_DIR,
     tokenizer.save_pretrained(out_dir)
     _write_tasks(data_dir, seed)
     info = {  # final_loss: mean of the last 50 steps, less noisy than the last one
-        "seed": seed, "steps": steps, "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+        "seed": seed,
+        "steps": steps,
+        "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
         "corpus_sizes": {k: len(v) for k, v in corpus.items()},
-        "task_sizes": {"train": N_TRAIN, "eval": N_EVAL}, "build_seconds": round(time.time() - start, 1),
-        "command": _command(out_dir, data_dir, steps, seed, arch), "arch": arch,
+        "task_sizes": {"train": N_TRAIN, "eval": N_EVAL},
+        "build_seconds": round(time.time() - start, 1),
+        "command": _command(out_dir, data_dir, steps, seed, arch),
+        "arch": arch,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """Where tensors live. The model goes to the run's accelerator right after loading (before
 profiling), and every batch and every collective's tensor follows the model: NCCL takes no CPU
 tensors, and a CPU tensor in a GPU step is a hidden copy."""
+
 from __future__ import annotations
 
 import os

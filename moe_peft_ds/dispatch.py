@@ -9,6 +9,7 @@ the expert through one all-to-all with uneven split sizes (no capacity, no paddi
 dropped tokens), the owner runs its experts, and a second all-to-all brings the outputs
 back for the weighted combine. Both all-to-alls are differentiable.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from .routes import Routes, add_unrouted, unrouted_tokens
 from .routing import expert_counts
+
 
 class _AllToAllV(torch.autograd.Function):
     """All-to-all of rows with per-rank split sizes; backward sends gradients the reverse way."""
@@ -71,14 +73,22 @@ class ExpertParallelDispatch(MoE):
             if sorted(order) != list(range(num_experts)):
                 raise ValueError(f"order {order} is not a permutation of the {num_experts} experts")
             position = torch.empty(num_experts + 1, dtype=torch.long, device=device)
-            position[torch.tensor(list(order) + [num_experts], device=device)] = torch.arange(num_experts + 1, device=device)
+            position[torch.tensor(list(order) + [num_experts], device=device)] = torch.arange(
+                num_experts + 1, device=device
+            )
         self.register_buffer("position", position, persistent=False)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by ``deepspeed.initialize``: the groups exist already (``deepspeed_expert_group``)."""
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                expert_rows, fallback=None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        expert_rows,
+        fallback=None,
+    ) -> torch.Tensor:
         """``[T, H]``: every token's weighted sum of its experts' outputs, where
         ``expert_rows(x, local_expert_of_row, counts)`` computes this rank's experts on the rows
         it receives (sorted by local expert). Tokens routed to no expert get ``fallback(rows)``
@@ -93,7 +103,7 @@ class ExpertParallelDispatch(MoE):
         unrouted = unrouted_tokens(top_k_index, self.num_experts) if fallback is not None else None
         sizes = [send_counts.sum(1), recv_counts.sum(1)] + ([unrouted.sum().view(1)] if fallback is not None else [])
         host = torch.cat(sizes).tolist()  # the one host sync
-        send, recv = host[:ep], host[ep:2 * ep]
+        send, recv = host[:ep], host[ep : 2 * ep]
         routes = Routes.of(top_k_index, self.num_experts, rows=sum(send), counts=counts)
         x = all_to_all_v(routes.gather(hidden_states), send, recv, self.group)  # grouped by source, then expert
         # Regroup the received rows by local expert (stable: sources stay in rank order).

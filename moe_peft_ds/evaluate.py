@@ -11,6 +11,7 @@ front of every prompt (seeded; drawn from the task's few-shot split, not the eva
 interval. Items can be split over data-parallel ranks (``rank``/``world``); the per-item
 scores are gathered so every rank returns what one process would.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,9 @@ def few_shot_prefixes(pool: list[MCItem], shots: int, seed: int, n_items: int) -
 
 
 @torch.no_grad()
-def _continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, device, bar) -> list[float]:
+def _continuation_logprobs(
+    model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, device, bar
+) -> list[float]:
     """Summed log-probability of each continuation given its context."""
     encoded = []
     for context, continuation in pairs:
@@ -69,14 +72,16 @@ def _continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch
         encoded.append((ctx, cont))
     scores = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+        chunk = encoded[start : start + batch_size]
         width = max(len(c) + len(o) for c, o in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, (c, o) in enumerate(chunk):
-            ids[i, :len(c) + len(o)] = torch.tensor(c + o)
-            mask[i, :len(c) + len(o)] = 1
-        logprobs = F.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
+            ids[i, : len(c) + len(o)] = torch.tensor(c + o)
+            mask[i, : len(c) + len(o)] = 1
+        logprobs = F.log_softmax(
+            model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1
+        )
         for i, (c, o) in enumerate(chunk):
             positions = torch.arange(len(c) - 1, len(c) + len(o) - 1, device=logprobs.device)
             scores.append(float(logprobs[i, positions, torch.tensor(o, device=logprobs.device)].sum()))
@@ -85,16 +90,18 @@ def _continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch
 
 
 @torch.no_grad()
-def _letter_logits(model, tokenizer, prompts: list[str], letters: list[list[str]], batch_size: int, device, bar) -> list[list[float]]:
+def _letter_logits(
+    model, tokenizer, prompts: list[str], letters: list[list[str]], batch_size: int, device, bar
+) -> list[list[float]]:
     """The next-token logit of each option letter (``" A"``'s first token) after each prompt."""
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
+        chunk = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
         width = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, c in enumerate(chunk):
-            ids[i, :len(c)], mask[i, :len(c)] = torch.tensor(c), 1
+            ids[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         for i, c in enumerate(chunk):
             token = [tokenizer(f" {lab}", add_special_tokens=False)["input_ids"][0] for lab in letters[start + i]]
@@ -103,9 +110,18 @@ def _letter_logits(model, tokenizer, prompts: list[str], letters: list[list[str]
     return out
 
 
-def score_items(model, tokenizer, items: list[MCItem], pool: list[MCItem] | None = None, shots: int = 0, seed: int = 0,
-                batch_size: int = 8, progress: bool = True, desc: str = "scoring",
-                prefixes: list[tuple[str, str]] | None = None) -> list[dict]:
+def score_items(
+    model,
+    tokenizer,
+    items: list[MCItem],
+    pool: list[MCItem] | None = None,
+    shots: int = 0,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "scoring",
+    prefixes: list[tuple[str, str]] | None = None,
+) -> list[dict]:
     """Per-item scores: ``loglik`` and ``chars`` per option, ``letter`` logits, ``answer``.
     ``prefixes`` (one per item) replaces the few-shot draw from ``pool``."""
     model.eval()
@@ -115,13 +131,26 @@ def score_items(model, tokenizer, items: list[MCItem], pool: list[MCItem] | None
     pairs = [(pre + ctx, cont) for item, (pre, _) in zip(items, prefixes) for ctx, cont in item.options]
     with tqdm(total=len(pairs) + len(items), desc=desc, disable=not progress) as bar:
         logliks = _continuation_logprobs(model, tokenizer, pairs, batch_size, device, bar)
-        letters = _letter_logits(model, tokenizer, [pre + lettered_prompt(i) for i, (_, pre) in zip(items, prefixes)],
-                                 [i.labels for i in items], batch_size, device, bar)
+        letters = _letter_logits(
+            model,
+            tokenizer,
+            [pre + lettered_prompt(i) for i, (_, pre) in zip(items, prefixes)],
+            [i.labels for i in items],
+            batch_size,
+            device,
+            bar,
+        )
     results, k = [], 0
     for item, letter in zip(items, letters):
         n = len(item.options)
-        results.append({"loglik": logliks[k:k + n], "chars": [len(c) for _, c in item.options], "letter": letter,
-                        "answer": item.answer})
+        results.append(
+            {
+                "loglik": logliks[k : k + n],
+                "chars": [len(c) for _, c in item.options],
+                "letter": letter,
+                "answer": item.answer,
+            }
+        )
         k += n
     return results
 
@@ -138,8 +167,10 @@ def accuracy(scores: list[dict]) -> dict[str, dict]:
         "acc_letter": [_argmax(s["letter"]) == s["answer"] for s in scores],
     }
     n = len(scores)
-    return {m: {"accuracy": sum(h) / n if n else 0.0, "correct": sum(h), "n": n, "ci95": wilson_interval(sum(h), n)}
-            for m, h in hits.items()}
+    return {
+        m: {"accuracy": sum(h) / n if n else 0.0, "correct": sum(h), "n": n, "ci95": wilson_interval(sum(h), n)}
+        for m, h in hits.items()
+    }
 
 
 def score_distributed(model, tokenizer, items: list[MCItem], rank: int = 0, world: int = 1, **kw) -> list[dict]:
@@ -183,5 +214,9 @@ def exact_match(model, loader) -> dict[str, float]:
         right, tokens = right + int(correct.sum()), tokens + int(scored.sum())
         nll += float(F.cross_entropy(logits[scored], target[scored], reduction="sum"))
     model.train(was_training)
-    return {"exact_match": hits / max(samples, 1), "token_accuracy": right / max(tokens, 1),
-            "loss": nll / max(tokens, 1), "samples": samples}
+    return {
+        "exact_match": hits / max(samples, 1),
+        "token_accuracy": right / max(tokens, 1),
+        "loss": nll / max(tokens, 1),
+        "samples": samples,
+    }

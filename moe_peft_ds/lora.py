@@ -5,6 +5,7 @@ Orientation is always ``[out, in]`` here (as ``nn.Linear.weight``): ``A`` is ``[
 ``B`` is ``[out, r]`` and the update is ``delta_W = scaling * B @ A``. Callers whose base
 weights are stored transposed (GPT-OSS) pass a transposed view.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers.integrations.moe import _grouped_mm as _transformers_grouped_mm
 
 from .config import LoRAConfig
@@ -32,7 +32,9 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
     return (x.to(A.dtype) @ A.t() @ B.t()) * scaling
 
 
-def dora_scale(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling, magnitude: torch.Tensor) -> torch.Tensor:
+def dora_scale(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling, magnitude: torch.Tensor
+) -> torch.Tensor:
     """DoRA's per-output factor ``m / ||W + s B A||_row`` (``[out]``, or ``[n, out]`` for stacked experts,
     whose ``scaling`` may then be a tensor ``[n]``).
 
@@ -122,7 +124,9 @@ class LoRALinear(nn.Module):
         self.magnitude = None
         if cfg.use_dora:
             # ||W|| exactly as the forward computes it (B = 0), in the adapter's dtype: the scale starts at 1
-            self.magnitude = nn.Parameter(merged_row_norm(base.weight.detach(), self.lora_A, self.lora_B, 1.0).detach())
+            self.magnitude = nn.Parameter(
+                merged_row_norm(base.weight.detach(), self.lora_A, self.lora_B, 1.0).detach()
+            )
         base.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +145,9 @@ class LoRALinear(nn.Module):
         w = self.base.weight
         merged = w + (self.scaling * (self.lora_B @ self.lora_A)).to(w.dtype)
         if self.magnitude is not None:
-            merged = dora_scale(w, self.lora_A, self.lora_B, self.scaling, self.magnitude).to(w.dtype)[:, None] * merged
+            merged = (
+                dora_scale(w, self.lora_A, self.lora_B, self.scaling, self.magnitude).to(w.dtype)[:, None] * merged
+            )
         return merged
 
 
@@ -183,8 +189,12 @@ class ExpertLoRA(nn.Module):
         self.set_layout(range(first_expert, first_expert + num_experts))
         if cfg.use_dora:
             # [n, out]: ||W|| as the forward computes it (B = 0); a shared weight is not copied per expert
-            self.magnitude = nn.Parameter(merged_row_norm(self._base(weight_out_in).detach(), self.lora_A, self.lora_B, 1.0).detach())
-        self.register_buffer("scaling", torch.tensor([cfg.scaling_of(e) for e in self.expert_ids], **kw), persistent=False)
+            self.magnitude = nn.Parameter(
+                merged_row_norm(self._base(weight_out_in).detach(), self.lora_A, self.lora_B, 1.0).detach()
+            )
+        self.register_buffer(
+            "scaling", torch.tensor([cfg.scaling_of(e) for e in self.expert_ids], **kw), persistent=False
+        )
 
     def set_layout(self, local_experts) -> None:
         """Derive the index helpers for a base tensor whose experts are the global ids
@@ -201,8 +211,9 @@ class ExpertLoRA(nn.Module):
         # Derived from expert_ids: not saved, but moved with the module.
         self.register_buffer("ids", ids, persistent=False)
 
-    def forward(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor,
-                weight_out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, weight_out_in: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The update of every row: ``(delta [S, out], scale)``, zero (scale 1) on the rows of
         experts without an adapter.
 
@@ -223,7 +234,9 @@ class ExpertLoRA(nn.Module):
         delta = grouped_mm(hidden, B.transpose(1, 2), offsets) * scaling[expert_of_row, None]  # [S, out]
         if self.magnitude is None:
             return delta, None
-        scale = dora_scale(self._base(weight_out_in), self.lora_A, self.lora_B, self.scaling, self.magnitude)  # [n, out]
+        scale = dora_scale(
+            self._base(weight_out_in), self.lora_A, self.lora_B, self.scaling, self.magnitude
+        )  # [n, out]
         return delta, self._spread(scale, fill=1.0)[expert_of_row]
 
     def _spread(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -251,8 +264,12 @@ class ExpertLoRA(nn.Module):
         """Each selected expert's tensors (views) under their checkpoint keys
         ``layers.{layer}.experts.{global id}.{tensor}.{lora_A|lora_B|magnitude}``."""
         params = {"lora_A": self.lora_A, "lora_B": self.lora_B, "magnitude": self.magnitude}
-        return {f"layers.{layer}.experts.{e}.{tensor}.{name}": p[slot].detach()
-                for slot, e in enumerate(self.expert_ids) for name, p in params.items() if p is not None}
+        return {
+            f"layers.{layer}.experts.{e}.{tensor}.{name}": p[slot].detach()
+            for slot, e in enumerate(self.expert_ids)
+            for name, p in params.items()
+            if p is not None
+        }
 
     @torch.no_grad()
     def merged_weight(self, expert: int, weight_out_in: torch.Tensor) -> torch.Tensor:

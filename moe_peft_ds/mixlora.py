@@ -18,6 +18,7 @@ fast path runs W2 per routed row, as the MixLoRA paper does.)
 
 A dense family is one ``DenseFamily`` entry: where the decoder layer keeps its gated MLP.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,8 +67,10 @@ def dense_family_of(model: nn.Module) -> DenseFamily:
         if model_type in fam.model_types:
             return fam
     known = sorted(t for fam in DENSE_FAMILIES for t in fam.model_types)
-    raise UnsupportedModelError(f"model_type={model_type!r} is not a supported dense family for MixLoRA; supported: {known}. "
-                                "Add a DenseFamily entry in moe_peft_ds/mixlora.py to support another layout.")
+    raise UnsupportedModelError(
+        f"model_type={model_type!r} is not a supported dense family for MixLoRA; supported: {known}. "
+        "Add a DenseFamily entry in moe_peft_ds/mixlora.py to support another layout."
+    )
 
 
 def _shared(weight: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -101,9 +104,12 @@ class MixLoRAExperts(nn.Module):
         hidden = mlp.gate_proj.in_features
         self.router = Router(hidden, cfg.num_experts, cfg.router_init_range, device=mlp.gate_proj.weight.device)
         experts = list(range(cfg.num_experts))
-        self.lora = nn.ModuleDict({
-            name: ExpertLoRA(experts, _shared(getattr(mlp, name).weight, cfg.num_experts), cfg) for name in PROJECTIONS
-        })
+        self.lora = nn.ModuleDict(
+            {
+                name: ExpertLoRA(experts, _shared(getattr(mlp, name).weight, cfg.num_experts), cfg)
+                for name in PROJECTIONS
+            }
+        )
 
 
 class ExpertLoRAPool(nn.Module):
@@ -174,7 +180,9 @@ class MixLoRAFFN(nn.Module):
         self.dispatch = None  # expert parallel: a parallel.ExpertParallelDispatch (see shard)
         self.local_experts = list(range(cfg.num_experts))  # global ids of the LoRA experts held here
         mlp.requires_grad_(False)
-        self.aux_loss_scale = 1.0  # set per step under DeepSpeed: this rank's share of real tokens / accumulation steps
+        self.aux_loss_scale = (
+            1.0  # set per step under DeepSpeed: this rank's share of real tokens / accumulation steps
+        )
         # Its own until apply_mixlora pools every layer's router losses (share_router_losses).
         self.router_losses, self.loss_slot = RouterLosses(cfg.router_aux_loss_pooling == "pooled"), 0
         self.collect_router_losses = True  # off for forwards outside the training loss (continual's router KL)
@@ -190,12 +198,21 @@ class MixLoRAFFN(nn.Module):
         """``[T]``: True for real tokens of ``x [B, S, H]`` (all of them without a mask)."""
         tokens = x.shape[:-1].numel()
         mask = self.token_mask
-        if mask is None or mask.dim() != 2 or x.dim() != 3 or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+        if (
+            mask is None
+            or mask.dim() != 2
+            or x.dim() != 3
+            or mask.shape[0] != x.shape[0]
+            or mask.shape[1] < x.shape[1]
+        ):
             return torch.ones(tokens, dtype=torch.bool, device=x.device)
-        return mask[:, -x.shape[1]:].reshape(-1).to(device=x.device, dtype=torch.bool)  # generation: the last S positions
+        return (
+            mask[:, -x.shape[1] :].reshape(-1).to(device=x.device, dtype=torch.bool)
+        )  # generation: the last S positions
 
-    def _lora(self, name: str, y: torch.Tensor, rows: torch.Tensor, expert_of_row: torch.Tensor,
-              counts: torch.Tensor) -> torch.Tensor:
+    def _lora(
+        self, name: str, y: torch.Tensor, rows: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
         """``y``, the frozen projection ``name`` of ``rows`` (no bias), with each row's expert
         LoRA/DoRA applied, plus the bias. Rows are sorted by (local) expert."""
         linear = getattr(self.base, name)
@@ -208,13 +225,17 @@ class MixLoRAFFN(nn.Module):
         expert, ``counts`` rows per expert: the reference path, and what the expert-parallel
         dispatch runs on the rows this rank receives."""
         gate = self._lora("gate_proj", F.linear(x, self.base.gate_proj.weight), x, expert_of_row, counts)
-        h = self.base.act_fn(gate) * self._lora("up_proj", F.linear(x, self.base.up_proj.weight), x, expert_of_row, counts)
+        h = self.base.act_fn(gate) * self._lora(
+            "up_proj", F.linear(x, self.base.up_proj.weight), x, expert_of_row, counts
+        )
         return self._lora("down_proj", F.linear(h, self.base.down_proj.weight), h, expert_of_row, counts)
 
     def _fast(self, flat: torch.Tensor, routes: Routes, weights: torch.Tensor) -> torch.Tensor:
         """The fast path (see the module docstring): W1 and W3 once per token, and W2 too for LoRA experts."""
         rows = routes.gather(flat)
-        projected = {name: routes.gather(F.linear(flat, getattr(self.base, name).weight)) for name in ("gate_proj", "up_proj")}
+        projected = {
+            name: routes.gather(F.linear(flat, getattr(self.base, name).weight)) for name in ("gate_proj", "up_proj")
+        }
         gate, up = (self._lora(n, projected[n], rows, routes.expert, routes.counts) for n in ("gate_proj", "up_proj"))
         h = self.base.act_fn(gate) * up
         if not self.adapter.lora["down_proj"].dora:
@@ -227,7 +248,9 @@ class MixLoRAFFN(nn.Module):
         mixed activations, each expert's LoRA on its rows (LoRA only; see the module docstring)."""
         down = self.base.down_proj
         out = F.linear(routes.mix(h, weights, tokens).to(h.dtype), down.weight)
-        delta, _ = self.adapter.lora["down_proj"](h, routes.expert, routes.counts, _shared(down.weight, self.num_local))
+        delta, _ = self.adapter.lora["down_proj"](
+            h, routes.expert, routes.counts, _shared(down.weight, self.num_local)
+        )
         out = out + routes.mix(delta, weights, tokens).to(out.dtype)
         if down.bias is not None:  # weights sum to 1 on routed tokens, 0 on the others
             out = out + routes.mix(down.bias.expand(h.shape[0], -1), weights, tokens).to(out.dtype)
@@ -239,7 +262,9 @@ class MixLoRAFFN(nn.Module):
         if self.training and self.cfg.jitter_noise > 0:
             noise = torch.empty_like(flat).uniform_(1 - self.cfg.jitter_noise, 1 + self.cfg.jitter_noise)
             router_in = flat.float() * noise
-            if self.cfg.routing != "switch":  # the reference perturbs the experts' input too, except with switch routing
+            if (
+                self.cfg.routing != "switch"
+            ):  # the reference perturbs the experts' input too, except with switch routing
                 flat = flat * noise
         else:
             router_in = flat.float()
@@ -248,10 +273,17 @@ class MixLoRAFFN(nn.Module):
             out = self.dispatch(flat, routing.index, routing.weights, self.expert_rows, fallback=self.base)
         else:
             unrouted = unrouted_tokens(routing.index, self.num_experts)  # padding, capacity drops
-            rows, n_unrouted = torch.stack([(routing.index < self.num_experts).sum(), unrouted.sum()]).tolist()  # the one host sync
+            rows, n_unrouted = torch.stack(
+                [(routing.index < self.num_experts).sum(), unrouted.sum()]
+            ).tolist()  # the one host sync
             routes = Routes.of(routing.index, self.num_experts, rows)
-            out = self._fast(flat, routes, routing.weights) if self.fast else \
-                routes.combine(flat, self.expert_rows(routes.gather(flat), routes.expert, routes.counts), routing.weights)
+            out = (
+                self._fast(flat, routes, routing.weights)
+                if self.fast
+                else routes.combine(
+                    flat, self.expert_rows(routes.gather(flat), routes.expert, routes.counts), routing.weights
+                )
+            )
             out = add_unrouted(out, flat, unrouted, n_unrouted, self.base)
         if self.collect_router_losses:
             out = self._router_losses(out, routing, valid)
@@ -289,11 +321,11 @@ class MixLoRAFFN(nn.Module):
 
         def part(ids: list[int], r: int) -> list[int]:
             share = len(ids) // ep_size
-            return ids[r * share: (r + 1) * share]
+            return ids[r * share : (r + 1) * share]
 
         order = [e for r in range(ep_size) for g in groups["gate_proj"] for e in part(g.expert_ids, r)]
         share = self.num_experts // ep_size
-        self.local_experts = order[rank * share: (rank + 1) * share]
+        self.local_experts = order[rank * share : (rank + 1) * share]
         for name in PROJECTIONS:
             weight = getattr(self.base, name).weight
             local = []
@@ -306,7 +338,9 @@ class MixLoRAFFN(nn.Module):
                 tag_expert_local(shard.requires_grad_(full.lora_A.requires_grad).parameters(), ep_size)
                 local.append(shard)
             self.adapter.lora[name] = local[0] if len(local) == 1 else ExpertLoRAPool(local)
-        self.dispatch = ExpertParallelDispatch(group, self.num_experts, order, device=self.adapter.router.weight.device)
+        self.dispatch = ExpertParallelDispatch(
+            group, self.num_experts, order, device=self.adapter.router.weight.device
+        )
 
     @torch.no_grad()
     def unshard(self) -> None:
@@ -456,7 +490,9 @@ def _apply_mixlora_megatron(model: nn.Module, cfg, fast: bool = True) -> nn.Modu
     Checked before anything changes; LoRA on Megatron's attention is not built (attention_targets=[])."""
     sites = dense_mlps(model)
     if not sites:
-        raise UnsupportedModelError("the Megatron model has no dense MLP (megatron.core.transformer.mlp.MLP) for MixLoRA")
+        raise UnsupportedModelError(
+            "the Megatron model has no dense MLP (megatron.core.transformer.mlp.MLP) for MixLoRA"
+        )
     if getattr(model, "moe_peft_config", None) is not None:
         raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
     if cfg.attention_targets:

@@ -1,4 +1,5 @@
 """Model loading: a Hugging Face model id or path, or a preset bundled with the package."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,10 @@ import torch
 from .config import ConfigError
 from .device import run_device
 
-PRESETS = {"tiny-mixtral": "the pretrained 16-expert demo MoE shipped in moe_peft_ds/assets (see launch/build_demo_model.py)",
-           "tiny-llama": "the pretrained dense demo LLaMA shipped in moe_peft_ds/assets (launch/build_demo_model.py --arch llama)"}
+PRESETS = {
+    "tiny-mixtral": "the pretrained 16-expert demo MoE shipped in moe_peft_ds/assets (see launch/build_demo_model.py)",
+    "tiny-llama": "the pretrained dense demo LLaMA shipped in moe_peft_ds/assets (launch/build_demo_model.py --arch llama)",
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -20,8 +23,10 @@ def resolve_model(spec: str) -> str:
 
         arch = spec.removeprefix("tiny-")
         if not (default_dir(arch) / "model.safetensors").is_file():
-            raise FileNotFoundError(f"preset {spec!r} is missing at {default_dir(arch)}; rebuild it with "
-                                    f"launch/build_demo_model.py --arch {arch}")
+            raise FileNotFoundError(
+                f"preset {spec!r} is missing at {default_dir(arch)}; rebuild it with "
+                f"launch/build_demo_model.py --arch {arch}"
+            )
         return str(default_dir(arch))
     return spec
 
@@ -57,5 +62,7 @@ def check_tokenizer(model, tokenizer) -> None:
     not as an index error deep in a forward pass."""
     embedded = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > embedded:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model embeds {embedded}: they do not "
-                         "belong together (pass the model's own tokenizer)")
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model embeds {embedded}: they do not "
+            "belong together (pass the model's own tokenizer)"
+        )

@@ -1,5 +1,6 @@
 """Module helpers every layer of the package uses: the error for models no backend adapts, the
 decoder-layer index of a module path, swapping modules, and wrapping nn.Linear children in LoRA."""
+
 from __future__ import annotations
 
 import re

@@ -9,6 +9,7 @@ parallelism, so every rank runs the same number of them (validation samples are 
 evenly over the ranks, the remainder left out; task items are scored whole on every rank
 of an expert-parallel model). Only rank 0 writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,6 @@ from .device import model_device, to_device
 from .resume import rank_world
 
 
-
 @torch.no_grad()
 def validation_loss(model: nn.Module, examples: list[dict], tokenizer, batch_size: int) -> float:
     """Loss per target token over ``examples`` (split evenly over the ranks, gathered)."""
@@ -35,8 +35,10 @@ def validation_loss(model: nn.Module, examples: list[dict], tokenizer, batch_siz
     device = model_device(model)
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [summed loss, target tokens], on the device: no sync per batch
-    for batch in make_loader(examples[rank * per_rank:(rank + 1) * per_rank], tokenizer, batch_size):
+    total = torch.zeros(
+        2, dtype=torch.float64, device=device
+    )  # [summed loss, target tokens], on the device: no sync per batch
+    for batch in make_loader(examples[rank * per_rank : (rank + 1) * per_rank], tokenizer, batch_size):
         batch = to_device(batch, device)
         summed = model(**batch, num_items_in_batch=torch.tensor(1.0, device=device)).loss  # the sum, not the mean
         total += torch.stack([summed.double(), target_tokens(batch).double()])
@@ -98,8 +100,8 @@ class TrainingMonitor:
 
     def evaluate(self, step: int, model: nn.Module) -> dict:
         from .checkpoint import save_adapter
-        from .evaluate import accuracy, score_distributed
         from .dispatch import expert_parallel_group
+        from .evaluate import accuracy, score_distributed
 
         record = {"step": step}
         if self.eval_examples:
@@ -109,7 +111,9 @@ class TrainingMonitor:
             rank, world = 0, 1  # every rank scores every item: the same forwards everywhere
         for name, items in self.eval_tasks.items():
             was_training = model.training
-            scores = score_distributed(model, self.tokenizer, items, rank, world, batch_size=self.batch_size, progress=False)
+            scores = score_distributed(
+                model, self.tokenizer, items, rank, world, batch_size=self.batch_size, progress=False
+            )
             model.train(was_training)
             for metric, value in accuracy(scores).items():
                 record[f"{name}/{metric}"] = value["accuracy"]

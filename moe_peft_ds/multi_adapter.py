@@ -12,14 +12,15 @@ Training (``train.train_multi_adapter``) gives each adapter its own loss (per to
 own samples), optimizer, schedule and clipping norm, so each adapter learns exactly what it
 would learn alone on the same samples; ``save_adapter(model, dir, adapter=name)`` writes one.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .modules import replace_module
 from .lora import LoRALinear
 from .mixlora import MixLoRAFFN, apply_mixlora
+from .modules import replace_module
 
 ADAPTER_TYPES = (LoRALinear, MixLoRAFFN)
 
@@ -37,8 +38,10 @@ class MultiAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         names = self.sample_adapters
         if names is None:
-            raise ValueError(f"this model carries adapters {list(self.adapters)}: pass adapter_names=[...] with one "
-                             "name per sample to its forward")
+            raise ValueError(
+                f"this model carries adapters {list(self.adapters)}: pass adapter_names=[...] with one "
+                "name per sample to its forward"
+            )
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]} samples")
         groups = sample_groups(names, x.device)
@@ -109,7 +112,6 @@ def adapter_name(model: nn.Module) -> str:
     return getattr(model, "moe_peft_adapter_name", "default")
 
 
-
 def add_adapter(model: nn.Module, name: str, cfg) -> nn.Module:
     """Add MixLoRA adapter ``name`` (config ``cfg``) next to the adapters ``model`` carries.
 
@@ -138,7 +140,9 @@ def add_adapter(model: nn.Module, name: str, cfg) -> nn.Module:
     model.moe_peft_config = first_cfg
     model.moe_peft_configs = {**configs, name: cfg}
     if getattr(model, "_adapter_names_hook", None) is None:
-        model._adapter_names_hook = model.register_forward_pre_hook(_set_sample_adapters, with_kwargs=True, prepend=True)
+        model._adapter_names_hook = model.register_forward_pre_hook(
+            _set_sample_adapters, with_kwargs=True, prepend=True
+        )
     return model
 
 

@@ -1,5 +1,6 @@
 """Expert parallelism of an adapted model: which backend or method shards what (the dispatch
 itself is ``dispatch``)."""
+
 from __future__ import annotations
 
 from torch import nn

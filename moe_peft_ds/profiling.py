@@ -5,6 +5,7 @@ Hooks read the top-k choice of every MoE layer (for transformers models, the ``t
 weight of non-padding tokens. With ``torch.distributed`` initialised the counts are summed
 over ranks, so every data-parallel rank selects the same experts.
 """
+
 from __future__ import annotations
 
 import json
@@ -123,7 +124,9 @@ class _ExpertsCounter(_Counter):
         experts = blocks[0].experts
         num_experts = experts.num_experts if hasattr(experts, "local") else num_local_experts(experts)
         super().__init__(model, [b.layer for b in blocks], num_experts, top_k=0)  # k: read off the first call
-        self.handles = [b.experts.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        self.handles = [
+            b.experts.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, b in enumerate(blocks)
+        ]
 
     def _hook(self, row: int):
         def count(module, args, kwargs):
@@ -131,6 +134,7 @@ class _ExpertsCounter(_Counter):
             index, weights = named["top_k_index"], named["top_k_weights"]
             self.top_k = index.shape[-1]
             self.add(row, weights.reshape(-1, self.top_k), index.reshape(-1, self.top_k))
+
         return count
 
 
@@ -162,11 +166,15 @@ class _RoutingMapCounter(_Counter):
             raise ValueError("this Megatron model has no MoELayer with a router to profile")
         config = found[0][1].config
         if config.sequence_parallel or config.context_parallel_size > 1:
-            raise ValueError("routing profiles of Megatron models need sequence_parallel=False and context_parallel_size=1 "
-                             "(the padding mask is not split like the sequence); profile with a copy built without them")
+            raise ValueError(
+                "routing profiles of Megatron models need sequence_parallel=False and context_parallel_size=1 "
+                "(the padding mask is not split like the sequence); profile with a copy built without them"
+            )
         if config.moe_expert_capacity_factor is not None:
-            warnings.warn("moe_expert_capacity_factor is set: the routing map, and so the profile, leaves out the tokens "
-                          "Megatron drops at capacity; profile with a dropless configuration to count every choice")
+            warnings.warn(
+                "moe_expert_capacity_factor is set: the routing map, and so the profile, leaves out the tokens "
+                "Megatron drops at capacity; profile with a dropless configuration to count every choice"
+            )
         super().__init__(model, list(range(config.num_layers)), config.num_moe_experts, config.moe_router_topk)
         self.present = torch.zeros(config.num_layers, dtype=torch.int64, device=self.counts.device)
         self.present[[layer for layer, _ in found]] = 1
@@ -185,6 +193,7 @@ class _RoutingMapCounter(_Counter):
                 probs, routing_map = probs[mask], routing_map[mask]
             self.counts[row] += routing_map.sum(0)
             self.gate_sums[row] += (probs.double() * routing_map).sum(0)
+
         return count
 
     def reduce(self, totals: torch.Tensor) -> None:
@@ -194,7 +203,10 @@ class _RoutingMapCounter(_Counter):
 
         tp, dp_group = 1, None
         if parallel_state.model_parallel_is_initialized():
-            tp, dp_group = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_group()
+            tp, dp_group = (
+                parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_data_parallel_group(),
+            )
         for t in (self.counts, self.gate_sums, self.present):
             dist.all_reduce(t)
         self.counts //= tp
@@ -205,10 +217,16 @@ class _RoutingMapCounter(_Counter):
         self.counts, self.gate_sums = self.counts[keep], self.gate_sums[keep]
 
 
-COUNTERS = {"transformers": _ExpertsCounter, "deepspeed_moe": _GateCounter, "megatron": _RoutingMapCounter}  # by backend
+COUNTERS = {
+    "transformers": _ExpertsCounter,
+    "deepspeed_moe": _GateCounter,
+    "megatron": _RoutingMapCounter,
+}  # by backend
 
 
-def megatron_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+def megatron_forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs
+) -> torch.Tensor:
     """One forward of a Megatron ``GPTModel`` on a right-padded batch: positions ``0..S-1`` and a
     causal mask that also hides padding keys (Megatron's boolean masks are True where masked);
     ``kwargs`` (``labels=``) go to the model."""
@@ -250,7 +268,9 @@ def profile_routing(
     """
     name = backend_for(model).NAME
     counter = COUNTERS[name](model)
-    forward = forward or (megatron_forward if name == "megatron" else lambda m, ids, mask: m(input_ids=ids, attention_mask=mask))
+    forward = forward or (
+        megatron_forward if name == "megatron" else lambda m, ids, mask: m(input_ids=ids, attention_mask=mask)
+    )
     samples = tokens = 0
     try:
         with _eval_mode(model):
@@ -273,13 +293,19 @@ def profile_routing(
     counter.reduce(totals)
     samples, tokens = totals.tolist()
     if tokens == 0:
-        raise ValueError("the calibration set is empty (no non-padding tokens were seen); give --calibration-samples > 0 and non-empty data")
+        raise ValueError(
+            "the calibration set is empty (no non-padding tokens were seen); give --calibration-samples > 0 and non-empty data"
+        )
     layers = counter.layers
     return RoutingProfile(
         counts={l: c for l, c in zip(layers, counter.counts.tolist())},
         gate_sums={l: g for l, g in zip(layers, counter.gate_sums.tolist())},
-        tokens=tokens, samples=samples, num_experts=counter.num_experts, top_k=counter.top_k,
-        model_id=model_id, data_id=data_id,
+        tokens=tokens,
+        samples=samples,
+        num_experts=counter.num_experts,
+        top_k=counter.top_k,
+        model_id=model_id,
+        data_id=data_id,
     )
 
 

@@ -6,6 +6,7 @@ its per-expert files (``exclude_frozen_parameters`` does not reach them), its lo
 all of them, and it crashes on module names that contain ``expert`` outside its own MoE
 layer. The adapter that users keep is written separately by ``save_adapter``.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .dispatch import zero3_gathered
 from .device import accelerator, model_device
+from .dispatch import zero3_gathered
 
 
 def rank_world() -> tuple[int, int]:
@@ -37,8 +38,12 @@ def save_training_state(directory: str | Path, model: nn.Module, optimizer, sche
     with zero3_gathered(model):
         adapter = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     state = {
-        "step": step, "world_size": world, "adapter": adapter,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+        "step": step,
+        "world_size": world,
+        "adapter": adapter,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
         # dropout and jitter draw from the accelerator's generator on GPUs
         "device_rng": accelerator().get_rng_state() if accelerator() else None,
     }
@@ -72,14 +77,18 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer, scheduler
         raise ValueError(f"{path} was saved by {state['world_size']} ranks; resume with the same number, not {world}")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if params.keys() != state["adapter"].keys():
-        raise ValueError(f"{path} holds other adapter parameters than this model (different method, selection or --ep-size?)")
+        raise ValueError(
+            f"{path} holds other adapter parameters than this model (different method, selection or --ep-size?)"
+        )
     with torch.no_grad(), zero3_gathered(model, modifier_rank=0):
         for name, p in params.items():
             p.copy_(state["adapter"][name])
     if _is_zero_optimizer(optimizer):  # each rank reads its own partition out of the list, fp32 masters included
         states = [_load_state(path / f"rank{r}.pt", device)["optimizer"] for r in range(world)]
         optimizer.load_state_dict(states, load_from_fp32_weights=True)
-        if hasattr(optimizer, "checkpoint_event_epilogue"):  # ZeRO-3: re-gather the persistent parameters it partitioned
+        if hasattr(
+            optimizer, "checkpoint_event_epilogue"
+        ):  # ZeRO-3: re-gather the persistent parameters it partitioned
             optimizer.checkpoint_event_epilogue()
     else:
         optimizer.load_state_dict(state["optimizer"])

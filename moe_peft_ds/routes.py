@@ -1,6 +1,7 @@
 """Token routes: the top-k assignments of a batch grouped by expert, gathered into rows and combined
 back per token. Shared by every experts module (the sieve's fused experts, MixLoRA's mixtures) and
 by the expert-parallel dispatch."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ class Routes:
     counts: torch.Tensor  # [E] assignments per expert
 
     @classmethod
-    def of(cls, top_k_index: torch.Tensor, num_experts: int, rows: int, counts: torch.Tensor | None = None) -> "Routes":
+    def of(
+        cls, top_k_index: torch.Tensor, num_experts: int, rows: int, counts: torch.Tensor | None = None
+    ) -> "Routes":
         """``rows`` is how many slots go to an expert (``top_k_index.numel()`` when none is masked):
         the caller knows it on the host, so building the routes never syncs with the device.
         Index E (one past the last expert) marks a masked slot: it sorts last and is dropped.
@@ -57,7 +60,9 @@ def unrouted_tokens(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor
     return (top_k_index == num_experts).all(-1)
 
 
-def add_unrouted(out: torch.Tensor, hidden: torch.Tensor, unrouted: torch.Tensor, count: int, fallback) -> torch.Tensor:
+def add_unrouted(
+    out: torch.Tensor, hidden: torch.Tensor, unrouted: torch.Tensor, count: int, fallback
+) -> torch.Tensor:
     """``out [T, H]`` plus ``fallback(rows)`` on the ``count`` tokens ``unrouted [T]`` marks; ``count``
     comes from the host already, so picking them does not sync."""
     if not count:

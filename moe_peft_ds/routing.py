@@ -5,6 +5,7 @@ reach the optimizer through the forward path.
 Every strategy returns the same shape, ``index [T, k]`` with ``E`` marking a slot that goes
 to no expert (padding, a top-p cut, a capacity drop), which ``backends.hf.Routes`` skips.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,7 +81,9 @@ def top_p(probs: torch.Tensor, p: float, max_experts: int, renormalize: bool) ->
     return weights, order.masked_fill(~keep, probs.shape[1])
 
 
-def capacity_limit(index: torch.Tensor, num_experts: int, factor: float, valid: torch.Tensor, groups: int = 1) -> torch.Tensor:
+def capacity_limit(
+    index: torch.Tensor, num_experts: int, factor: float, valid: torch.Tensor, groups: int = 1
+) -> torch.Tensor:
     """Top-1 ``index [T, 1]`` with the tokens beyond an expert's capacity sent to no expert.
     The ``T`` tokens form ``groups`` equal groups (1: the batch; B: its sequences); within a
     group, capacity is ``ceil(factor * real tokens / E)`` and tokens queue in order. Stays on
@@ -127,7 +130,9 @@ class RouterStats:
 
 def router_loss(stats: RouterStats, aux_coef: float, z_coef: float) -> torch.Tensor:
     """``aux_coef * balance + z_coef * mean z`` of ``stats`` (one layer's, or the layers' totals)."""
-    return aux_coef * balance(stats.counts, stats.probs, stats.tokens) + z_coef * stats.z_sum / stats.tokens.clamp_min(1)
+    return aux_coef * balance(stats.counts, stats.probs, stats.tokens) + z_coef * stats.z_sum / stats.tokens.clamp_min(
+        1
+    )
 
 
 def router_stats(routing: Routing, valid: torch.Tensor, with_z: bool = True) -> RouterStats:
@@ -168,7 +173,9 @@ class RouterLosses:
 
     def record(self, layer: int, stats: RouterStats) -> dict[int, RouterStats]:
         """Record layer ``layer``'s statistics (detached) in the current pass, which is returned."""
-        self.layers[layer] = RouterStats(stats.counts.detach(), stats.probs.detach(), stats.z_sum.detach(), stats.tokens.detach())
+        self.layers[layer] = RouterStats(
+            stats.counts.detach(), stats.probs.detach(), stats.z_sum.detach(), stats.tokens.detach()
+        )
         return self.layers
 
     def _totals(self, layers: dict[int, RouterStats], layer: int) -> RouterStats:
@@ -176,9 +183,13 @@ class RouterLosses:
             return layers[layer]
         every = list(layers.values())
         if len({s.counts.shape for s in every}) > 1:
-            raise ValueError("pooled router losses need the same number of experts in every layer; "
-                             "use router_aux_loss_pooling='per_layer_sum'")
-        return RouterStats(*(torch.stack([getattr(s, f) for s in every]).sum(0) for f in ("counts", "probs", "z_sum", "tokens")))
+            raise ValueError(
+                "pooled router losses need the same number of experts in every layer; "
+                "use router_aux_loss_pooling='per_layer_sum'"
+            )
+        return RouterStats(
+            *(torch.stack([getattr(s, f) for s in every]).sum(0) for f in ("counts", "probs", "z_sum", "tokens"))
+        )
 
     def gradient(self, layers: dict[int, RouterStats], layer: int, aux_coef: float, z_coef: float) -> torch.Tensor:
         """``[E + 1]``: the derivative of the (pooled) losses of the pass ``layers`` with respect

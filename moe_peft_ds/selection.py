@@ -3,6 +3,7 @@
 Every policy returns the ``"selection"`` map of DESIGN.md: MoE layer index -> sorted global
 expert ids. Ranking is by routed-token count, ties broken by the lower expert id.
 """
+
 from __future__ import annotations
 
 import random

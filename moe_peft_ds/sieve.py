@@ -1,4 +1,5 @@
 """MoE-Sieve: LoRA on the selected experts of an MoE model, on whichever backend holds its layout."""
+
 from __future__ import annotations
 
 from torch import nn

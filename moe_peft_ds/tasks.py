@@ -17,6 +17,7 @@ the rest of the sentence is the continuation whose likelihood is compared (the p
 scoring of the original paper). The bundled fixtures (``assets/eval_fixtures``) are a few
 items per task in the same schemas, written by this project; they go through the same code.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,14 +72,21 @@ def arc(r: dict) -> MCItem:
 
 def openbookqa(r: dict) -> MCItem:
     labels = [str(x) for x in r["choices"]["label"]]
-    return _lettered(r["question_stem"], list(r["choices"]["text"]), _answer_index(r["answerKey"], labels, "openbookqa"))
+    return _lettered(
+        r["question_stem"], list(r["choices"]["text"]), _answer_index(r["answerKey"], labels, "openbookqa")
+    )
 
 
 def boolq(r: dict) -> MCItem:
     answer = r["answer"] if isinstance(r["answer"], bool) else str(r["answer"]).lower() == "true"
     question = f"{r['passage']}\nQuestion: {r['question']}?"
-    return MCItem(question, ["no", "yes"], [(f"{question}\nAnswer:", " no"), (f"{question}\nAnswer:", " yes")],
-                  int(answer), ["A", "B"])
+    return MCItem(
+        question,
+        ["no", "yes"],
+        [(f"{question}\nAnswer:", " no"), (f"{question}\nAnswer:", " yes")],
+        int(answer),
+        ["A", "B"],
+    )
 
 
 def piqa(r: dict) -> MCItem:
@@ -86,7 +94,9 @@ def piqa(r: dict) -> MCItem:
 
 
 def siqa(r: dict) -> MCItem:
-    return _lettered(f"{r['context']} {r['question']}", [r["answerA"], r["answerB"], r["answerC"]], int(r["label"]) - 1)
+    return _lettered(
+        f"{r['context']} {r['question']}", [r["answerA"], r["answerB"], r["answerC"]], int(r["label"]) - 1
+    )
 
 
 def hellaswag(r: dict) -> MCItem:
@@ -115,16 +125,19 @@ class Task:
     convert: Callable[[dict], MCItem]
 
 
-TASKS = {t.name: t for t in (
-    Task("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "train", arc),
-    Task("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "train", arc),
-    Task("boolq", "google/boolq", None, "validation", "train", boolq),
-    Task("openbookqa", "allenai/openbookqa", "main", "test", "train", openbookqa),
-    Task("piqa", "ybisk/piqa", None, "validation", "train", piqa),
-    Task("siqa", "allenai/social_i_qa", None, "validation", "train", siqa),
-    Task("hellaswag", "Rowan/hellaswag", None, "validation", "train", hellaswag),
-    Task("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train", winogrande),
-)}
+TASKS = {
+    t.name: t
+    for t in (
+        Task("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "train", arc),
+        Task("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "train", arc),
+        Task("boolq", "google/boolq", None, "validation", "train", boolq),
+        Task("openbookqa", "allenai/openbookqa", "main", "test", "train", openbookqa),
+        Task("piqa", "ybisk/piqa", None, "validation", "train", piqa),
+        Task("siqa", "allenai/social_i_qa", None, "validation", "train", siqa),
+        Task("hellaswag", "Rowan/hellaswag", None, "validation", "train", hellaswag),
+        Task("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train", winogrande),
+    )
+}
 
 
 def get_task(name: str) -> Task:

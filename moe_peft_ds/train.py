@@ -1,5 +1,6 @@
 """The training loop: AdamW on the trainable (adapter) parameters, warmup + cosine schedule,
 gradient clipping, a progress bar. Components know nothing of the launcher."""
+
 from __future__ import annotations
 
 import itertools
@@ -57,8 +58,9 @@ class Checkpointing:
     resume: Path | None = None
 
 
-def _run_steps(step, loader, steps: int, progress: bool, model, optimizer, scheduler,
-               ckpt: Checkpointing | None, monitor=None) -> list[float]:
+def _run_steps(
+    step, loader, steps: int, progress: bool, model, optimizer, scheduler, ckpt: Checkpointing | None, monitor=None
+) -> list[float]:
     """Call ``step(batch) -> loss`` until ``steps`` optimizer steps, cycling over ``loader``,
     with a progress bar; resumes and saves training state as ``ckpt`` asks, and hands every
     step's loss to ``monitor`` (``monitor.TrainingMonitor``: logs, periodic evaluation)."""
@@ -79,19 +81,45 @@ def _run_steps(step, loader, steps: int, progress: bool, model, optimizer, sched
     return losses
 
 
-def train(model: nn.Module, loader, steps: int, lr: float, warmup: int = 10, clip: float = 1.0,
-          progress: bool = True, ckpt: Checkpointing | None = None, monitor=None, extra_loss=None) -> list[float]:
+def train(
+    model: nn.Module,
+    loader,
+    steps: int,
+    lr: float,
+    warmup: int = 10,
+    clip: float = 1.0,
+    progress: bool = True,
+    ckpt: Checkpointing | None = None,
+    monitor=None,
+    extra_loss=None,
+) -> list[float]:
     """Train for ``steps`` optimizer steps in one process; returns the loss of every step run."""
     optimizer = build_optimizer(model, lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
     model.train()
     device = model_device(model)
-    return _run_steps(lambda batch: train_step(model, to_device(batch, device), optimizer, scheduler, clip, extra_loss),
-                      loader, steps, progress, model, optimizer, scheduler, ckpt, monitor)
+    return _run_steps(
+        lambda batch: train_step(model, to_device(batch, device), optimizer, scheduler, clip, extra_loss),
+        loader,
+        steps,
+        progress,
+        model,
+        optimizer,
+        scheduler,
+        ckpt,
+        monitor,
+    )
 
 
-def train_multi_adapter(model: nn.Module, loaders: dict, steps: int, lrs: dict[str, float], warmup: int = 10,
-                        clip: float = 1.0, progress: bool = True) -> dict[str, list[float]]:
+def train_multi_adapter(
+    model: nn.Module,
+    loaders: dict,
+    steps: int,
+    lrs: dict[str, float],
+    warmup: int = 10,
+    clip: float = 1.0,
+    progress: bool = True,
+) -> dict[str, list[float]]:
     """Train the adapters of a multi-adapter model (``multi_adapter.add_adapter``) together:
     every step concatenates one batch of each adapter's loader into one batch that runs once
     through the frozen base; each adapter has its own loss (per token of its own samples),
@@ -114,9 +142,14 @@ def train_multi_adapter(model: nn.Module, loaders: dict, steps: int, lrs: dict[s
         batches = {n: to_device(next(streams[n]), device) for n in names}
         width = max(b["input_ids"].shape[1] for b in batches.values())
         pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}  # right padding: real tokens never see it
-        batch = {k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1]), value=v) for b in batches.values()]) for k, v in pad.items()}
+        batch = {
+            k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1]), value=v) for b in batches.values()])
+            for k, v in pad.items()
+        }
         owner = [n for n, b in batches.items() for _ in range(b["input_ids"].shape[0])]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=owner).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=owner
+        ).logits
         total, start = 0.0, 0
         for n, b in batches.items():
             rows = slice(start, start + b["input_ids"].shape[0])
@@ -169,9 +202,19 @@ def one_gradient_flush(config: dict, params: list[nn.Parameter]) -> dict:
     return {**config, "zero_optimization": {**zero, "reduce_bucket_size": bucket}}
 
 
-def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dict, warmup: int = 10,
-                    progress: bool = True, ckpt: Checkpointing | None = None, monitor=None, extra_loss=None,
-                    release: bool = False) -> list[float]:
+def train_deepspeed(
+    model: nn.Module,
+    loader,
+    steps: int,
+    lr: float,
+    config: dict,
+    warmup: int = 10,
+    progress: bool = True,
+    ckpt: Checkpointing | None = None,
+    monitor=None,
+    extra_loss=None,
+    release: bool = False,
+) -> list[float]:
     """Train under ``deepspeed.initialize``; returns the loss per step, averaged over ranks.
     ``extra_loss()`` is added to each step's loss before backward; ``release`` destroys the engine
     at the end (its gradient hooks go), for a process that trains several engines one after another.
@@ -208,7 +251,9 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     # A factory: the schedule must drive the optimizer DeepSpeed hands back (ZeRO wraps it).
     schedule = lambda opt: get_cosine_schedule_with_warmup(opt, min(warmup, steps), steps)  # noqa: E731
-    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=config
+    )
     engine.train()
 
     def step(batch: dict) -> float:
@@ -233,8 +278,9 @@ def train_deepspeed(model: nn.Module, loader, steps: int, lr: float, config: dic
         dist.all_reduce(mean)
         return mean.item() / dist.get_world_size()  # the global batch's loss per token
 
-    losses = _run_steps(step, loader, steps, progress and dist.get_rank() == 0, model, ds_optimizer, ds_scheduler, ckpt,
-                        monitor)
+    losses = _run_steps(
+        step, loader, steps, progress and dist.get_rank() == 0, model, ds_optimizer, ds_scheduler, ckpt, monitor
+    )
     if release:
         engine.destroy()
     return losses

@@ -1,5 +1,6 @@
 """One small helper for multi-process tests: spawn N gloo ranks on CPU (or NCCL ranks, one GPU
 each) and run a function."""
+
 from __future__ import annotations
 
 import datetime
@@ -19,14 +20,16 @@ def _free_port() -> int:
 
 def _entry(rank, world, port, fn, args, timeout_s, backend="gloo"):
     # LOCAL_RANK as the deepspeed launcher sets it (one host), so deepspeed.initialize runs here too
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
     device = None
     if backend == "nccl":  # rank r on cuda:r, bound at init so that NCCL's barrier knows the device
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=device)
+    dist.init_process_group(
+        backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s), device_id=device
+    )
     try:
         fn(rank, world, *args)
         dist.barrier()  # on success, no rank tears gloo down while another still uses it

@@ -10,6 +10,7 @@ patches them for the duration of a test (never in the package):
 - the CUDA RNG tracker's ``fork`` (attention dropout): a no-op context (dropout is 0 here);
 - ``torch.compile`` (Megatron's ``jit_fuser``) is turned off: these tests check values, not fusion.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-megatron = pytest.importorskip("megatron.core", reason="megatron-core is an optional extra: pip install -e .[megatron]")
+megatron = pytest.importorskip(
+    "megatron.core", reason="megatron-core is an optional extra: pip install -e .[megatron]"
+)
 
 
 @contextlib.contextmanager
@@ -46,10 +49,23 @@ def init_parallel(ep: int = 1, etp: int = 1) -> None:
 def tiny_config(**overrides):
     from megatron.core.transformer import TransformerConfig
 
-    kw = dict(num_layers=2, hidden_size=16, num_attention_heads=2, num_moe_experts=4, moe_ffn_hidden_size=12,
-              ffn_hidden_size=20, use_cpu_initialization=True, gated_linear_unit=True, activation_func=F.silu,
-              add_bias_linear=False, moe_router_topk=2, moe_token_dispatcher_type="allgather",
-              hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32)
+    kw = dict(
+        num_layers=2,
+        hidden_size=16,
+        num_attention_heads=2,
+        num_moe_experts=4,
+        moe_ffn_hidden_size=12,
+        ffn_hidden_size=20,
+        use_cpu_initialization=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        moe_router_topk=2,
+        moe_token_dispatcher_type="allgather",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=torch.float32,
+    )
     kw.update(overrides)
     return TransformerConfig(**kw)
 
@@ -67,8 +83,12 @@ def sequential_experts(config, num_local: int, seed: int = 0):
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     torch.manual_seed(seed)
-    return SequentialMLP(num_local, config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-                         pg_collection=pg_collection())
+    return SequentialMLP(
+        num_local,
+        config,
+        MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        pg_collection=pg_collection(),
+    )
 
 
 def grouped_experts(config, num_local: int):
@@ -106,4 +126,6 @@ def gpt_dense(config, vocab: int = 64, seed: int = 0):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     torch.manual_seed(seed)
-    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab, max_sequence_length=64)
+    return GPTModel(
+        config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab, max_sequence_length=64
+    )

@@ -1,5 +1,6 @@
 """Run launch/megatron_sieve.py on CPU with the test-only shims of megatron_cpu (a script, so that
 torchrun can start it on several ranks): ``python tests/megatron_example_on_cpu.py <flags>``."""
+
 import runpy
 import sys
 from pathlib import Path

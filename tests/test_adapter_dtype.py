@@ -1,5 +1,6 @@
 """Adapters in fp32 over a bf16 base by default (``adapter_dtype="float32"``), for the sieve and
 MixLoRA alike; ``adapter_dtype="base"`` keeps the base's dtype. A training step, save and load."""
+
 from __future__ import annotations
 
 import json
@@ -7,25 +8,42 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-
-from moe_peft_ds import AdapterConfig, MixLoRAConfig, all_experts_selection, apply_mixlora, apply_sieve_lora, load_adapter, save_adapter
 from test_mixlora import dense_model
 from tiny_models import tiny_model
+
+from moe_peft_ds import (
+    AdapterConfig,
+    MixLoRAConfig,
+    all_experts_selection,
+    apply_mixlora,
+    apply_sieve_lora,
+    load_adapter,
+    save_adapter,
+)
 
 
 def sieve(model, adapter_dtype="float32"):
     selection = {layer: experts[:2] for layer, experts in all_experts_selection(model).items()}
-    return apply_sieve_lora(model, selection, AdapterConfig(r=4, alpha=8, use_dora=True, attention_targets=["q_proj"],
-                                                             adapter_dtype=adapter_dtype))
+    return apply_sieve_lora(
+        model,
+        selection,
+        AdapterConfig(r=4, alpha=8, use_dora=True, attention_targets=["q_proj"], adapter_dtype=adapter_dtype),
+    )
 
 
 def mixlora(model, adapter_dtype="float32"):
-    return apply_mixlora(model, MixLoRAConfig(method="mixdora", num_experts=4, r=4, alpha=8, attention_targets=["q_proj"],
-                                              adapter_dtype=adapter_dtype))
+    return apply_mixlora(
+        model,
+        MixLoRAConfig(
+            method="mixdora", num_experts=4, r=4, alpha=8, attention_targets=["q_proj"], adapter_dtype=adapter_dtype
+        ),
+    )
 
 
-BUILDS = {"sieve": (lambda: tiny_model("mixtral").to(torch.bfloat16), sieve),
-          "mixlora": (lambda: dense_model().to(torch.bfloat16), mixlora)}
+BUILDS = {
+    "sieve": (lambda: tiny_model("mixtral").to(torch.bfloat16), sieve),
+    "mixlora": (lambda: dense_model().to(torch.bfloat16), mixlora),
+}
 
 
 @pytest.mark.parametrize("method", sorted(BUILDS))

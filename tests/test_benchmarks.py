@@ -1,4 +1,5 @@
 """The benchmarks run and write well-formed results (a smoke run; speed is not asserted)."""
+
 import json
 import re
 import runpy
@@ -15,7 +16,12 @@ def test_step_time_quick_run_writes_results(tmp_path):
     out = tmp_path / "step_time.json"
     assert main(["--quick", "--steps", "2", "--warmup", "0", "--no-memory", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["device"] == "cpu" and set(result["cells"]) == {"e16k2/fp32", "e16k2/bf16", "e64k8/fp32", "e64k8/bf16"}
+    assert result["device"] == "cpu" and set(result["cells"]) == {
+        "e16k2/fp32",
+        "e16k2/bf16",
+        "e64k8/fp32",
+        "e64k8/bf16",
+    }
     for name, cell in result["cells"].items():
         assert set(cell["variants"]) == {"sieve25", "ours_all", "peft_all", "frozen_base"}, name
         assert cell["checks"] == {"identical_first_loss": True, "ours_all_params_equal_peft_all": True}, name
@@ -24,8 +30,13 @@ def test_step_time_quick_run_writes_results(tmp_path):
         assert cell["profile"] is None and cell["config"]["memory_kind"] is None, name  # --quick, --no-memory
         assert "peak_memory sieve25/ours_all" not in cell["ratios"], name
         assert cell["ratios"]["step_time sieve25/frozen_base"]["applies"] == name.endswith("fp32"), name
-    assert result["cells"]["e64k8/fp32"]["config"]["experts"] == 16 and result["cells"]["e64k8/bf16"]["config"]["top_k"] == 4
-    assert result["cells"]["e16k2/bf16"]["variants"]["ours_all"]["adapter_dtype"] == "float32"  # over a bf16 base, by default
+    assert (
+        result["cells"]["e64k8/fp32"]["config"]["experts"] == 16
+        and result["cells"]["e64k8/bf16"]["config"]["top_k"] == 4
+    )
+    assert (
+        result["cells"]["e16k2/bf16"]["variants"]["ours_all"]["adapter_dtype"] == "float32"
+    )  # over a bf16 base, by default
     md = out.with_suffix(".md").read_text()
     assert "| ratio |" in md and "| cell | sieve/base |" in md and "### e64k8/bf16" in md
 
@@ -34,8 +45,25 @@ def test_step_time_quick_run_writes_results(tmp_path):
 def test_step_time_profiles_one_cell_and_measures_memory(tmp_path):
     main = runpy.run_path(str(ROOT / "benchmarks" / "step_time.py"), run_name="not_main")["main"]
     out = tmp_path / "step_time.json"
-    assert main(["--quick", "--steps", "1", "--warmup", "0", "--shapes", "e16k2", "--dtypes", "fp32", "--profile",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--shapes",
+                "e16k2",
+                "--dtypes",
+                "fp32",
+                "--profile",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     cell = json.loads(out.read_text())["cells"]["e16k2/fp32"]
     assert set(cell["profile"]["tables"]) == {"sieve25", "ours_all"}
     assert all("Self CPU" in table for table in cell["profile"]["tables"].values())
@@ -51,7 +79,12 @@ def test_step_time_cells_take_per_shape_sizes_unless_given():
     args = step_time["parse_args"](["--quick"])
     assert args.profile is False and args.shapes == ["e16k2", "e64k8"] and args.dtypes == ["fp32", "bf16"]
     cells = {s: step_time["make_cell"](args, s, "bf16") for s in args.shapes}
-    assert (cells["e16k2"].experts, cells["e16k2"].top_k, cells["e64k8"].experts, cells["e64k8"].top_k) == (8, 2, 16, 4)
+    assert (cells["e16k2"].experts, cells["e16k2"].top_k, cells["e64k8"].experts, cells["e64k8"].top_k) == (
+        8,
+        2,
+        16,
+        4,
+    )
     for cell in cells.values():  # same routed expert FLOPs per token in every shape
         assert cell.top_k * cell.intermediate == cells["e16k2"].top_k * cells["e16k2"].intermediate
     full = step_time["parse_args"](["--experts", "32", "--layers", "1"])
@@ -68,8 +101,12 @@ def test_ep_dispatch_quick_run_moves_exactly_the_routed_rows(tmp_path):
     import sys
 
     out = tmp_path / "ep.json"  # a subprocess: spawned ranks must import the script as a module
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ep_dispatch.py"), "--quick", "--output", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ep_dispatch.py"), "--quick", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["ours"]["bytes_ratio_to_minimum"] == 1.0  # dropless, no padding
@@ -84,8 +121,12 @@ def test_mixlora_quick_run_writes_results(tmp_path):
     assert main(["--quick", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["latency"]["max_abs_logit_difference"] < 1e-4  # the two paths compute the same model
-    assert set(result["targets"]) == {"latency model fast/reference", "latency ffn fast/reference", "peak memory multi/separate",
-                                      "peak memory multi/separate, activation checkpointing"}
+    assert set(result["targets"]) == {
+        "latency model fast/reference",
+        "latency ffn fast/reference",
+        "peak memory multi/separate",
+        "peak memory multi/separate, activation checkpointing",
+    }
     assert all(result["memory"][v]["peak_rss_above_imports_bytes"] > 0 for v in ("multi", "separate", "multi+ckpt"))
     assert "| ratio |" in out.with_suffix(".md").read_text()
 
@@ -97,10 +138,16 @@ def test_sieve_study_quick_run_writes_results(tmp_path):
     assert main(["--quick", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     row = result["table"]["parity"]
-    assert set(row) == {"all", "top25"} and row["all"]["experts_per_layer"] == 16 and row["top25"]["experts_per_layer"] == 4
+    assert (
+        set(row) == {"all", "top25"}
+        and row["all"]["experts_per_layer"] == 16
+        and row["top25"]["experts_per_layer"] == 4
+    )
     assert result["claims"]["1 - params top25/all"] == pytest.approx(0.75)
     assert 0 <= row["top25"]["accuracy"]["mean"] <= 1 and len(result["runs"]) == 2
-    assert [list(r["accuracy_by_step"]) for r in result["runs"]] == [["2", "4"]] * 2  # evaluated every 2 steps and at the end
+    assert [list(r["accuracy_by_step"]) for r in result["runs"]] == [
+        ["2", "4"]
+    ] * 2  # evaluated every 2 steps and at the end
     assert result["settings"]["seeds"] == [0] and result["date"] and result["machine"]
     assert "| claim (paper) |" in out.with_suffix(".md").read_text()
 
@@ -122,14 +169,26 @@ def test_mixlora_study_quick_run_compares_methods_at_matched_budgets(tmp_path):
     assert {"mixlora - lora (pp)", "step time mixlora/lora"} <= set(result["claims"])
     assert "| comparison |" in out.with_suffix(".md").read_text()
     module = runpy.run_path(str(ROOT / "benchmarks" / "mixlora_study.py"), run_name="not_main")
-    configs = {m: module["method_config"](m, 4, module["parse_args"](["--quick"])) for m in [*module["METHODS"], *module["SWEEP"]]}
+    configs = {
+        m: module["method_config"](m, 4, module["parse_args"](["--quick"]))
+        for m in [*module["METHODS"], *module["SWEEP"]]
+    }
     assert [m for m, c in configs.items() if c.use_dora] == ["dora", "mixdora"]
-    assert configs["mixlora[dynamic,aux=0]"].routing == "dynamic" and configs["mixlora[dynamic,aux=0]"].router_aux_loss_coef == 0
+    assert (
+        configs["mixlora[dynamic,aux=0]"].routing == "dynamic"
+        and configs["mixlora[dynamic,aux=0]"].router_aux_loss_coef == 0
+    )
     # the router sweep: each cell trains MixLoRA with its routing and balancing coefficient
     assert main(["--quick", "--sweep", "--methods", "mixlora", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["table"]) == {"mixlora", "mixlora[topk,aux=0]", "mixlora[topk,aux=0.001]", "mixlora[dynamic,aux=0]",
-                                    "mixlora[dynamic,aux=0.001]", "mixlora[dynamic,aux=0.01]"}
+    assert set(result["table"]) == {
+        "mixlora",
+        "mixlora[topk,aux=0]",
+        "mixlora[topk,aux=0.001]",
+        "mixlora[dynamic,aux=0]",
+        "mixlora[dynamic,aux=0.001]",
+        "mixlora[dynamic,aux=0.01]",
+    }
     assert "| dynamic |" in out.with_suffix(".md").read_text()
 
 
@@ -155,18 +214,34 @@ def test_run_all_quick_writes_a_well_formed_report(tmp_path):
     import sys
 
     results = tmp_path / "results"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--results-dir", str(results)],
-                          capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--results-dir", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "REPORT.md").read_text()
-    for name in ("step_time", "ep_dispatch", "mixlora", "demo_routing", "demo_train", "sieve_study", "mixlora_study",
-                 "continual_study"):
+    for name in (
+        "step_time",
+        "ep_dispatch",
+        "mixlora",
+        "demo_routing",
+        "demo_train",
+        "sieve_study",
+        "mixlora_study",
+        "continual_study",
+    ):
         assert f"## {name}" in report and (results / f"{name}.json").exists(), name
         json.loads((results / f"{name}.json").read_text())
     assert "|---|" in report and "Written by `benchmarks/run_all.py --quick`" in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert {"results/sieve_study_loss.png", "results/sieve_study_accuracy.png", "results/mixlora_study.png",
-            "results/continual_study.png"} <= set(images)
+    assert {
+        "results/sieve_study_loss.png",
+        "results/sieve_study_accuracy.png",
+        "results/mixlora_study.png",
+        "results/continual_study.png",
+    } <= set(images)
     assert all((tmp_path / image).stat().st_size > 0 for image in images)
 
 

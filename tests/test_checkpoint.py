@@ -1,31 +1,38 @@
 """Adapter checkpoints: round trip, merge, and loads that must fail without changing anything."""
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_adapters
 from safetensors.torch import load_file
+from tiny_models import CONFIGS, tiny_model
 
 from moe_peft_ds import AdapterConfig, apply_sieve_lora, load_adapter, merge_adapter, save_adapter
 from moe_peft_ds.checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterMismatchError
 from moe_peft_ds.config import ConfigError
-from conftest import randomize_adapters
-from tiny_models import CONFIGS, tiny_model
 
 
 def trained_adapter(family, tmp_path, dora=False, attention=()):
     model = tiny_model(family)
     layers = sorted({0, 1})
-    apply_sieve_lora(model, {layers[0]: [2, 5], layers[1]: [0]},
-                     AdapterConfig(use_dora=dora, attention_targets=list(attention), use_rslora=True))
+    apply_sieve_lora(
+        model,
+        {layers[0]: [2, 5], layers[1]: [0]},
+        AdapterConfig(use_dora=dora, attention_targets=list(attention), use_rslora=True),
+    )
     randomize_adapters(model)
     save_adapter(model, tmp_path / "adapter")
     return model, tmp_path / "adapter"
 
 
 def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()], \
-        [p.requires_grad for p in model.parameters()]
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [type(m) for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
 
 
 def assert_unchanged(model, snap):
@@ -39,7 +46,9 @@ def assert_unchanged(model, snap):
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_round_trip_is_bit_identical(family, batch, tmp_path, dora):
-    model, path = trained_adapter(family, tmp_path, dora=dora, attention=("v_proj",) if family != "deepseek_v3" else ())
+    model, path = trained_adapter(
+        family, tmp_path, dora=dora, attention=("v_proj",) if family != "deepseek_v3" else ()
+    )
     fresh = load_adapter(tiny_model(family), path)
     with torch.no_grad():
         assert torch.equal(fresh(**batch).logits, model(**batch).logits)
@@ -88,11 +97,14 @@ def mixtral_with(**overrides):
     return tf.MixtralForCausalLM(cfg)
 
 
-@pytest.mark.parametrize("other, match", [
-    (lambda: tiny_model("olmoe"), "model_type"),
-    (lambda: mixtral_with(num_local_experts=4), "num_experts"),
-    (lambda: mixtral_with(intermediate_size=16), "wrong shape"),  # same hidden size and expert count
-])
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        (lambda: tiny_model("olmoe"), "model_type"),
+        (lambda: mixtral_with(num_local_experts=4), "num_experts"),
+        (lambda: mixtral_with(intermediate_size=16), "wrong shape"),  # same hidden size and expert count
+    ],
+)
 def test_load_onto_other_model_fails_and_changes_nothing(tmp_path, other, match):
     _, path = trained_adapter("mixtral", tmp_path)
     assert_load_fails(other(), path, AdapterMismatchError, match)
@@ -173,13 +185,21 @@ def test_convert_adapter_command_line(tmp_path):
     apply_sieve_lora(model, {0: [1, 2], 1: [5]}, AdapterConfig(r=4))
     save_adapter(model, tmp_path / "hf")
     script = Path(__file__).resolve().parents[1] / "launch" / "convert_adapter.py"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "hf"), str(tmp_path / "meg"), "--to", "megatron"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "hf"), str(tmp_path / "meg"), "--to", "megatron"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "meg" / "adapter_config.json").read_text())["model_type"] == "megatron"
     a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("hf", "meg"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "meg"), str(tmp_path / "x"), "--to", "gpt_oss"],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "meg"), str(tmp_path / "x"), "--to", "gpt_oss"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "no Megatron counterpart" in bad.stderr
     assert not (tmp_path / "x").exists()

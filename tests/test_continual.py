@@ -1,15 +1,26 @@
 """Continual learning with dynamic experts: growing, freezing, router protection, prune, merge, metrics."""
+
 import copy
 
 import pytest
 import torch
+from test_mixlora import dense_model, randomize
 
 from moe_peft_ds import ConfigError, MixLoRAConfig, apply_mixlora, load_adapter, save_adapter
 from moe_peft_ds.checkpoint import adapter_state_dict
-from moe_peft_ds.continual import (adapter_parameters, continual_metrics, delta_weight, expert_similarity, expert_usage,
-                                   grow_experts, merge_experts, prune_experts, router_kl, router_targets)
+from moe_peft_ds.continual import (
+    adapter_parameters,
+    continual_metrics,
+    delta_weight,
+    expert_similarity,
+    expert_usage,
+    grow_experts,
+    merge_experts,
+    prune_experts,
+    router_kl,
+    router_targets,
+)
 from moe_peft_ds.mixlora import mixlora_layers, set_fast_path
-from test_mixlora import dense_model, randomize
 
 
 def batch(seed: int, n: int = 3, length: int = 10) -> dict:
@@ -21,8 +32,12 @@ def batch(seed: int, n: int = 3, length: int = 10) -> dict:
 
 
 def continual_model(method: str = "mixlora", n: int = 2, top_k: int = 2, seed: int = 0):
-    model = apply_mixlora(dense_model(seed=seed), MixLoRAConfig(method=method, num_experts=n, top_k=top_k, r=4, alpha=8,
-                                                                attention_targets=[], expert_tasks=["t0"] * n))
+    model = apply_mixlora(
+        dense_model(seed=seed),
+        MixLoRAConfig(
+            method=method, num_experts=n, top_k=top_k, r=4, alpha=8, attention_targets=[], expert_tasks=["t0"] * n
+        ),
+    )
     randomize(model, seed)
     return model
 
@@ -56,7 +71,13 @@ def test_grown_pool_computes_what_one_layer_with_the_same_experts_computes(tmp_p
     save_adapter(model, tmp_path / "a")
     fresh = load_adapter(dense_model(), tmp_path / "a")
     set_fast_path(fresh, fast)
-    assert fresh.moe_peft_config.num_experts == 5 and fresh.moe_peft_config.expert_tasks == ["t0", "t0", "t1", "t1", "t1"]
+    assert fresh.moe_peft_config.num_experts == 5 and fresh.moe_peft_config.expert_tasks == [
+        "t0",
+        "t0",
+        "t1",
+        "t1",
+        "t1",
+    ]
     b = batch(0)
     torch.testing.assert_close(logits(model, b), logits(fresh, b), rtol=1e-5, atol=1e-5)
     saved, again = adapter_state_dict(model), adapter_state_dict(fresh)
@@ -117,7 +138,9 @@ def test_router_kl_is_zero_for_the_same_router_and_grows_with_mass_on_new_expert
     for scale in (0.0, 1.0):  # zero rows: some mass on the new experts; rows like expert 0's: more
         with torch.no_grad():
             for _, layer in mixlora_layers(model):
-                layer.adapter.router.blocks[1].weight.copy_(scale * layer.adapter.router.blocks[0].weight[:1].expand(2, -1))
+                layer.adapter.router.blocks[1].weight.copy_(
+                    scale * layer.adapter.router.blocks[0].weight[:1].expand(2, -1)
+                )
         kl[scale] = router_kl(model, b, targets[0])
     assert 0 < kl[0.0].item() < kl[1.0].item()
     kl[1.0].backward()
@@ -201,7 +224,9 @@ def test_merge_joins_near_duplicate_experts(tmp_path, method):
     cfg = model.moe_peft_config
     assert cfg.num_experts == 3 and cfg.expert_tasks == ["t0", "t0+t1", "t1"]
     for layer, w, row in zip(layers, want, rows):
-        torch.testing.assert_close(delta_weight(layer, "down_proj", 1), w, rtol=1e-4, atol=1e-5)  # duplicates merge exactly
+        torch.testing.assert_close(
+            delta_weight(layer, "down_proj", 1), w, rtol=1e-4, atol=1e-5
+        )  # duplicates merge exactly
         torch.testing.assert_close(layer.adapter.router.weight[1], row)
     save_adapter(model, tmp_path / "m")
     fresh = load_adapter(dense_model(), tmp_path / "m")
@@ -214,16 +239,16 @@ def test_merge_rule_is_the_mean_update_when_it_fits_the_rank():
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(4, 12, generator=g)
-    experts = [{"lora_A": A, "lora_B": torch.randn(10, 4, generator=g), "scaling": torch.tensor(2.0)} for _ in range(2)]
+    experts = [
+        {"lora_A": A, "lora_B": torch.randn(10, 4, generator=g), "scaling": torch.tensor(2.0)} for _ in range(2)
+    ]
     merged = _merged_pair(experts, r=4)
     mean = sum(2.0 * e["lora_B"] @ e["lora_A"] for e in experts) / 2
     torch.testing.assert_close(2.0 * merged["lora_B"] @ merged["lora_A"], mean, rtol=1e-4, atol=1e-4)
 
 
 def test_continual_metrics_against_a_hand_computed_matrix():
-    acc = [[0.9],
-           [0.6, 0.8],
-           [0.7, 0.5, 1.0]]
+    acc = [[0.9], [0.6, 0.8], [0.7, 0.5, 1.0]]
     m = continual_metrics(acc)
     assert m["average_accuracy"] == pytest.approx([0.9, 0.7, (0.7 + 0.5 + 1.0) / 3])
     # forgetting: task 0: max(0.9, 0.6) - 0.7 = 0.2; task 1: 0.8 - 0.5 = 0.3
@@ -243,8 +268,10 @@ def test_adapter_parameters_count_trainable_and_total():
     first = adapter_parameters(model)
     assert first == {"trainable": 2 * per_expert + 2 * hidden * layers, "total": 2 * per_expert + 2 * hidden * layers}
     grow_experts(model, 3, "t1")
-    assert adapter_parameters(model) == {"trainable": 3 * per_expert + 3 * hidden * layers,
-                                         "total": 5 * per_expert + 5 * hidden * layers}
+    assert adapter_parameters(model) == {
+        "trainable": 3 * per_expert + 3 * hidden * layers,
+        "total": 5 * per_expert + 5 * hidden * layers,
+    }
 
 
 def test_bad_inputs_fail_clearly_and_change_nothing():

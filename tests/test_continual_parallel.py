@@ -1,25 +1,35 @@
 """Continual learning under expert parallelism (2 gloo ranks): growing, training, pruning and
 merging a pool whose experts are split over the ranks give what one process gives."""
+
 import copy
 
 import pytest
 import torch
 import torch.distributed as dist
-
-from moe_peft_ds import ConfigError, load_adapter, save_adapter
-from moe_peft_ds.checkpoint import gathered_adapter_state
-from moe_peft_ds.continual import (adapter_parameters, expert_similarity, expert_usage, grow_experts, merge_experts,
-                                   prune_experts)
-from moe_peft_ds.mixlora import mixlora_layers
-from moe_peft_ds.dispatch import ep_group_name
-from moe_peft_ds.parallel import shard_experts
 from distributed import run_ranks
 from test_continual import batch, continual_model, logits
 from test_mixlora import dense_model
 
+from moe_peft_ds import ConfigError, load_adapter, save_adapter
+from moe_peft_ds.checkpoint import gathered_adapter_state
+from moe_peft_ds.continual import (
+    adapter_parameters,
+    expert_similarity,
+    expert_usage,
+    grow_experts,
+    merge_experts,
+    prune_experts,
+)
+from moe_peft_ds.dispatch import ep_group_name
+from moe_peft_ds.mixlora import mixlora_layers
+from moe_peft_ds.parallel import shard_experts
+
 
 def _same_adapter(model, reference) -> None:
-    got, expected = gathered_adapter_state(model), {k: v.detach() for k, v in gathered_adapter_state(reference).items()}
+    got, expected = (
+        gathered_adapter_state(model),
+        {k: v.detach() for k, v in gathered_adapter_state(reference).items()},
+    )
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -47,7 +57,7 @@ def _sgd_step(model, reference, rank: int, world: int) -> dict:
             else:  # this rank's slice of the group's experts
                 assert p.group_name == ep_group_name(world), name
                 k = p.shape[0]
-                ref_grad = ref_params[name].grad[rank * k: (rank + 1) * k]
+                ref_grad = ref_params[name].grad[rank * k : (rank + 1) * k]
                 found["expert_grads"] += int(p.grad.abs().sum() > 0)
             torch.testing.assert_close(p.grad, ref_grad, rtol=1e-5, atol=1e-6, msg=name)
             p -= 0.5 * p.grad
@@ -79,7 +89,9 @@ def _continual_ep_on_rank(rank, world, method, out_dir):
         assert step["loss"][0] == pytest.approx(step["loss"][1], rel=1e-6)
     assert steps[0]["expert_grads"] > 0
     _same_adapter(model, reference)
-    torch.testing.assert_close(logits(model, batch(3 + rank)), logits(reference, batch(3 + rank)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        logits(model, batch(3 + rank)), logits(reference, batch(3 + rank)), rtol=1e-5, atol=1e-6
+    )
     assert adapter_parameters(model) == adapter_parameters(reference)
 
     for m in (model, reference):
@@ -119,5 +131,8 @@ def test_a_pool_split_over_two_ranks_grows_trains_prunes_and_merges_like_one_pro
     run_ranks(_continual_ep_on_rank, world=2, args=(method, str(tmp_path)))
     ref = torch.load(tmp_path / "reference.pt")
     single = load_adapter(dense_model(), tmp_path / "ep2")  # the EP=2 checkpoint, in one process
-    assert single.moe_peft_config.expert_tasks == load_adapter(dense_model(), tmp_path / "ep1").moe_peft_config.expert_tasks
+    assert (
+        single.moe_peft_config.expert_tasks
+        == load_adapter(dense_model(), tmp_path / "ep1").moe_peft_config.expert_tasks
+    )
     torch.testing.assert_close(logits(single, ref["batch"]), ref["logits"], rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
 """Training batches: the same global batches for any number of ranks; the loss's token count."""
+
 import pytest
 import torch
 
@@ -60,8 +61,12 @@ QA = DataFormat(kind="instruction", prompt_column="question", response_column="a
 def write(path, rows, kind):
     path.parent.mkdir(parents=True, exist_ok=True)
     ds = datasets.Dataset.from_list(rows)
-    {"jsonl": lambda: ds.to_json(str(path)), "json": lambda: path.write_text(json.dumps(rows)),
-     "parquet": lambda: ds.to_parquet(str(path)), "csv": lambda: ds.to_csv(str(path), index=False)}[kind]()
+    {
+        "jsonl": lambda: ds.to_json(str(path)),
+        "json": lambda: path.write_text(json.dumps(rows)),
+        "parquet": lambda: ds.to_parquet(str(path)),
+        "csv": lambda: ds.to_csv(str(path), index=False),
+    }[kind]()
     return path
 
 
@@ -78,8 +83,9 @@ def test_directories_pick_the_split_and_save_to_disk_works(tmp_path, tokenizer):
     write(tmp_path / "files" / "validation.jsonl", ROWS[4:], "jsonl")
     assert len(load_split(str(tmp_path / "files"), "validation")) == 2
     assert len(load_split(str(tmp_path / "files"), "train")) == 4
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:5]),
-                          "test": datasets.Dataset.from_list(ROWS[5:])}).save_to_disk(str(tmp_path / "disk"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:5]), "test": datasets.Dataset.from_list(ROWS[5:])}
+    ).save_to_disk(str(tmp_path / "disk"))
     assert len(load_examples(str(tmp_path / "disk"), tokenizer, 64, split="test", fmt=QA)) == 1
     with pytest.raises(DataError, match="splits"):
         load_split(str(tmp_path / "disk"), "validation")
@@ -97,7 +103,10 @@ def test_prompt_and_padding_are_masked_and_train_on_prompt_keeps_the_prompt(toke
     masked = load_examples_from([record], tokenizer, QA)[0]
     n_prompt = len(tokenizer(record["question"], add_special_tokens=False)["input_ids"])
     assert masked["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert masked["labels"][n_prompt:] == masked["input_ids"][n_prompt:] and masked["labels"][-1] == tokenizer.eos_token_id
+    assert (
+        masked["labels"][n_prompt:] == masked["input_ids"][n_prompt:]
+        and masked["labels"][-1] == tokenizer.eos_token_id
+    )
     full = load_examples_from([record], tokenizer, DataFormat(**{**QA.__dict__, "train_on_prompt": True}))[0]
     assert full["labels"] == full["input_ids"]
     batch = collate([masked, {"input_ids": [5], "labels": [5]}], tokenizer.pad_token_id)
@@ -121,15 +130,19 @@ def test_chat_records_learn_the_last_assistant_turn_with_and_without_a_template(
     ex = load_examples_from(chat, templated, DataFormat(kind="chat"))[0]
     text = tokenizer.decode(ex["input_ids"])
     assert text.startswith("<|user|>Add 2 and 2.") and "<|assistant|>" in text
-    assert tokenizer.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]).startswith("4")
+    assert tokenizer.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]).startswith(
+        "4"
+    )
 
 
 def copy_tokenizer_with_template(tokenizer):
     import copy
 
     templated = copy.deepcopy(tokenizer)
-    templated.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    templated.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     return templated
 
 

@@ -1,6 +1,7 @@
 """`deepspeed --num_gpus 2 launch/train.py` end to end on 2 CPU ranks (gloo): expert parallel
 (EP=2) with every ZeRO-0/1/2 preset, data parallel with ZeRO-0 and ZeRO-3, and one process
 with the same global batch all train the same adapter."""
+
 import json
 import subprocess
 import sys
@@ -8,14 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from distributed import run_deepspeed
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ("--max-grad-norm", "1e-3")  # far below the gradient norm: every step clips
-COMMON = ["--model", "tiny-mixtral", "--data", "demo:arithmetic", "--max-steps", "8", "--batch-size", "8",
-          "--calibration-samples", "64", "--no-progress"]
+COMMON = [
+    "--model",
+    "tiny-mixtral",
+    "--data",
+    "demo:arithmetic",
+    "--max-steps",
+    "8",
+    "--batch-size",
+    "8",
+    "--calibration-samples",
+    "64",
+    "--no-progress",
+]
 
 
 def launch(out: Path, config: Path | None, ep_size: int, port: int, *extra: str, ranks: int = 2) -> dict:
@@ -24,15 +35,31 @@ def launch(out: Path, config: Path | None, ep_size: int, port: int, *extra: str,
     if config is None:
         cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *COMMON, "--output-dir", str(out), *extra]
     else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "launch" / "train.py"), *COMMON,
-               "--output-dir", str(out), "--deepspeed_config", str(config), "--ep-size", str(ep_size), *extra]
+        cmd = [
+            "deepspeed",
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(port),
+            str(ROOT / "launch" / "train.py"),
+            *COMMON,
+            "--output-dir",
+            str(out),
+            "--deepspeed_config",
+            str(config),
+            "--ep-size",
+            str(ep_size),
+            *extra,
+        ]
     run = subprocess.run if config is None else run_deepspeed
     proc = run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"config": json.loads((out / "adapter_config.json").read_text()),
-            "weights": load_file(str(out / "adapter_model.safetensors")),
-            "log": json.loads((out / "train_log.json").read_text()),
-            "losses": json.loads((out / "train_log.json").read_text())["losses"]}
+    return {
+        "config": json.loads((out / "adapter_config.json").read_text()),
+        "weights": load_file(str(out / "adapter_model.safetensors")),
+        "log": json.loads((out / "train_log.json").read_text()),
+        "losses": json.loads((out / "train_log.json").read_text())["losses"],
+    }
 
 
 def preset_with(preset: str, tmp_path: Path, name: str, **changes) -> Path:
@@ -73,15 +100,23 @@ def test_two_ranks_train_the_adapter_of_one_process_with_the_global_batch(tmp_pa
     parameter (no persistence threshold), which also resumes mid-run."""
     single = launch(tmp_path / "single", None, 1, 0, "--batch-size", "8", *CLIP)
     per_rank = ("--batch-size", "4", *CLIP)
-    assert_same_adapter(launch(tmp_path / "ep2", ROOT / "ds_configs" / "zero2_fp32.json", 2, 29561, *per_rank),
-                        single, "EP=2 ZeRO-2")
-    zero3 = preset_with("zero3_fp32.json", tmp_path, "partitioned", zero_optimization={
-        **json.loads((ROOT / "ds_configs" / "zero3_fp32.json").read_text())["zero_optimization"],
-        "stage3_param_persistence_threshold": 0})
+    assert_same_adapter(
+        launch(tmp_path / "ep2", ROOT / "ds_configs" / "zero2_fp32.json", 2, 29561, *per_rank), single, "EP=2 ZeRO-2"
+    )
+    zero3 = preset_with(
+        "zero3_fp32.json",
+        tmp_path,
+        "partitioned",
+        zero_optimization={
+            **json.loads((ROOT / "ds_configs" / "zero3_fp32.json").read_text())["zero_optimization"],
+            "stage3_param_persistence_threshold": 0,
+        },
+    )
     full = launch(tmp_path / "zero3", zero3, 1, 29562, *per_rank, "--save-every", "4")
     assert_same_adapter(full, single, "ZeRO-3")
-    resumed = launch(tmp_path / "zero3-resumed", zero3, 1, 29563, *per_rank,
-                     "--resume", str(tmp_path / "zero3" / "checkpoints"))
+    resumed = launch(
+        tmp_path / "zero3-resumed", zero3, 1, 29563, *per_rank, "--resume", str(tmp_path / "zero3" / "checkpoints")
+    )
     assert resumed["log"]["first_step"] == 4
     assert resumed["losses"] == pytest.approx(full["losses"][4:], rel=1e-5)
     for key, w in full["weights"].items():
@@ -93,7 +128,9 @@ def test_resume_under_expert_parallel_zero2_reproduces_the_uninterrupted_run(tmp
     config = ROOT / "ds_configs" / "zero2_fp32.json"
     full = launch(tmp_path / "full", config, 2, 29531, "--save-every", "4")
     assert (tmp_path / "full" / "checkpoints" / "step_4" / "rank1.pt").is_file()
-    resumed = launch(tmp_path / "resumed", config, 2, 29532, "--resume", str(tmp_path / "full" / "checkpoints" / "step_4"))
+    resumed = launch(
+        tmp_path / "resumed", config, 2, 29532, "--resume", str(tmp_path / "full" / "checkpoints" / "step_4")
+    )
     assert resumed["log"]["first_step"] == 4
     assert resumed["losses"] == pytest.approx(full["losses"][4:], rel=1e-5)
     for key, w in full["weights"].items():
@@ -102,17 +139,30 @@ def test_resume_under_expert_parallel_zero2_reproduces_the_uninterrupted_run(tmp
 
 def test_invalid_combinations_are_rejected_before_any_work(tmp_path):
     zero3 = tmp_path / "zero3.json"
-    zero3.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0,
-                                 "zero_optimization": {"stage": 3}}))
-    for extra, match in ((["--deepspeed_config", str(zero3), "--ep-size", "2"], "ZeRO-3 cannot shard"),
-                         (["--ep-size", "2"], "needs --deepspeed_config"),
-                         (["--deepspeed_config", str(tmp_path / "missing.json")], "does not exist"),
-                         (["--ep-size", "0"], "ep-size"),
-                         (["--max-grad-norm", "-1"], "max-grad-norm"),
-                         (["--deepspeed_config", str(ROOT / "ds_configs" / "zero0_fp32.json"), "--ep-size", "3"],
-                          "must divide")):
-        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *COMMON,
-                               "--output-dir", str(tmp_path / "out"), *extra], capture_output=True, text=True, cwd=ROOT)
+    zero3.write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}})
+    )
+    for extra, match in (
+        (["--deepspeed_config", str(zero3), "--ep-size", "2"], "ZeRO-3 cannot shard"),
+        (["--ep-size", "2"], "needs --deepspeed_config"),
+        (["--deepspeed_config", str(tmp_path / "missing.json")], "does not exist"),
+        (["--ep-size", "0"], "ep-size"),
+        (["--max-grad-norm", "-1"], "max-grad-norm"),
+        (["--deepspeed_config", str(ROOT / "ds_configs" / "zero0_fp32.json"), "--ep-size", "3"], "must divide"),
+    ):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "launch" / "train.py"),
+                *COMMON,
+                "--output-dir",
+                str(tmp_path / "out"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert proc.returncode == 2 and match in proc.stderr, (extra, proc.stderr[-2000:])
         assert not (tmp_path / "out").exists()
 
@@ -127,10 +177,23 @@ def test_qwen2_moe_with_replicated_adapters_ep2_zero2_equals_data_parallel(tmp_p
 
     tokenizer = tf.AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     torch.manual_seed(0)
-    cfg = tf.Qwen2MoeConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
-                            shared_expert_intermediate_size=40, intermediate_size=40, decoder_sparse_step=1,
-                            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = tf.Qwen2MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=2,
+        shared_expert_intermediate_size=40,
+        intermediate_size=40,
+        decoder_sparse_step=1,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     tf.Qwen2MoeForCausalLM(cfg).save_pretrained(tmp_path / "qwen2moe")
     tokenizer.save_pretrained(tmp_path / "qwen2moe")
     extra = ("--model", str(tmp_path / "qwen2moe"), "--shared-expert-lora", "--attention-lora", "q_proj", "v_proj")
@@ -147,7 +210,9 @@ def test_four_ranks_expert_and_expert_data_parallel_train_the_adapter_of_one_pro
     expert once (ZeRO-2 computes it; under ZeRO-0 this project does)."""
     single = launch(tmp_path / "single", None, 1, 0, "--batch-size", "8", *CLIP)
     for i, preset in enumerate(("zero2_fp32.json", "zero0_fp32.json")):
-        run = launch(tmp_path / preset, ROOT / "ds_configs" / preset, 2, 29581 + i, "--batch-size", "2", *CLIP, ranks=4)
+        run = launch(
+            tmp_path / preset, ROOT / "ds_configs" / preset, 2, 29581 + i, "--batch-size", "2", *CLIP, ranks=4
+        )
         assert run["log"]["world_size"] == 4
         assert_same_adapter(run, single, f"EP=2 x EDP=2 {preset}")
 

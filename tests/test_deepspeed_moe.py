@@ -1,13 +1,14 @@
 """Sieve LoRA on models built from DeepSpeed's own MoE layer, on 2 gloo ranks (EP=2)."""
+
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import randomize_adapters
+from distributed import run_ranks
 from torch import nn
 
 from moe_peft_ds import AdapterConfig, apply_sieve_lora, load_adapter, profile_routing, save_adapter
 from moe_peft_ds.backends.deepspeed_moe import ds_moe_layers, global_ids
-from conftest import randomize_adapters
-from distributed import run_ranks
 
 H, E, VOCAB = 16, 4, 50
 SELECTION = {0: [1, 2], 1: [0]}
@@ -24,9 +25,20 @@ class ToyMoE(nn.Module):
 
         self.embed = nn.Embedding(VOCAB, H)
         expert = nn.Sequential(nn.Linear(H, 2 * H), nn.ReLU(), nn.Linear(2 * H, H))
-        self.moes = nn.ModuleList(MoE(H, expert, num_experts=E, ep_size=ep_size, k=2, capacity_factor=8.0,
-                                      eval_capacity_factor=8.0, use_rts=False, top2_2nd_expert_sampling=False)
-                                  for _ in range(2))
+        self.moes = nn.ModuleList(
+            MoE(
+                H,
+                expert,
+                num_experts=E,
+                ep_size=ep_size,
+                k=2,
+                capacity_factor=8.0,
+                eval_capacity_factor=8.0,
+                use_rts=False,
+                top2_2nd_expert_sampling=False,
+            )
+            for _ in range(2)
+        )
         self.head = nn.Linear(H, VOCAB)
         for moe in self.moes:
             if ep_size > 1 and set_groups:
@@ -90,8 +102,9 @@ def test_deepspeed_moe_profile_inject_save_and_reload_at_ep1(tmp_path):
     run_ranks(_on_rank, world=2, args=(str(tmp_path),))
     p0, p1 = (torch.load(tmp_path / f"profile{r}.pt") for r in range(2))
     assert p0["counts"] == p1["counts"]  # all-reduced: every rank selects from the same counts
-    single = profile_routing(toy(ep_size=1), [{"input_ids": torch.cat(p0["ids"])}], progress=False,
-                             forward=lambda m, i, mask: m(i))
+    single = profile_routing(
+        toy(ep_size=1), [{"input_ids": torch.cat(p0["ids"])}], progress=False, forward=lambda m, i, mask: m(i)
+    )
     assert single.counts == p0["counts"] and single.tokens == p0["tokens"] == 24
     model = load_adapter(toy(ep_size=1), tmp_path / "ep2")  # an EP=2 adapter onto one process
     assert model.moe_peft_config.selection == SELECTION
@@ -153,8 +166,10 @@ def test_deepspeed_moe_ep2_under_deepspeed_initialize_trains_the_adapter_of_one_
     run_ranks(_train_ep2_on_rank, world=2, args=(str(tmp_path),))
     assert torch.load(tmp_path / "ep2-losses.pt") == pytest.approx(losses, rel=1e-5)
     trained = load_adapter(toy(ep_size=1), tmp_path / "ep2-trained")
-    for (name, p), q in zip(((n, p) for n, p in trained.named_parameters() if p.requires_grad),
-                            (q for q in reference.parameters() if q.requires_grad)):
+    for (name, p), q in zip(
+        ((n, p) for n, p in trained.named_parameters() if p.requires_grad),
+        (q for q in reference.parameters() if q.requires_grad),
+    ):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     start = load_adapter(toy(ep_size=1), tmp_path / "init")
     moved = [(p - q).abs().max() for p, q in zip(trained.parameters(), start.parameters()) if p.requires_grad]

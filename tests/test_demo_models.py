@@ -1,5 +1,6 @@
 """The bundled demo models: tiny-mixtral (MoE) and tiny-llama (dense, MixLoRA's base) are built by
 one script from one corpus and tokenizer, and are pretrained (not random)."""
+
 import json
 
 import pytest
@@ -41,8 +42,12 @@ def test_build_demo_llama_writes_a_loadable_model(tmp_path):
     assert "--arch llama" in info["command"] and str(tmp_path / "llama") in info["command"]
     model = tf.AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, tf.LlamaForCausalLM)
-    assert {p.name for p in (tmp_path / "data").iterdir()} == {"arithmetic_train.jsonl", "arithmetic_eval.jsonl",
-                                                               "code_train.jsonl", "code_eval.jsonl"}
+    assert {p.name for p in (tmp_path / "data").iterdir()} == {
+        "arithmetic_train.jsonl",
+        "arithmetic_eval.jsonl",
+        "code_train.jsonl",
+        "code_eval.jsonl",
+    }
 
 
 def test_build_demo_refuses_an_unknown_arch_before_writing(tmp_path):

@@ -1,4 +1,5 @@
 """Every preset in ds_configs/ is a DeepSpeed config that DeepSpeed itself accepts."""
+
 import json
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """Every fused-expert MoE family of the installed transformers, discovered at test time: a tiny
 model of each goes through profile -> select -> apply -> backward -> save -> load, through the
 Python API and through launch/train.py. The list grows (or shrinks) with transformers."""
+
 import runpy
 from pathlib import Path
 
@@ -19,8 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_discovery_finds_the_families_this_project_is_built_for():
-    for model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "qwen3_next",
-                       "jamba", "granitemoe", "phimoe", "nemotron_h"):
+    for model_type in (
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "gpt_oss",
+        "qwen3_next",
+        "jamba",
+        "granitemoe",
+        "phimoe",
+        "nemotron_h",
+    ):
         assert model_type in MODEL_TYPES
     by_type = {f.model_type: f.layout for f in FAMILIES}
     assert by_type["gpt_oss"].transposed and by_type["gpt_oss"].has_bias
@@ -91,8 +104,28 @@ def test_family_trains_from_the_command_line(model_type, tmp_path, tokenizer):
     tiny_model(model_type).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "run"
-    rc = train_main(["--model", str(model_dir), "--data", "demo:arithmetic", "--no-progress", "--method", "sieve",
-                     "--max-steps", "2", "--batch-size", "2", "--calibration-samples", "4", "--max-length", "32",
-                     "--output-dir", str(out), "--lora-r", "4"])
+    rc = train_main(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            "demo:arithmetic",
+            "--no-progress",
+            "--method",
+            "sieve",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--calibration-samples",
+            "4",
+            "--max-length",
+            "32",
+            "--output-dir",
+            str(out),
+            "--lora-r",
+            "4",
+        ]
+    )
     assert rc == 0 and (out / "adapter_model.safetensors").is_file()
     load_adapter(tiny_model(model_type), out)

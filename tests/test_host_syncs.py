@@ -8,20 +8,20 @@ sync debug mode). The floor: no sync in the sieve's experts or on any LoRA path,
 backward; one per MixLoRA layer (how many rows are routed, and how many tokens are not); one per
 expert-parallel dispatch (the split sizes).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_peft_ds as mp
-from moe_peft_ds.backends.hf import FusedExpertsWithLoRA
+from moe_peft_ds.backends.hf import ExpertParallelExperts, FusedExpertsWithLoRA
 from moe_peft_ds.config import MixLoRAConfig
 from moe_peft_ds.mixlora import MixLoRAFFN, set_fast_path
-from moe_peft_ds.backends.hf import ExpertParallelExperts
-from tiny_models import tiny_model
 
 BOOL = (torch.bool, torch.uint8)
 
@@ -29,8 +29,15 @@ BOOL = (torch.bool, torch.uint8)
 def _syncs(func, args, kwargs) -> bool:
     """Whether this aten call reads a device value on the host (on CUDA)."""
     name = func.overloadpacket.__name__
-    if name in ("_local_scalar_dense", "nonzero", "masked_select", "bincount", "_unique2", "unique_dim",
-                "unique_consecutive"):
+    if name in (
+        "_local_scalar_dense",
+        "nonzero",
+        "masked_select",
+        "bincount",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+    ):
         return True
     if name == "repeat_interleave":
         return kwargs.get("output_size") is None and not (len(args) > 2 and args[2] is not None)
@@ -115,16 +122,31 @@ def _llama():
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    cfg = tf.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     return tf.LlamaForCausalLM(cfg)
 
 
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("routing,method", [("topk", "mixlora"), ("dynamic", "mixdora"), ("switch", "mixlora")])
 def test_mixlora_layers_sync_once(routing, method, fast, monkeypatch):
-    cfg = MixLoRAConfig(method=method, use_dora=method == "mixdora", num_experts=4, top_k=2, r=8, routing=routing,
-                        router_z_loss_coef=0.001)
+    cfg = MixLoRAConfig(
+        method=method,
+        use_dora=method == "mixdora",
+        num_experts=4,
+        top_k=2,
+        r=8,
+        routing=routing,
+        router_z_loss_coef=0.001,
+    )
     model = mp.apply_mixlora(_llama(), cfg)
     set_fast_path(model, fast)
     model.train()
@@ -181,6 +203,8 @@ def test_base_experts_and_lora_take_the_grouped_gemm_and_frozen_experts_get_no_g
         model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     assert not [n for n in ops.names if "fallback" in n]
     gemms = ops.names.count("_grouped_mm") + ops.names.count("grouped_mm")
-    assert gemms >= 2 * 2 * 3  # per layer: base + 2 LoRA GEMMs for each of the two expert tensors (and more in backward)
+    assert (
+        gemms >= 2 * 2 * 3
+    )  # per layer: base + 2 LoRA GEMMs for each of the two expert tensors (and more in backward)
     experts = [m.base for m in model.modules() if isinstance(m, FusedExpertsWithLoRA)]
     assert all(p.grad is None for e in experts for p in e.parameters())

@@ -1,13 +1,24 @@
 """The package's import graph (every import, function-local ones included), read with the standard
 library: no cycles, and layers only import downwards (core <- backends <- methods <- API <- launchers)."""
+
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moe_peft_ds"
-BACKENDS = {"moe_peft_ds.backends.hf", "moe_peft_ds.backends.hf_families", "moe_peft_ds.backends.deepspeed_moe",
-            "moe_peft_ds.backends.megatron"}
-METHODS = {"moe_peft_ds.sieve", "moe_peft_ds.mixlora", "moe_peft_ds.continual", "moe_peft_ds.multi_adapter",
-           "moe_peft_ds.profiling", "moe_peft_ds.selection"}
+BACKENDS = {
+    "moe_peft_ds.backends.hf",
+    "moe_peft_ds.backends.hf_families",
+    "moe_peft_ds.backends.deepspeed_moe",
+    "moe_peft_ds.backends.megatron",
+}
+METHODS = {
+    "moe_peft_ds.sieve",
+    "moe_peft_ds.mixlora",
+    "moe_peft_ds.continual",
+    "moe_peft_ds.multi_adapter",
+    "moe_peft_ds.profiling",
+    "moe_peft_ds.selection",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -46,7 +57,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         state[node] = "done"
@@ -66,7 +77,9 @@ def test_no_import_cycles():
 def test_backends_import_neither_methods_nor_other_backends():
     graph = import_graph()
     for backend in BACKENDS:
-        family = {backend, "moe_peft_ds.backends.hf", "moe_peft_ds.backends.hf_families"} if "hf" in backend else {backend}
+        family = (
+            {backend, "moe_peft_ds.backends.hf", "moe_peft_ds.backends.hf_families"} if "hf" in backend else {backend}
+        )
         assert not graph[backend] & METHODS, (backend, graph[backend] & METHODS)
         assert not graph[backend] & (BACKENDS - family), (backend, graph[backend] & (BACKENDS - family))
         assert "moe_peft_ds" not in graph[backend]  # nor the public API

@@ -1,13 +1,19 @@
 """Expert-selective LoRA on every supported family: equivalence, isolation, size."""
+
 import pytest
 import torch
-
-from moe_peft_ds import AdapterConfig, all_experts_selection, apply_sieve_lora
-from moe_peft_ds.backends.hf import (FusedExpertsWithLoRA, UnsupportedModelError, attention_projections, describe_model,
-                                     find_moe_blocks)
-from moe_peft_ds.lora import LoRALinear
 from conftest import randomize_adapters
 from tiny_models import router_of, tiny_model
+
+from moe_peft_ds import AdapterConfig, all_experts_selection, apply_sieve_lora
+from moe_peft_ds.backends.hf import (
+    FusedExpertsWithLoRA,
+    UnsupportedModelError,
+    attention_projections,
+    describe_model,
+    find_moe_blocks,
+)
+from moe_peft_ds.lora import LoRALinear
 
 SELECT = [1, 4, 6]
 
@@ -24,8 +30,13 @@ def test_zero_init_matches_base(family, batch, dora):
     model = tiny_model(family)
     with torch.no_grad():
         ref = model(**batch).logits
-    apply_sieve_lora(model, selection_for(model), AdapterConfig(use_dora=dora, shared_expert_lora=family in SHARED,
-                                                                attention_targets=attention_projections(model)))
+    apply_sieve_lora(
+        model,
+        selection_for(model),
+        AdapterConfig(
+            use_dora=dora, shared_expert_lora=family in SHARED, attention_targets=attention_projections(model)
+        ),
+    )
     with torch.no_grad():
         out = model(**batch).logits
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
@@ -93,7 +104,9 @@ def test_no_token_on_a_selected_expert_gives_the_base_output(family, dora):
     wrapped, H = _wrapped_block(family, [6, 7], dora)
     hidden = torch.randn(4, H)
     index, weights = torch.tensor([[0, 1], [2, 3], [1, 2], [0, 3]]), torch.full((4, 2), 0.5)
-    torch.testing.assert_close(wrapped(hidden, index, weights), wrapped.base(hidden, index, weights), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        wrapped(hidden, index, weights), wrapped.base(hidden, index, weights), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -140,13 +153,19 @@ def test_attention_and_shared_expert_lora_are_optional(family):
     model = tiny_model(family)
     mla = family == "deepseek_v3"  # MLA: q_proj (no q_lora_rank here), kv_a_proj_with_mqa, kv_b_proj, o_proj
     targets = ["q_proj", "kv_b_proj"] if mla else ["q_proj", "v_proj"]
-    with pytest.raises(UnsupportedModelError, match="not attention projections"):  # named, absent: refused, nothing changed
-        apply_sieve_lora(model, selection_for(model), AdapterConfig(attention_targets=["v_proj" if mla else "kv_b_proj"]))
+    with pytest.raises(
+        UnsupportedModelError, match="not attention projections"
+    ):  # named, absent: refused, nothing changed
+        apply_sieve_lora(
+            model, selection_for(model), AdapterConfig(attention_targets=["v_proj" if mla else "kv_b_proj"])
+        )
     assert not any(p.requires_grad is False for p in model.parameters()) and not hasattr(model, "moe_peft_config")
     if family not in SHARED:
         with pytest.raises(UnsupportedModelError, match="no shared experts"):
             apply_sieve_lora(model, selection_for(model), AdapterConfig(shared_expert_lora=True))
-    apply_sieve_lora(model, selection_for(model), AdapterConfig(attention_targets=targets, shared_expert_lora=family in SHARED))
+    apply_sieve_lora(
+        model, selection_for(model), AdapterConfig(attention_targets=targets, shared_expert_lora=family in SHARED)
+    )
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     assert {n.rsplit(".", 1)[1] for n in names if "self_attn" in n} == set(targets)
     assert any("shared_expert" in n for n in names) == (family in SHARED)
@@ -169,8 +188,9 @@ def test_training_moves_only_selected_adapters(family, batch):
 def test_unsupported_model_names_supported_families():
     import transformers as tf
 
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
-                                               num_attention_heads=2, intermediate_size=32))
+    model = tf.LlamaForCausalLM(
+        tf.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     with pytest.raises(UnsupportedModelError, match="mixtral.*qwen2_moe|supported"):
         apply_sieve_lora(model, {0: [0]})
     assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
@@ -194,14 +214,26 @@ def test_expert_lora_updates_only_selected_rows_with_exact_gradients(r):
     x = torch.randn(10, 12, requires_grad=True)
     delta, scale = lora(x, expert_of_row, counts, weight)
     assert scale is None
-    want = torch.stack([x[i] @ lora.lora_A[lora.slot[int(e)]].t() @ lora.lora_B[lora.slot[int(e)]].t()
-                        if int(e) in (1, 3) else x.new_zeros(8) for i, e in enumerate(expert_of_row)])
+    want = torch.stack(
+        [
+            x[i] @ lora.lora_A[lora.slot[int(e)]].t() @ lora.lora_B[lora.slot[int(e)]].t()
+            if int(e) in (1, 3)
+            else x.new_zeros(8)
+            for i, e in enumerate(expert_of_row)
+        ]
+    )
     torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-6)
     grad_out = torch.randn_like(delta)
     (delta * grad_out).sum().backward()
     x_ref = x.detach().clone().requires_grad_(True)
-    want = torch.stack([x_ref[i] @ lora.lora_A[lora.slot[int(e)]].t() @ lora.lora_B[lora.slot[int(e)]].t()
-                        if int(e) in (1, 3) else x_ref.new_zeros(8) for i, e in enumerate(expert_of_row)])
+    want = torch.stack(
+        [
+            x_ref[i] @ lora.lora_A[lora.slot[int(e)]].t() @ lora.lora_B[lora.slot[int(e)]].t()
+            if int(e) in (1, 3)
+            else x_ref.new_zeros(8)
+            for i, e in enumerate(expert_of_row)
+        ]
+    )
     (want * grad_out).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     assert (x.grad[~torch.isin(expert_of_row, torch.tensor([1, 3]))] == 0).all()

@@ -1,5 +1,6 @@
 """Sieve LoRA on Megatron-core expert layers, on CPU (one gloo rank; see megatron_cpu for the
 CUDA calls the tests patch). Multi-rank checks are in test_megatron_parallel.py."""
+
 from __future__ import annotations
 
 import json
@@ -8,17 +9,24 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron_cpu import (cpu_shims, gpt_moe, grouped_experts, init_parallel, permute, sequential_experts,
-                          tiny_config)
-from torch import nn
-
 from conftest import randomize_adapters
 from distributed import _free_port
-from moe_peft_ds import apply_sieve_lora, load_adapter, merge_adapter, profile_routing, remove_adapter, save_adapter, select_experts
-from moe_peft_ds.modules import UnsupportedModelError
+from megatron_cpu import cpu_shims, gpt_moe, grouped_experts, init_parallel, permute, sequential_experts, tiny_config
+from torch import nn
+
+from moe_peft_ds import (
+    apply_sieve_lora,
+    load_adapter,
+    merge_adapter,
+    profile_routing,
+    remove_adapter,
+    save_adapter,
+    select_experts,
+)
 from moe_peft_ds.backends.megatron import ExpertLinearLoRA, is_megatron_model
 from moe_peft_ds.checkpoint import AdapterMismatchError, convert_adapter
 from moe_peft_ds.config import AdapterConfig
+from moe_peft_ds.modules import UnsupportedModelError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,11 +106,16 @@ def test_sequential_mlp_sieve_math_isolation_and_tags():
     torch.testing.assert_close(out[untouched], base[0][untouched], rtol=0, atol=0)
     out.pow(2).sum().backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"0.local_experts.{e}.{fc}.lora.{p}" for e in (1, 3) for fc in ("linear_fc1", "linear_fc2")
-                         for p in ("lora_A", "lora_B")} | {f"1.local_experts.2.{fc}.lora.{p}" for fc in ("linear_fc1", "linear_fc2")
-                                                         for p in ("lora_A", "lora_B")}
+    assert trainable == {
+        f"0.local_experts.{e}.{fc}.lora.{p}"
+        for e in (1, 3)
+        for fc in ("linear_fc1", "linear_fc2")
+        for p in ("lora_A", "lora_B")
+    } | {f"1.local_experts.2.{fc}.lora.{p}" for fc in ("linear_fc1", "linear_fc2") for p in ("lora_A", "lora_B")}
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("0.")), "selected experts learn"
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("0.")), (
+        "selected experts learn"
+    )
     assert all(g is None for n, g in grads.items() if n.startswith("1.")), "layer 1 took no part"
     assert all(p.allreduce is False for p in model.parameters() if p.requires_grad)
 
@@ -120,8 +133,12 @@ def test_sequential_mlp_checkpoint_roundtrip_merge_and_refusals(tmp_path):
     from safetensors.torch import load_file
 
     keys = set(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
-    assert keys == {f"layers.{L}.experts.{e}.{t}.{p}" for L, e in ((0, 0), (0, 2), (1, 3))
-                    for t in ("gate_up_proj", "down_proj") for p in ("lora_A", "lora_B", "magnitude")}
+    assert keys == {
+        f"layers.{L}.experts.{e}.{t}.{p}"
+        for L, e in ((0, 0), (0, 2), (1, 3))
+        for t in ("gate_up_proj", "down_proj")
+        for p in ("lora_A", "lora_B", "magnitude")
+    }
     fresh = experts_model(config)
     load_adapter(fresh, tmp_path / "a")
     for m, w in zip(fresh, want):
@@ -139,7 +156,9 @@ def test_sequential_mlp_checkpoint_roundtrip_merge_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="does not have"):
         apply_sieve_lora(experts_model(config), {0: [4]})
     remove_adapter(model)
-    assert not any(p.requires_grad for p in model.parameters()) and not any(isinstance(m, ExpertLinearLoRA) for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters()) and not any(
+        isinstance(m, ExpertLinearLoRA) for m in model.modules()
+    )
 
 
 def test_grouped_mlp_equals_sequential_mlp_with_the_same_adapter(tmp_path):
@@ -172,10 +191,15 @@ def test_grouped_mlp_equals_sequential_mlp_with_the_same_adapter(tmp_path):
             lora_grp = grouped[0].adapters[t]
             slot = lora_grp.slot[e]
             for p in ("lora_A", "lora_B"):
-                torch.testing.assert_close(getattr(lora_grp, p).grad[slot], getattr(lora_seq, p).grad[0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(
+                    getattr(lora_grp, p).grad[slot], getattr(lora_seq, p).grad[0], rtol=1e-5, atol=1e-6
+                )
     merge_adapter(grouped)  # the plain GroupedMLP's forward needs grouped_gemm and bf16: check the merged weights
     for e in range(4):
-        for fc, w in (("linear_fc1", grouped[0].weight1.view(4, 16, -1)[e].t()), ("linear_fc2", grouped[0].weight2.view(4, -1, 16)[e].t())):
+        for fc, w in (
+            ("linear_fc1", grouped[0].weight1.view(4, 16, -1)[e].t()),
+            ("linear_fc2", grouped[0].weight2.view(4, -1, 16)[e].t()),
+        ):
             linear = getattr(seq[0].local_experts[e], fc)
             want = linear.merge_into_base().weight if isinstance(linear, ExpertLinearLoRA) else linear.weight
             torch.testing.assert_close(w, want, rtol=1e-6, atol=1e-6)
@@ -190,7 +214,7 @@ class GroupedLinearStandIn(nn.Module):
         super().__init__()
         self.num_gemms = num_gemms
         for i in range(num_gemms):
-            self.register_parameter(f"weight{i}", nn.Parameter(torch.randn(out_f, in_f) / in_f ** 0.5))
+            self.register_parameter(f"weight{i}", nn.Parameter(torch.randn(out_f, in_f) / in_f**0.5))
         self.bias = None
 
     def forward(self, x, m_splits):
@@ -225,13 +249,19 @@ def test_te_grouped_mlp_equals_sequential_mlp(tmp_path):  # pragma: no cover - r
     from megatron.core.extensions.transformer_engine import TEColumnParallelGroupedLinear, TERowParallelGroupedLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.experts import TEGroupedMLP
-
     from megatron_cpu import pg_collection
 
     config = tiny_config(num_layers=1, use_cpu_initialization=False)
-    te = nn.ModuleList([TEGroupedMLP(4, config, MLPSubmodules(linear_fc1=TEColumnParallelGroupedLinear,
-                                                                linear_fc2=TERowParallelGroupedLinear),
-                                     pg_collection=pg_collection())]).cuda()
+    te = nn.ModuleList(
+        [
+            TEGroupedMLP(
+                4,
+                config,
+                MLPSubmodules(linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear),
+                pg_collection=pg_collection(),
+            )
+        ]
+    ).cuda()
     seq = experts_model(config, 1).cuda()
     with torch.no_grad():
         for e, mlp in enumerate(seq[0].local_experts):
@@ -242,8 +272,9 @@ def test_te_grouped_mlp_equals_sequential_mlp(tmp_path):  # pragma: no cover - r
     save_adapter(seq, tmp_path / "a")
     load_adapter(te, tmp_path / "a")
     x, index, weights = (t.cuda() for t in routed(4, seed=7))
-    torch.testing.assert_close(run_experts(te[0], x, index, weights, 4), run_experts(seq[0], x, index, weights, 4),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        run_experts(te[0], x, index, weights, 4), run_experts(seq[0], x, index, weights, 4), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_routing_profile_of_a_gpt_moe_model_excludes_padding_and_selects():
@@ -259,13 +290,19 @@ def test_routing_profile_of_a_gpt_moe_model_excludes_padding_and_selects():
     assert padded.counts == apart.counts and sorted(padded.counts) == [0, 1]
     for layer, counts in padded.counts.items():
         assert sum(counts) == 20 * config.moe_router_topk
-    torch.testing.assert_close(torch.tensor(padded.gate_sums[0]), torch.tensor(apart.gate_sums[0]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(padded.gate_sums[0]), torch.tensor(apart.gate_sums[0]), rtol=1e-6, atol=1e-6
+    )
     selection = select_experts(padded, policy="topk", k=1)
     apply_sieve_lora(model, selection, AdapterConfig(r=2))
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert n == 2 * (2 * (16 + 24) + 2 * (12 + 16)), "one expert per layer, fc1 and fc2"
-    loss = model(ids, torch.arange(12).expand(2, 12), attention_mask=torch.ones(12, 12, dtype=torch.bool).triu(1)[None, None],
-                 labels=ids).mean()
+    loss = model(
+        ids,
+        torch.arange(12).expand(2, 12),
+        attention_mask=torch.ones(12, 12, dtype=torch.bool).triu(1)[None, None],
+        labels=ids,
+    ).mean()
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
@@ -331,7 +368,10 @@ def test_unsupported_megatron_models_and_options_are_refused_before_any_change()
     model = experts_model(tiny_config())
     with pytest.raises(ValueError, match="attention"):
         apply_sieve_lora(model, {0: [0]}, AdapterConfig(attention_targets=["q_proj"]))
-    assert not any(isinstance(m, ExpertLinearLoRA) for m in model.modules()) and getattr(model, "moe_peft_config", None) is None
+    assert (
+        not any(isinstance(m, ExpertLinearLoRA) for m in model.modules())
+        and getattr(model, "moe_peft_config", None) is None
+    )
     # SequentialMLP's linears return their bias apart (skip_bias_add), so DoRA applies with biases too
     biased = experts_model(tiny_config(add_bias_linear=True), 1)
     apply_sieve_lora(biased, {0: [0]}, AdapterConfig(use_dora=True))
@@ -341,18 +381,19 @@ def test_unsupported_megatron_models_and_options_are_refused_before_any_change()
 
 def _logits(model, ids):
     S = ids.shape[1]
-    return model(ids, torch.arange(S).expand_as(ids), attention_mask=torch.ones(S, S, dtype=torch.bool).triu(1)[None, None])
+    return model(
+        ids, torch.arange(S).expand_as(ids), attention_mask=torch.ones(S, S, dtype=torch.bool).triu(1)[None, None]
+    )
 
 
 @pytest.mark.parametrize("method", ["mixlora", "mixdora"])
 def test_mixlora_on_megatron_dense_mlps_equals_the_transformers_layer(method, tmp_path):
+    from megatron_cpu import gpt_dense
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from megatron_cpu import gpt_dense
     from moe_peft_ds import MixLoRAConfig, apply_mixlora
-    from moe_peft_ds.mixlora import MegatronMixLoRAFFN
-    from moe_peft_ds.mixlora import MixLoRAFFN, new_router_loss_pass
+    from moe_peft_ds.mixlora import MegatronMixLoRAFFN, MixLoRAFFN, new_router_loss_pass
 
     config = tiny_config(num_moe_experts=None, moe_ffn_hidden_size=None, moe_router_topk=2)
     make_cfg = lambda: MixLoRAConfig(method=method, num_experts=4, top_k=2, r=4, alpha=8, attention_targets=[])  # noqa: E731
@@ -367,7 +408,11 @@ def test_mixlora_on_megatron_dense_mlps_equals_the_transformers_layer(method, tm
     randomize_adapters(gpt)
     # the same layer on a transformers LlamaMLP holding the same weights computes the same thing
     meg = layers[0]
-    llama = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=20, hidden_act="silu", num_attention_heads=2, num_key_value_heads=2))
+    llama = LlamaMLP(
+        LlamaConfig(
+            hidden_size=16, intermediate_size=20, hidden_act="silu", num_attention_heads=2, num_key_value_heads=2
+        )
+    )
     with torch.no_grad():
         gate, up = meg.base.mlp.linear_fc1.weight.chunk(2)
         llama.gate_proj.weight.copy_(gate), llama.up_proj.weight.copy_(up)

@@ -1,18 +1,18 @@
 """Megatron-core expert layers on 2 gloo ranks (CPU): expert parallelism, expert tensor
 parallelism refused, routing counts summed over data-parallel ranks."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_adapters
+from distributed import run_ranks
 from megatron_cpu import cpu_shims, gpt_moe, init_parallel, permute, sequential_experts, tiny_config
 from torch import nn
 
-from conftest import randomize_adapters
-from distributed import run_ranks
-from moe_peft_ds import load_adapter, profile_routing, save_adapter
-from moe_peft_ds.modules import UnsupportedModelError
-from moe_peft_ds import apply_sieve_lora
+from moe_peft_ds import apply_sieve_lora, load_adapter, profile_routing, save_adapter
 from moe_peft_ds.config import AdapterConfig
+from moe_peft_ds.modules import UnsupportedModelError
 
 pytestmark = pytest.mark.slow
 E, H = 4, 16
@@ -38,7 +38,7 @@ def _local_rows(x, index, weights, first, num_local):
     """This rank's share of the routed rows (Megatron's dispatcher would deliver exactly these)."""
     rows, expert, counts, probs, _ = permute(x, index, weights, E)
     keep = (expert >= first) & (expert < first + num_local)
-    return rows[keep], counts[first:first + num_local], probs[keep]
+    return rows[keep], counts[first : first + num_local], probs[keep]
 
 
 def _ep2_worker(rank, world, tmp):
@@ -64,9 +64,9 @@ def _ep2_worker(rank, world, tmp):
         all_rows, _, all_counts, all_probs, _ = permute(x, index, weights, E)
         full, _ = one[0](all_rows, all_counts, all_probs)  # rows sorted by expert: this rank's are one slice
         start = int(all_counts[: 2 * rank].sum())
-        torch.testing.assert_close(out, full[start:start + len(rows)], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out, full[start : start + len(rows)], rtol=1e-6, atol=1e-6)
         out.pow(2).sum().backward()
-        full[start:start + len(rows)].pow(2).sum().backward()
+        full[start : start + len(rows)].pow(2).sum().backward()
         mine = 1 + rank  # the selected expert this rank holds
         for fc in ("linear_fc1", "linear_fc2"):
             a = getattr(ep[0].local_experts[mine - 2 * rank], fc).lora

@@ -1,19 +1,28 @@
 """MixLoRA / MixDoRA on dense models: routing, losses, the two execution paths, checkpoints."""
+
 import copy
 
 import pytest
 import torch
 import transformers as tf
+from tiny_models import tiny_model
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moe_peft_ds import ConfigError, MixLoRAConfig, apply_mixlora, load_adapter, merge_adapter, save_adapter
-from moe_peft_ds.modules import UnsupportedModelError
 from moe_peft_ds.mixlora import MixLoRAFFN, mixlora_layers, set_fast_path
+from moe_peft_ds.modules import UnsupportedModelError
 from moe_peft_ds.routing import Routing, load_balancing_loss, route, z_loss
-from tiny_models import tiny_model
 
-COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 DENSE = {
     "llama": lambda: tf.LlamaConfig(**COMMON),
     "mistral": lambda: tf.MistralConfig(**COMMON),
@@ -65,7 +74,9 @@ def test_zero_init_equals_the_base_model_for_every_family_and_routing(kind, meth
     for routing in ROUTINGS:
         # Dynamic routing keeps the router probabilities as weights (the reference's rule): their sum,
         # below 1, scales the frozen FFN unless renormalised (pinned in test_routing_formulas).
-        cfg = MixLoRAConfig(method=method, routing=routing, top_k=2, num_experts=4, top_p_renormalize=routing == "dynamic")
+        cfg = MixLoRAConfig(
+            method=method, routing=routing, top_k=2, num_experts=4, top_p_renormalize=routing == "dynamic"
+        )
         model = apply_mixlora(copy.deepcopy(base), cfg)
         assert len(mixlora_layers(model)) == 2
         with torch.no_grad():
@@ -75,8 +86,15 @@ def test_zero_init_equals_the_base_model_for_every_family_and_routing(kind, meth
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("method", ["mixlora", "mixdora"])
 def test_fast_path_equals_reference_path_in_loss_and_gradients(routing, method, batch):
-    cfg = MixLoRAConfig(method=method, routing=routing, num_experts=4, top_k=2, router_z_loss_coef=1e-3,
-                        expert_r={1: 4}, expert_alpha={2: 8.0})
+    cfg = MixLoRAConfig(
+        method=method,
+        routing=routing,
+        num_experts=4,
+        top_k=2,
+        router_z_loss_coef=1e-3,
+        expert_r={1: 4},
+        expert_alpha={2: 8.0},
+    )
     model = apply_mixlora(dense_model(), cfg)
     randomize(model)
     model.train()
@@ -85,7 +103,11 @@ def test_fast_path_equals_reference_path_in_loss_and_gradients(routing, method, 
     set_fast_path(model, False)
     ref_loss, ref = grads(model, batch)
     assert fast_loss == pytest.approx(ref_loss, rel=1e-6)
-    assert fast.keys() == ref.keys() and any("router" in n for n in fast) and any("magnitude" in n for n in fast) == (method == "mixdora")
+    assert (
+        fast.keys() == ref.keys()
+        and any("router" in n for n in fast)
+        and any("magnitude" in n for n in fast) == (method == "mixdora")
+    )
     for name, g in ref.items():
         torch.testing.assert_close(fast[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
@@ -115,11 +137,18 @@ def test_load_balancing_loss_matches_mixtral_with_padding_excluded():
     torch.testing.assert_close(load_balancing_loss(routing, mask.bool()), expected)
     # by hand on a fixed routing: 2 tokens, top-1 both to expert 0, probabilities known
     probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.5, 0.3, 0.1, 0.1]])
-    fixed = Routing(probs, torch.zeros(2, 1, dtype=torch.long), probs, probs.log(), torch.zeros(2, 1, dtype=torch.long),
-                    torch.zeros((), dtype=torch.long))
+    fixed = Routing(
+        probs,
+        torch.zeros(2, 1, dtype=torch.long),
+        probs,
+        probs.log(),
+        torch.zeros(2, 1, dtype=torch.long),
+        torch.zeros((), dtype=torch.long),
+    )
     assert load_balancing_loss(fixed, torch.ones(2, dtype=torch.bool)).item() == pytest.approx(4 * 1.0 * 0.6)
     assert z_loss(fixed, torch.ones(2, dtype=torch.bool)).item() == pytest.approx(
-        float(torch.logsumexp(probs.log(), -1).pow(2).mean()))
+        float(torch.logsumexp(probs.log(), -1).pow(2).mean())
+    )
 
 
 def test_padding_takes_no_expert_and_does_not_change_the_losses(batch):
@@ -172,7 +201,9 @@ def test_switch_drops_tokens_beyond_capacity_and_counts_them():
     assert r.index[:3, 0].tolist() == [2, 2, 2]  # capacity ceil(1.0 * 9 / 4) = 3, in token order
     assert (r.index[3:, 0] == 4).all() and r.dropped.item() == 6
     assert (r.weights[3:] == 0).all() and (r.weights[:3] == 1).all()
-    layer_model = apply_mixlora(dense_model(), MixLoRAConfig(num_experts=4, top_k=1, routing="switch", capacity_factor=0.25))
+    layer_model = apply_mixlora(
+        dense_model(), MixLoRAConfig(num_experts=4, top_k=1, routing="switch", capacity_factor=0.25)
+    )
     with torch.no_grad():
         layer_model(input_ids=torch.randint(1, 97, (2, 12)))
     assert all(layer.last_stats["dropped"] > 0 for _, layer in mixlora_layers(layer_model))
@@ -250,16 +281,19 @@ def test_merge_is_refused_but_attention_lora_merges_alone(batch):
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
 
 
-@pytest.mark.parametrize("options, match", [
-    (dict(num_experts=4, top_k=5), "top_k"),
-    (dict(num_experts=0), "num_experts"),
-    (dict(routing="expert-choice"), "routing"),
-    (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
-    (dict(router_z_loss_coef=-1.0), "router_z_loss_coef"),
-    (dict(expert_r={9: 4}), "outside"),
-    (dict(expert_r={0: 0}), "r=0"),
-    (dict(method="sieve"), "method"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(num_experts=4, top_k=5), "top_k"),
+        (dict(num_experts=0), "num_experts"),
+        (dict(routing="expert-choice"), "routing"),
+        (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
+        (dict(router_z_loss_coef=-1.0), "router_z_loss_coef"),
+        (dict(expert_r={9: 4}), "outside"),
+        (dict(expert_r={0: 0}), "r=0"),
+        (dict(method="sieve"), "method"),
+    ],
+)
 def test_bad_options_fail_clearly(options, match):
     with pytest.raises(ConfigError, match=match):
         MixLoRAConfig(**options)
@@ -270,7 +304,9 @@ def test_moe_models_are_not_dense_families_and_nothing_changes():
     names = [n for n, _ in model.named_modules()]
     with pytest.raises(UnsupportedModelError, match="not a supported dense family"):
         apply_mixlora(model)
-    assert [n for n, _ in model.named_modules()] == names and not any(p.requires_grad is False for p in model.parameters())
+    assert [n for n, _ in model.named_modules()] == names and not any(
+        p.requires_grad is False for p in model.parameters()
+    )
     assert not any(isinstance(m, MixLoRAFFN) for m in model.modules())
 
 
@@ -284,7 +320,9 @@ def test_one_expert_is_plain_lora_and_matches_peft(dora, batch):
     targets = ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
     ours = apply_mixlora(dense_model(), MixLoRAConfig(method="mixdora" if dora else "mixlora", num_experts=1, top_k=1))
     randomize(ours)
-    theirs = peft.get_peft_model(dense_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, use_dora=dora))
+    theirs = peft.get_peft_model(
+        dense_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, use_dora=dora)
+    )
     with torch.no_grad():
         for i, layer in enumerate(theirs.base_model.model.model.layers):
             mix = ours.model.layers[i].mlp

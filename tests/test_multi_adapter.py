@@ -1,19 +1,28 @@
 """Several MixLoRA adapters trained in one batch over one frozen base equal each trained alone."""
+
 import copy
 
 import pytest
 import torch
+from test_mixlora import dense_model, randomize
 
 from moe_peft_ds import MixLoRAConfig, apply_mixlora, load_adapter, save_adapter
 from moe_peft_ds.checkpoint import adapter_state_dict, read_adapter, remove_adapter
 from moe_peft_ds.multi_adapter import MultiAdapter
 from moe_peft_ds.train import train, train_multi_adapter
-from test_mixlora import dense_model, randomize
 
 CONFIGS = {
     "a": MixLoRAConfig(num_experts=4, top_k=2, router_z_loss_coef=1e-3),
-    "b": MixLoRAConfig(method="mixdora", num_experts=3, top_k=1, routing="switch", capacity_factor=2.0,
-                       attention_targets=["q_proj"], r=4, expert_r={0: 2}),
+    "b": MixLoRAConfig(
+        method="mixdora",
+        num_experts=3,
+        top_k=1,
+        routing="switch",
+        capacity_factor=2.0,
+        attention_targets=["q_proj"],
+        r=4,
+        expert_r={0: 2},
+    ),
     "c": MixLoRAConfig(num_experts=2, top_k=2, routing="dynamic", top_p=0.5, attention_targets=[]),
 }
 LRS = {"a": 1e-2, "b": 5e-3, "c": 2e-2}
@@ -57,11 +66,13 @@ def test_a_mixed_batch_gives_each_sample_its_own_adapter(initial):
         mixed = model(input_ids=ids, attention_mask=mask, adapter_names=["c", "a", "b"]).logits
         for row, name in enumerate(["c", "a", "b"]):
             alone = load_adapter(dense_model(), initial / f"init-{name}")
-            expected = alone(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).logits
-            torch.testing.assert_close(mixed[row:row + 1], expected, rtol=1e-5, atol=1e-5)
+            expected = alone(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-5, atol=1e-5)
         # samples of one adapter apart (indexed, not sliced) give each sample the same result
         apart = model(input_ids=ids, attention_mask=mask, adapter_names=["a", "b", "a"]).logits
-        together = model(input_ids=ids[[0, 2, 1]], attention_mask=mask[[0, 2, 1]], adapter_names=["a", "a", "b"]).logits
+        together = model(
+            input_ids=ids[[0, 2, 1]], attention_mask=mask[[0, 2, 1]], adapter_names=["a", "a", "b"]
+        ).logits
         torch.testing.assert_close(apart[[0, 2, 1]], together, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="adapter_names"):
         model(input_ids=ids)

@@ -1,20 +1,19 @@
 """Expert parallelism on 2 gloo ranks: the all-to-all, and EP=2 equal to one process."""
+
 import copy
 
 import pytest
 import torch
 import torch.distributed as dist
-
-from safetensors.torch import load_file
-
-from moe_peft_ds import AdapterConfig, apply_sieve_lora, save_adapter
-from moe_peft_ds.backends.hf import attention_projections, base_experts, find_moe_blocks
-from moe_peft_ds.backends.hf import ExpertParallelExperts
-from moe_peft_ds.dispatch import all_to_all_v, ep_group_name
-from moe_peft_ds.parallel import shard_experts
 from conftest import randomize_adapters
 from distributed import run_ranks
+from safetensors.torch import load_file
 from tiny_models import tiny_model
+
+from moe_peft_ds import AdapterConfig, apply_sieve_lora, save_adapter
+from moe_peft_ds.backends.hf import ExpertParallelExperts, attention_projections, base_experts, find_moe_blocks
+from moe_peft_ds.dispatch import all_to_all_v, ep_group_name
+from moe_peft_ds.parallel import shard_experts
 
 
 def _all_to_all_on_rank(rank, world, out_dir):
@@ -79,15 +78,29 @@ def _ep_on_rank(rank, world, family, out_dir):
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     local_bytes = sum(p.numel() for b in find_moe_blocks(model) for p in base_experts(b.experts).parameters())
     full_bytes = sum(p.numel() for b in find_moe_blocks(reference) for p in base_experts(b.experts).parameters())
-    torch.save({"loss": loss.detach(), "ref_loss": ref_losses[rank].detach(), "grads": grads, "ref_grads": ref_grads,
-                "tags": {n: (getattr(p, "allreduce", True), getattr(p, "group_name", None))
-                         for n, p in model.named_parameters() if p.requires_grad},
-                "expert_weights": (local_bytes, full_bytes)}, f"{out_dir}/rank{rank}.pt")
+    torch.save(
+        {
+            "loss": loss.detach(),
+            "ref_loss": ref_losses[rank].detach(),
+            "grads": grads,
+            "ref_grads": ref_grads,
+            "tags": {
+                n: (getattr(p, "allreduce", True), getattr(p, "group_name", None))
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            },
+            "expert_weights": (local_bytes, full_bytes),
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
 
 
 # Layouts: concatenated [gate; up]; shared expert; transposed with biases; MLA, shared experts and a dense
-# first layer; a hybrid stack (linear attention and attention layers).
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v2", "qwen3_next"])
+# first layer; a hybrid stack (linear attention and attention layers). launch/family_table.py reads this list.
+EP_FAMILIES = ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v2", "qwen3_next"]
+
+
+@pytest.mark.parametrize("family", EP_FAMILIES)
 def test_ep2_equals_one_process(tmp_path, family):
     run_ranks(_ep_on_rank, world=2, args=(family, str(tmp_path)))
     for rank in range(2):
@@ -134,7 +147,9 @@ def _checkpoint_on_rank(rank, world, out_dir):
     with torch.no_grad():
         ref = model(**batch).logits
         single = load_adapter(tiny_model("mixtral"), f"{out_dir}/ep2")  # reload at EP=1
-        resharded = shard_experts(load_adapter(tiny_model("mixtral"), f"{out_dir}/ep2"), dist.group.WORLD)  # and at EP=2
+        resharded = shard_experts(
+            load_adapter(tiny_model("mixtral"), f"{out_dir}/ep2"), dist.group.WORLD
+        )  # and at EP=2
         torch.testing.assert_close(resharded(**batch).logits, ref, rtol=0, atol=0)  # same layout: bit-identical
         torch.testing.assert_close(single(**batch).logits, ref, rtol=1e-5, atol=1e-6)  # summation order differs
 
@@ -148,8 +163,9 @@ def test_ep2_checkpoint_equals_single_process_and_reloads(tmp_path):
     single, ep2 = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("single", "ep2"))
     assert single.keys() == ep2.keys()
     assert all(torch.equal(single[k], ep2[k]) for k in single)
-    assert json.loads((tmp_path / "single" / "adapter_config.json").read_text()) == \
-        json.loads((tmp_path / "ep2" / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "single" / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "ep2" / "adapter_config.json").read_text()
+    )
 
 
 def _ep4_on_rank(rank, world, out_dir):
@@ -195,8 +211,9 @@ def test_a_missing_rank_ends_the_collective_with_an_error_not_a_hang(tmp_path):
 
 
 def _mixlora_ep_on_rank(rank, world, method, out_dir):
-    from moe_peft_ds import MixLoRAConfig, apply_mixlora
     from test_mixlora import dense_model, randomize
+
+    from moe_peft_ds import MixLoRAConfig, apply_mixlora
 
     cfg = MixLoRAConfig(method=method, num_experts=4, top_k=2, attention_targets=["q_proj"], router_z_loss_coef=1e-3)
     model = apply_mixlora(dense_model(), cfg)
@@ -210,9 +227,16 @@ def _mixlora_ep_on_rank(rank, world, method, out_dir):
     loss.backward()
     grads = _reduced_grads(model)
     tags = {n: getattr(p, "group_name", None) for n, p in model.named_parameters() if n in grads}
-    torch.save({"loss": loss.detach(), "ref_loss": ref_losses[rank].detach(), "grads": grads, "tags": tags,
-                "ref_grads": {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}},
-               f"{out_dir}/rank{rank}.pt")
+    torch.save(
+        {
+            "loss": loss.detach(),
+            "ref_loss": ref_losses[rank].detach(),
+            "grads": grads,
+            "tags": tags,
+            "ref_grads": {n: p.grad for n, p in reference.named_parameters() if p.grad is not None},
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
     save_adapter(model, f"{out_dir}/ep2")  # gathered from both ranks
     if rank == 0:
         save_adapter(reference, f"{out_dir}/ep1")
@@ -229,7 +253,7 @@ def test_mixlora_ep2_equals_one_process(tmp_path, method):
             ref = r["ref_grads"][name]
             if ".adapter.lora." in name:  # this rank's two LoRA experts of four
                 assert r["tags"][name] == ep_group_name(2), name
-                ref = ref[2 * rank: 2 * rank + 2]
+                ref = ref[2 * rank : 2 * rank + 2]
             torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6, msg=name)
     ep2, ep1 = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ep2", "ep1"))
     assert ep2.keys() == ep1.keys()

@@ -1,22 +1,25 @@
 """Routing profiler: exact counts, padding ignored, all-reduce over ranks, report and heatmap."""
+
 import json
 
 import pytest
 import torch
+from distributed import run_ranks
+from tiny_models import router_of, tiny_model
 
 from moe_peft_ds import RoutingProfile, profile_routing
 from moe_peft_ds.backends.hf import find_moe_blocks
 from moe_peft_ds.profiling import format_skew, plot_heatmap
-from distributed import run_ranks
-from tiny_models import router_of, tiny_model
 
 
 def brute_force_counts(model, batch):
     """Count routing by capturing each router's output and looping over tokens in Python."""
     blocks = find_moe_blocks(model)
     captured = {}
-    handles = [router_of(b).register_forward_hook(lambda m, a, out, layer=b.layer: captured.__setitem__(layer, out))
-               for b in blocks]
+    handles = [
+        router_of(b).register_forward_hook(lambda m, a, out, layer=b.layer: captured.__setitem__(layer, out))
+        for b in blocks
+    ]
     with torch.no_grad():
         model(**batch)
     for h in handles:
@@ -69,9 +72,12 @@ def test_save_load_report_and_heatmap(tmp_path, batch):
 
 
 def test_skew_statistics_on_hand_made_profile():
-    uniform = RoutingProfile(counts={0: [5] * 8}, gate_sums={0: [1.0] * 8}, tokens=20, samples=1, num_experts=8, top_k=2)
-    skewed = RoutingProfile(counts={0: [30, 10, 0, 0, 0, 0, 0, 0]}, gate_sums={0: [1.0] * 8}, tokens=20, samples=1,
-                            num_experts=8, top_k=2)
+    uniform = RoutingProfile(
+        counts={0: [5] * 8}, gate_sums={0: [1.0] * 8}, tokens=20, samples=1, num_experts=8, top_k=2
+    )
+    skewed = RoutingProfile(
+        counts={0: [30, 10, 0, 0, 0, 0, 0, 0]}, gate_sums={0: [1.0] * 8}, tokens=20, samples=1, num_experts=8, top_k=2
+    )
     assert uniform.skew()[0] == pytest.approx({"top_coverage": 0.25, "entropy": 1.0})
     assert skewed.skew()[0]["top_coverage"] == 1.0 and skewed.skew()[0]["entropy"] < 0.5
 
@@ -86,7 +92,7 @@ def _profile_on_rank(rank, world, out_dir):
     torch.manual_seed(100 + rank)  # each rank sees its own share of the calibration data
     ids = torch.randint(1, 97, (2, 10))
     mask = torch.ones_like(ids)
-    mask[1, 6 + rank:] = 0
+    mask[1, 6 + rank :] = 0
     model = tiny_model("mixtral")  # same seed: identical weights on every rank
     local = brute_force_counts(model, {"input_ids": ids, "attention_mask": mask})[0]
     profile = profile_routing(model, [{"input_ids": ids, "attention_mask": mask}], progress=False)

@@ -6,6 +6,7 @@ never produced by this code.
 The running example: 4 experts, router logits ``log([1, 2, 3, 4])``, so the router
 probabilities are exactly ``[0.1, 0.2, 0.3, 0.4]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,20 +36,24 @@ def kept(r) -> dict[int, float]:
 def test_router_probabilities_are_the_softmax_and_temperature_divides_the_logits():
     torch.testing.assert_close(route(LOGITS, cfg(), ONE).probs, torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
     # softmax(logits / 0.5) = [1, 4, 9, 16] / 30
-    torch.testing.assert_close(route(LOGITS, cfg(router_temperature=0.5), ONE).probs,
-                               torch.tensor([[1.0, 4.0, 9.0, 16.0]]) / 30)
+    torch.testing.assert_close(
+        route(LOGITS, cfg(router_temperature=0.5), ONE).probs, torch.tensor([[1.0, 4.0, 9.0, 16.0]]) / 30
+    )
 
 
 def test_topk_keeps_the_k_most_probable_and_renormalises():
     assert kept(route(LOGITS, cfg(top_k=2), ONE)) == pytest.approx({3: 4 / 7, 2: 3 / 7})
 
 
-@pytest.mark.parametrize("p, expected", [
-    (0.8, {3: 0.4, 2: 0.3, 1: 0.2}),  # cumulative 0.4, 0.7, 0.9: 0.9 is the first above 0.8, kept
-    (0.5, {3: 0.4, 2: 0.3}),  # 0.7 is the first above 0.5
-    (0.3, {3: 0.4}),  # the first expert alone exceeds 0.3
-    (1.0, {3: 0.4, 2: 0.3, 1: 0.2, 0: 0.1}),  # never exceeded: every expert
-])
+@pytest.mark.parametrize(
+    "p, expected",
+    [
+        (0.8, {3: 0.4, 2: 0.3, 1: 0.2}),  # cumulative 0.4, 0.7, 0.9: 0.9 is the first above 0.8, kept
+        (0.5, {3: 0.4, 2: 0.3}),  # 0.7 is the first above 0.5
+        (0.3, {3: 0.4}),  # the first expert alone exceeds 0.3
+        (1.0, {3: 0.4, 2: 0.3, 1: 0.2, 0: 0.1}),  # never exceeded: every expert
+    ],
+)
 def test_dynamic_routing_keeps_experts_up_to_the_first_above_p_without_renormalising(p, expected):
     r = route(LOGITS, cfg(routing="dynamic", top_p=p), ONE)
     assert kept(r) == pytest.approx(expected)
@@ -107,8 +112,12 @@ def test_balancing_loss_pooled_over_layers_and_per_layer_sum_by_hand():
     # per layer: 2 * (1 * 0.75) = 1.5 each, summed 3.0
     assert summed.value(1.0, 0.0).item() == pytest.approx(3.0)
     # d/dP_l of coef * E * sum_e (C_e / N)(P_e / N) = coef * E * C / N^2; d/dz_sum = coef_z / N
-    torch.testing.assert_close(pooled.gradient(pooled.layers, 0, 0.5, 0.1), torch.tensor([0.5 * 2 * 2 / 16, 0.5 * 2 * 2 / 16, 0.1 / 4]))
-    torch.testing.assert_close(summed.gradient(summed.layers, 1, 0.5, 0.1), torch.tensor([0.0, 0.5 * 2 * 2 / 4, 0.1 / 2]))
+    torch.testing.assert_close(
+        pooled.gradient(pooled.layers, 0, 0.5, 0.1), torch.tensor([0.5 * 2 * 2 / 16, 0.5 * 2 * 2 / 16, 0.1 / 4])
+    )
+    torch.testing.assert_close(
+        summed.gradient(summed.layers, 1, 0.5, 0.1), torch.tensor([0.0, 0.5 * 2 * 2 / 4, 0.1 / 2])
+    )
 
 
 def test_each_forward_keeps_its_own_pass_until_its_backward():
@@ -142,7 +151,11 @@ def test_z_loss_is_the_mean_squared_logsumexp_over_all_layers_tokens():
     pool.record(0, layer0)
     pool.record(1, layer1)
     assert pool.value(0.0, 1.0).item() == pytest.approx(2.5 * math.log(2) ** 2)
-    single = route(torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]), MixLoRAConfig(num_experts=2, top_k=1), torch.ones(2, dtype=torch.bool))
+    single = route(
+        torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]),
+        MixLoRAConfig(num_experts=2, top_k=1),
+        torch.ones(2, dtype=torch.bool),
+    )
     from moe_peft_ds.routing import z_loss
 
     assert z_loss(single, torch.ones(2, dtype=torch.bool)).item() == pytest.approx(2.5 * math.log(2) ** 2)
@@ -150,8 +163,16 @@ def test_z_loss_is_the_mean_squared_logsumexp_over_all_layers_tokens():
 
 def three_layer_llama(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = tf.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    config = tf.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "eager"
     config.pad_token_id = 0
     return tf.AutoModelForCausalLM.from_config(config)
@@ -189,11 +210,16 @@ def test_pooled_loss_equals_transformers_over_three_layers_with_padding(top_k):
 
 
 def test_per_layer_sum_is_the_sum_of_each_layers_transformers_loss():
-    model = apply_mixlora(three_layer_llama(), MixLoRAConfig(num_experts=4, router_aux_loss_coef=1.0,
-                                                             router_aux_loss_pooling="per_layer_sum"))
+    model = apply_mixlora(
+        three_layer_llama(),
+        MixLoRAConfig(num_experts=4, router_aux_loss_coef=1.0, router_aux_loss_pooling="per_layer_sum"),
+    )
     ids = torch.randint(1, 97, (2, 8))
     logits = []
-    hooks = [layer.adapter.router.register_forward_hook(lambda m, a, out: logits.append(out)) for _, layer in mixlora_layers(model)]
+    hooks = [
+        layer.adapter.router.register_forward_hook(lambda m, a, out: logits.append(out))
+        for _, layer in mixlora_layers(model)
+    ]
     with torch.no_grad():
         model(input_ids=ids)
     for h in hooks:
@@ -205,8 +231,18 @@ def test_per_layer_sum_is_the_sum_of_each_layers_transformers_loss():
 @pytest.mark.parametrize("routing, experts_see_noise", [("topk", True), ("dynamic", True), ("switch", False)])
 def test_jitter_multiplies_the_router_input_and_with_topk_and_dynamic_the_experts_input(routing, experts_see_noise):
     eps = 0.5
-    model = apply_mixlora(three_layer_llama(), MixLoRAConfig(num_experts=4, routing=routing, jitter_noise=eps, top_p=1.0,
-                                                             top_p_renormalize=True, capacity_factor=4.0, attention_targets=[]))
+    model = apply_mixlora(
+        three_layer_llama(),
+        MixLoRAConfig(
+            num_experts=4,
+            routing=routing,
+            jitter_noise=eps,
+            top_p=1.0,
+            top_p_renormalize=True,
+            capacity_factor=4.0,
+            attention_targets=[],
+        ),
+    )
     _, layer = mixlora_layers(model)[0]
     layer.train()
     x = torch.randn(2, 5, 32)
@@ -230,12 +266,22 @@ def test_a_config_saved_before_these_options_reloads_with_the_rules_it_was_train
     from moe_peft_ds.config import LoRAConfig
 
     saved = asdict(MixLoRAConfig(model_type="llama", routing="dynamic", top_k=3))
-    for key in ("top_p_renormalize", "top_p_max_experts", "router_aux_loss_pooling", "adapter_dtype", "router_temperature",
-                "capacity_scope"):
+    for key in (
+        "top_p_renormalize",
+        "top_p_max_experts",
+        "router_aux_loss_pooling",
+        "adapter_dtype",
+        "router_temperature",
+        "capacity_scope",
+    ):
         del saved[key]
     old = LoRAConfig.from_dict(saved)
-    assert (old.top_p_renormalize, old.top_p_max_experts, old.router_aux_loss_pooling, old.adapter_dtype) == \
-        (True, 3, "per_layer_sum", "base")
+    assert (old.top_p_renormalize, old.top_p_max_experts, old.router_aux_loss_pooling, old.adapter_dtype) == (
+        True,
+        3,
+        "per_layer_sum",
+        "base",
+    )
     assert (old.router_temperature, old.capacity_scope) == (0.0, "batch")  # what every earlier config did
     r = route(LOGITS, old, ONE)
     assert kept(r) == pytest.approx({3: 4 / 9, 2: 3 / 9, 1: 2 / 9})  # renormalised, as it trained

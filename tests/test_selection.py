@@ -1,4 +1,5 @@
 """Selection policies on hand-made profiles."""
+
 import pytest
 
 from moe_peft_ds import RoutingProfile, SieveConfig, select_experts
@@ -6,8 +7,9 @@ from moe_peft_ds.config import ConfigError
 
 
 def profile(counts, E=8):
-    return RoutingProfile(counts=counts, gate_sums={l: [0.0] * E for l in counts}, tokens=100, samples=10,
-                          num_experts=E, top_k=2)
+    return RoutingProfile(
+        counts=counts, gate_sums={l: [0.0] * E for l in counts}, tokens=100, samples=10, num_experts=E, top_k=2
+    )
 
 
 P = profile({0: [50, 10, 10, 0, 30, 5, 5, 90], 1: [25, 25, 25, 25, 25, 25, 25, 25], 3: [1, 0, 0, 0, 0, 0, 0, 199]})
@@ -49,15 +51,18 @@ def test_all():
     assert select_experts(P, policy="all") == {l: list(range(8)) for l in (0, 1, 3)}
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(policy="topk", fraction=0.0), "fraction"),
-    (dict(policy="topk", fraction=1.5), "fraction"),
-    (dict(policy="topk", k=0, fraction=None), "k="),
-    (dict(policy="topk", k=-2, fraction=None), "k="),
-    (dict(policy="coverage"), "coverage"),
-    (dict(policy="coverage", coverage=1.2), "coverage"),
-    (dict(policy="best"), "policy"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(policy="topk", fraction=0.0), "fraction"),
+        (dict(policy="topk", fraction=1.5), "fraction"),
+        (dict(policy="topk", k=0, fraction=None), "k="),
+        (dict(policy="topk", k=-2, fraction=None), "k="),
+        (dict(policy="coverage"), "coverage"),
+        (dict(policy="coverage", coverage=1.2), "coverage"),
+        (dict(policy="best"), "policy"),
+    ],
+)
 def test_bad_policy_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         select_experts(P, SieveConfig(**kwargs))

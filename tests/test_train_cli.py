@@ -1,4 +1,5 @@
 """launch/train.py and launch/profile_routing.py end to end on the bundled demo model and data."""
+
 import json
 import runpy
 from pathlib import Path
@@ -18,10 +19,29 @@ BASE = ["--model", "tiny-mixtral", "--data", "demo:arithmetic", "--no-progress"]
 @pytest.mark.slow
 def test_sieve_run_profiles_selects_trains_and_saves(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = train_main(BASE + ["--output-dir", str(out), "--max-steps", "40", "--calibration-samples", "64",
-                            "--batch-size", "8", "--sieve-fraction", "0.25"])
+    rc = train_main(
+        BASE
+        + [
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "40",
+            "--calibration-samples",
+            "64",
+            "--batch-size",
+            "8",
+            "--sieve-fraction",
+            "0.25",
+        ]
+    )
     assert rc == 0
-    for name in ("adapter_config.json", "adapter_model.safetensors", "routing_profile.json", "routing_heatmap.png", "train_log.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "routing_profile.json",
+        "routing_heatmap.png",
+        "train_log.json",
+    ):
         assert (out / name).is_file(), name
     log = json.loads((out / "train_log.json").read_text())
     losses = log["losses"]
@@ -39,26 +59,39 @@ def test_sieve_run_profiles_selects_trains_and_saves(tmp_path, capsys):
 
 
 def test_profile_cli_writes_profile_and_heatmap(tmp_path, capsys):
-    rc = profile_main(["--model", "tiny-mixtral", "--data", "demo:arithmetic", "--output-dir", str(tmp_path),
-                       "--calibration-samples", "32"])
+    rc = profile_main(
+        [
+            "--model",
+            "tiny-mixtral",
+            "--data",
+            "demo:arithmetic",
+            "--output-dir",
+            str(tmp_path),
+            "--calibration-samples",
+            "32",
+        ]
+    )
     assert rc == 0 and (tmp_path / "routing_profile.json").is_file() and (tmp_path / "routing_heatmap.png").is_file()
     assert "coverage" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags, match", [
-    (["--sieve-fraction", "1.5"], "fraction"),
-    (["--sieve-fraction", "0"], "fraction"),
-    (["--sieve-k", "0"], "k="),
-    (["--sieve-k", "99"], "exceeds"),
-    (["--calibration-samples", "0"], "calibration-samples"),
-    (["--selection-policy", "coverage"], "coverage"),
-    (["--lora-r", "0"], "r="),
-    (["--lora-dropout", "1.0"], "dropout"),
-    (["--data", "demo:nope"], "no bundled demo task"),
-    (["--data", "/does/not/exist.jsonl"], "does not exist"),
-    (["--max-length", "0"], "max-length"),
-    (["--model", "/does/not/exist"], "does/not/exist"),
-])
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--sieve-fraction", "1.5"], "fraction"),
+        (["--sieve-fraction", "0"], "fraction"),
+        (["--sieve-k", "0"], "k="),
+        (["--sieve-k", "99"], "exceeds"),
+        (["--calibration-samples", "0"], "calibration-samples"),
+        (["--selection-policy", "coverage"], "coverage"),
+        (["--lora-r", "0"], "r="),
+        (["--lora-dropout", "1.0"], "dropout"),
+        (["--data", "demo:nope"], "no bundled demo task"),
+        (["--data", "/does/not/exist.jsonl"], "does not exist"),
+        (["--max-length", "0"], "max-length"),
+        (["--model", "/does/not/exist"], "does/not/exist"),
+    ],
+)
 def test_bad_flags_fail_clearly_and_write_nothing(tmp_path, capsys, flags, match):
     out = tmp_path / "run"
     argv = BASE + ["--output-dir", str(out), "--max-steps", "2"] + flags
@@ -86,11 +119,16 @@ def test_unsupported_model_fails_clearly(tmp_path, capsys):
 
     from moe_peft_ds.demo import DEMO_MODEL_DIR
 
-    llama = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=600, hidden_size=16, num_hidden_layers=1,
-                                               num_attention_heads=2, intermediate_size=32))
+    llama = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=600, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
     llama.save_pretrained(tmp_path / "llama")
     tf.AutoTokenizer.from_pretrained(DEMO_MODEL_DIR).save_pretrained(tmp_path / "llama")
-    rc = train_main(["--model", str(tmp_path / "llama"), "--data", "demo:arithmetic", "--output-dir", str(tmp_path / "run")])
+    rc = train_main(
+        ["--model", str(tmp_path / "llama"), "--data", "demo:arithmetic", "--output-dir", str(tmp_path / "run")]
+    )
     assert rc == 2 and "supported" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
@@ -106,7 +144,12 @@ def test_resume_continues_with_the_uninterrupted_losses(tmp_path):
     flags = BASE + ["--max-steps", "8", "--batch-size", "4", "--calibration-samples", "32"]
     assert train_main(flags + ["--output-dir", str(tmp_path / "full"), "--save-every", "4"]) == 0
     assert (tmp_path / "full" / "checkpoints" / "step_4" / "rank0.pt").is_file()
-    assert train_main(flags + ["--output-dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "full" / "checkpoints")]) == 0
+    assert (
+        train_main(
+            flags + ["--output-dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "full" / "checkpoints")]
+        )
+        == 0
+    )
     full, resumed = (json.loads((tmp_path / d / "train_log.json").read_text()) for d in ("full", "resumed"))
     assert resumed["first_step"] == 4 and resumed["losses"] == pytest.approx(full["losses"][4:], rel=1e-6)
     from safetensors.torch import load_file
@@ -123,9 +166,29 @@ def test_resume_from_nothing_fails_clearly(tmp_path, capsys):
 @pytest.mark.slow
 def test_eval_every_logs_validation_loss_and_task_accuracy_and_keeps_the_best(tmp_path):
     out = tmp_path / "run"
-    rc = train_main(BASE + ["--output-dir", str(out), "--max-steps", "6", "--batch-size", "8", "--calibration-samples", "32",
-                            "--eval-every", "3", "--eval-samples", "16", "--eval-tasks", "arc_easy", "piqa",
-                            "--eval-task-source", "fixtures", "--keep-best"])
+    rc = train_main(
+        BASE
+        + [
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--calibration-samples",
+            "32",
+            "--eval-every",
+            "3",
+            "--eval-samples",
+            "16",
+            "--eval-tasks",
+            "arc_easy",
+            "piqa",
+            "--eval-task-source",
+            "fixtures",
+            "--keep-best",
+        ]
+    )
     assert rc == 0
     lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "train_loss" in r] == list(range(1, 7))

@@ -1,5 +1,6 @@
 """megatron-core is an optional extra: without it the package imports and the transformers path
 works (megatron is blocked from import in a fresh interpreter)."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ except ImportError:
 
 
 def test_the_package_works_without_megatron(tmp_path):
-    done = subprocess.run([sys.executable, "-c", CODE, str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", CODE, str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok without megatron" in done.stdout

@@ -1,4 +1,5 @@
 """Tiny, randomly initialised models of every supported family (fp32, CPU), for tests."""
+
 from __future__ import annotations
 
 import torch
@@ -6,22 +7,56 @@ import transformers as tf
 
 from moe_peft_ds.backends import hf_families
 
-COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 
 CONFIGS = {
     "mixtral": lambda: tf.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": lambda: tf.Qwen2MoeConfig(**COMMON, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
-                                           shared_expert_intermediate_size=40, intermediate_size=40, decoder_sparse_step=1),
-    "qwen3_moe": lambda: tf.Qwen3MoeConfig(**COMMON, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
-                                           intermediate_size=40, head_dim=8),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+        **COMMON,
+        moe_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=2,
+        shared_expert_intermediate_size=40,
+        intermediate_size=40,
+        decoder_sparse_step=1,
+    ),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(
+        **COMMON, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2, intermediate_size=40, head_dim=8
+    ),
     "olmoe": lambda: tf.OlmoeConfig(**COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2),
-    "deepseek_v3": lambda: tf.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=40, moe_intermediate_size=24, n_routed_experts=8,
-                                               num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
-                                               first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None,
-                                               qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8),
-    "gpt_oss": lambda: tf.GptOssConfig(**COMMON, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
-                                       head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+    "deepseek_v3": lambda: tf.DeepseekV3Config(
+        **{**COMMON, "num_key_value_heads": 4},
+        intermediate_size=40,
+        moe_intermediate_size=24,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=0,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+    ),
+    "gpt_oss": lambda: tf.GptOssConfig(
+        **COMMON,
+        intermediate_size=24,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        head_dim=8,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
 }
 FAMILY_NAMES = tuple(CONFIGS)
 
@@ -59,9 +94,19 @@ def save_tiny_llama(path) -> str:
 
     tokenizer = tf.AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     tf.LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

@@ -11,6 +11,7 @@ hostfile DeepSpeed expects (``<host> slots=<gpus>``, node 0 first) and replaces 
 
     python launch/slurm/node_launch.py --dry-run -- launch/train.py --model ... # print, do not run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +54,30 @@ def node_command(hosts: list[str], node_rank: int, hostfile: Path, port: int, sc
     """The deepspeed launcher call for node ``node_rank``."""
     if not 0 <= node_rank < len(hosts):
         raise ValueError(f"node rank {node_rank} is outside the {len(hosts)} nodes {hosts}")
-    return ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-            "--master_addr", hosts[0], "--master_port", str(port), *script_args]
+    return [
+        "deepspeed",
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh",
+        "--node_rank",
+        str(node_rank),
+        "--master_addr",
+        hosts[0],
+        "--master_port",
+        str(port),
+        *script_args,
+    ]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="accelerators per node (default: $SLURM_GPUS_ON_NODE, else 8)")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=None, help="accelerators per node (default: $SLURM_GPUS_ON_NODE, else 8)"
+    )
     p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on node 0 (default 29500)")
-    p.add_argument("--hostfile", type=Path, default=None,
-                   help="where to write the hostfile (default: ./hostfile.$SLURM_JOB_ID)")
+    p.add_argument(
+        "--hostfile", type=Path, default=None, help="where to write the hostfile (default: ./hostfile.$SLURM_JOB_ID)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the hostfile and the command instead of running")
     p.add_argument("script", nargs=argparse.REMAINDER, help="-- then the training script and its flags")
     args = p.parse_args(argv)
@@ -77,7 +91,10 @@ def main(argv=None, env=os.environ) -> int:
     args = parse_args(argv)
     missing = [k for k in ("SLURM_JOB_NODELIST", "SLURM_NODEID") if k not in env]
     if missing:
-        print(f"error: {', '.join(missing)} not set; run inside a Slurm allocation (srun, one task per node)", file=sys.stderr)
+        print(
+            f"error: {', '.join(missing)} not set; run inside a Slurm allocation (srun, one task per node)",
+            file=sys.stderr,
+        )
         return 2
     try:
         hosts = expand_nodelist(env["SLURM_JOB_NODELIST"])

@@ -13,6 +13,7 @@ A backend is a module with the same functions (the protocol below), tried in ord
 
 Profiling hooks are the profiler's (``profiling``), chosen by ``NAME``.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -31,4 +32,5 @@ def backend_for(model: nn.Module):
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     raise UnsupportedModelError(
         f"model_type={model_type!r} is not a supported MoE model: it holds no fused experts module (transformers "
-        "marks those with use_experts_implementation), no deepspeed.moe.layer.MoE and no Megatron-core expert layer")
+        "marks those with use_experts_implementation), no deepspeed.moe.layer.MoE and no Megatron-core expert layer"
+    )

@@ -14,6 +14,7 @@ Such a layer holds this rank's ``num_local_experts`` experts in
 - the adapter state is keyed by MoE layer and *global* expert id, as for the Hugging Face
   backend, and gathered from the owning ranks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +60,12 @@ def describe(model: nn.Module) -> dict:
     layers = ds_moe_layers(model)
     if not layers:
         raise UnsupportedModelError("the model has no deepspeed.moe.layer.MoE layers")
-    return {"model_type": MODEL_TYPE, "num_experts": layers[0].num_experts,
-            "hidden_size": layers[0].deepspeed_moe.gate.wg.in_features, "moe_layers": list(range(len(layers)))}
+    return {
+        "model_type": MODEL_TYPE,
+        "num_experts": layers[0].num_experts,
+        "hidden_size": layers[0].deepspeed_moe.gate.wg.in_features,
+        "moe_layers": list(range(len(layers))),
+    }
 
 
 def gate_choice(gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +90,16 @@ def inject_sieve(model: nn.Module, selection: dict[int, list[int]], cfg: Adapter
     """Freeze ``model`` and add LoRA to the selected global experts held by this rank."""
     info = describe(model)
     if cfg.attention_targets or cfg.shared_expert_lora:
-        raise UnsupportedModelError("on DeepSpeed-MoE models the sieve puts LoRA on the routed experts only; "
-                                    "set attention_targets=[] and shared_expert_lora=False")
-    bad = [(layer, e) for layer, ids in selection.items() for e in ids
-           if layer not in info["moe_layers"] or not 0 <= e < info["num_experts"]]
+        raise UnsupportedModelError(
+            "on DeepSpeed-MoE models the sieve puts LoRA on the routed experts only; "
+            "set attention_targets=[] and shared_expert_lora=False"
+        )
+    bad = [
+        (layer, e)
+        for layer, ids in selection.items()
+        for e in ids
+        if layer not in info["moe_layers"] or not 0 <= e < info["num_experts"]
+    ]
     if bad:
         raise ValueError(f"selection names (layer, expert) pairs {bad[:5]} that this model does not have")
     model.requires_grad_(False)

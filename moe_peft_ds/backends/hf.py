@@ -10,6 +10,7 @@ tensors, and adds LoRA only for the selected experts on the tokens routed to the
 (no experts module) and hybrid stacks (attention / linear attention / SSM layers) need nothing:
 only blocks that hold fused experts are touched.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,11 @@ SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")  # attributes
 def is_fused_experts(module: nn.Module) -> bool:
     """True for a transformers fused experts module (``use_experts_implementation`` set its flags)."""
     down = getattr(module, "down_proj", None)
-    return (all(hasattr(module, f) for f in ("has_gate", "is_transposed", "has_bias"))
-            and isinstance(down, torch.Tensor) and down.dim() == 3)
+    return (
+        all(hasattr(module, f) for f in ("has_gate", "is_transposed", "has_bias"))
+        and isinstance(down, torch.Tensor)
+        and down.dim() == 3
+    )
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,13 @@ class ExpertsLayout:
     @classmethod
     def of(cls, experts: nn.Module) -> "ExpertsLayout":
         base = base_experts(experts)
-        return cls("gate_up_proj" if base.has_gate else "up_proj", bool(base.is_transposed), bool(base.has_bias),
-                   bool(base.has_gate), bool(getattr(base, "has_post_expert_norm", False)))
+        return cls(
+            "gate_up_proj" if base.has_gate else "up_proj",
+            bool(base.is_transposed),
+            bool(base.has_bias),
+            bool(base.has_gate),
+            bool(getattr(base, "has_post_expert_norm", False)),
+        )
 
     def tensor(self, target: str) -> str:
         """The module's tensor behind an expert target (``gate_up_proj`` means ``up_proj`` without a gate)."""
@@ -70,6 +79,7 @@ class MoEBlock:
     name: str
     module: nn.Module
     attr: str = "experts"
+    decoder_layer: nn.Module | None = None  # the ``layers.N`` module holding the block
 
     @property
     def experts(self) -> nn.Module:
@@ -92,13 +102,15 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
             layer = layer_index(f"{name}.{attr}")
             if layer is None:
                 raise UnsupportedModelError(f"MoE experts {name}.{attr} are not under a 'layers.N.' path")
-            blocks.append(MoEBlock(layer, name, module, attr))
+            decoder = model.get_submodule(name[: name.index(f"layers.{layer}") + len(f"layers.{layer}")])
+            blocks.append(MoEBlock(layer, name, module, attr, decoder))
     if not blocks:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise UnsupportedModelError(
             f"model_type={model_type!r} is not a supported MoE model: it holds no fused experts module (transformers "
             "marks those with use_experts_implementation); supported: every transformers MoE family with fused experts, "
-            "models built from deepspeed.moe.layer.MoE, and Megatron-core MoE layers")
+            "models built from deepspeed.moe.layer.MoE, and Megatron-core MoE layers"
+        )
     return sorted(blocks, key=lambda b: b.layer)
 
 
@@ -138,9 +150,14 @@ class FusedExpertsWithLoRA(nn.Module):
         self.num_experts = base.down_proj.shape[0]  # local experts
         self.first_expert = first_expert
         tensors = [self.layout.tensor(t) for t in cfg.expert_targets]
-        self.adapters = nn.ModuleDict({
-            t: ExpertLoRA(expert_ids, weight_out_in(base, t, self.layout.transposed), cfg, first_expert) for t in tensors
-        } if expert_ids else {})
+        self.adapters = nn.ModuleDict(
+            {
+                t: ExpertLoRA(expert_ids, weight_out_in(base, t, self.layout.transposed), cfg, first_expert)
+                for t in tensors
+            }
+            if expert_ids
+            else {}
+        )
         base.requires_grad_(False)
         read_in_forward(self, base.parameters())  # the base tensors are read here, not in base.forward
 
@@ -149,7 +166,9 @@ class FusedExpertsWithLoRA(nn.Module):
         """Global ids of the experts that carry adapters."""
         return next(iter(self.adapters.values())).expert_ids if self.adapters else []
 
-    def _project(self, tensor: str, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _project(
+        self, tensor: str, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
         """``x [S, in]`` (rows sorted by expert) through each row's expert of ``tensor``, plus LoRA."""
         w = weight_out_in(self.base, tensor, self.layout.transposed)  # [E, out, in]
         y = grouped_mm(x, w.transpose(1, 2), counts.cumsum(0).to(torch.int32))
@@ -166,14 +185,17 @@ class FusedExpertsWithLoRA(nn.Module):
         y = self._project("down_proj", h, expert_of_row, counts)
         return self.base.post_expert_norm(y) if self.layout.post_norm else y
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         # A slot transformers masks (index E) runs on expert 0 with weight 0: every slot then has a
         # row, and how many there are is known without asking the device.
         masked = top_k_index == self.num_experts
         top_k_index, top_k_weights = top_k_index.masked_fill(masked, 0), top_k_weights.masked_fill(masked, 0)
         routes = Routes.of(top_k_index, self.num_experts, rows=top_k_index.numel())
-        return routes.combine(hidden_states, self.expert_rows(routes.gather(hidden_states), routes.expert, routes.counts),
-                              top_k_weights)
+        return routes.combine(
+            hidden_states, self.expert_rows(routes.gather(hidden_states), routes.expert, routes.counts), top_k_weights
+        )
 
     @torch.no_grad()
     def merge_into_base(self) -> nn.Module:
@@ -199,7 +221,9 @@ class ExpertParallelExperts(ExpertParallelDispatch):
         super().__init__(group, num_experts)
         self.local = local
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         return super().forward(hidden_states, top_k_index, top_k_weights, self.local.expert_rows)
 
 
@@ -246,7 +270,9 @@ def shard_moe_blocks(model: nn.Module, cfg: AdapterConfig, group) -> None:
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention modules (softmax, MLA, linear attention) of every decoder layer."""
-    return [m for n, m in model.named_modules() if layer_index(n) is not None and "attention" in type(m).__name__.lower()]
+    return [
+        m for n, m in model.named_modules() if layer_index(n) is not None and "attention" in type(m).__name__.lower()
+    ]
 
 
 def attention_projections(model: nn.Module) -> list[str]:
@@ -259,8 +285,10 @@ def check_attention_targets(model: nn.Module, targets: list[str]) -> None:
     """Raise if ``targets`` names projections this model's attention does not have; changes nothing."""
     missing = sorted(set(targets) - set(attention_projections(model)))
     if missing:
-        raise UnsupportedModelError(f"attention_targets {missing} are not attention projections of this model; "
-                                    f"it has {attention_projections(model)}")
+        raise UnsupportedModelError(
+            f"attention_targets {missing} are not attention projections of this model; "
+            f"it has {attention_projections(model)}"
+        )
 
 
 def inject_attention_lora(model: nn.Module, cfg: AdapterConfig) -> int:
@@ -271,8 +299,12 @@ def inject_attention_lora(model: nn.Module, cfg: AdapterConfig) -> int:
 
 
 def shared_experts(block: MoEBlock) -> list[nn.Module]:
-    """The shared experts of a block (plain MLPs every token goes through)."""
-    return [m for attr in SHARED_EXPERTS if isinstance(m := getattr(block.module, attr, None), nn.Module)]
+    """The shared experts of a block (plain MLPs every token goes through), held by the block or,
+    in some families (Granite-MoE-Hybrid), by its decoder layer beside it."""
+    holders = [block.module] + ([block.decoder_layer] if block.decoder_layer not in (None, block.module) else [])
+    return [
+        m for holder in holders for attr in SHARED_EXPERTS if isinstance(m := getattr(holder, attr, None), nn.Module)
+    ]
 
 
 def check_shared_expert_lora(blocks: list[MoEBlock], cfg: AdapterConfig) -> None:
@@ -281,10 +313,14 @@ def check_shared_expert_lora(blocks: list[MoEBlock], cfg: AdapterConfig) -> None
         return
     shared = [s for b in blocks for s in shared_experts(b)]
     if not shared:
-        raise UnsupportedModelError(f"shared_expert_lora: this model's MoE blocks have no shared experts (one of {SHARED_EXPERTS})")
+        raise UnsupportedModelError(
+            f"shared_expert_lora: this model's MoE blocks have no shared experts (one of {SHARED_EXPERTS})"
+        )
     if not any(isinstance(m, nn.Linear) for s in shared for m in s.modules()):
-        raise UnsupportedModelError("shared_expert_lora: this model's shared experts are fused tensors, not nn.Linear "
-                                    "projections; LoRA on them is not supported")
+        raise UnsupportedModelError(
+            "shared_expert_lora: this model's shared experts are fused tensors, not nn.Linear "
+            "projections; LoRA on them is not supported"
+        )
 
 
 def check_selection(model: nn.Module, selection: dict[int, list[int]]) -> list[MoEBlock]:
@@ -293,7 +329,9 @@ def check_selection(model: nn.Module, selection: dict[int, list[int]]) -> list[M
     layers = {b.layer for b in blocks}
     unknown = sorted(set(selection) - layers)
     if unknown:
-        raise ValueError(f"selection names layers {unknown} that are not MoE layers of this model; MoE layers: {sorted(layers)}")
+        raise ValueError(
+            f"selection names layers {unknown} that are not MoE layers of this model; MoE layers: {sorted(layers)}"
+        )
     num_experts = num_local_experts(blocks[0].experts)
     for layer, ids in selection.items():
         bad = [e for e in ids if not 0 <= e < num_experts]

@@ -6,6 +6,7 @@ decorated with ``use_experts_implementation`` (its ``forward`` dispatches throug
 interface). The decorator keeps the layout flags in its closure; they are read from there, so the
 family list and each family's layout follow the installed transformers without a registry.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,14 +21,43 @@ NOT_TINY: dict[str, str] = {}
 # Config values that make a model tiny (a few layers, 8 experts, top-2); each is set only where
 # the config has that field. Vocabulary 544 fits the bundled demo tokenizer (512, and tokens some tokenizer classes add).
 TINY = dict(
-    vocab_size=544, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, expert_intermediate_size=32,
-    shared_expert_intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    max_position_embeddings=256, num_hidden_layers=4, sliding_window=32,
-    num_local_experts=8, num_experts=8, n_routed_experts=8, moe_num_experts=8,
-    num_experts_per_tok=2, moe_topk=2, top_k=2, moe_k=2, top_k_experts=2, enable_moe_block=True, n_group=2, num_expert_group=2, topk_group=1, first_k_dense_replace=1,
-    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-    vocab_size_per_layer_input=512, hidden_size_per_layer_input=8,  # Gemma-4's per-layer embeddings
-    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    vocab_size=544,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    expert_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    num_hidden_layers=4,
+    sliding_window=32,
+    num_local_experts=8,
+    num_experts=8,
+    n_routed_experts=8,
+    moe_num_experts=8,
+    num_experts_per_tok=2,
+    moe_topk=2,
+    top_k=2,
+    moe_k=2,
+    top_k_experts=2,
+    enable_moe_block=True,
+    n_group=2,
+    num_expert_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    vocab_size_per_layer_input=512,
+    hidden_size_per_layer_input=8,  # Gemma-4's per-layer embeddings
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
 )
 
 # Per-family changes to ``TINY``, each for a reason the family's config or modeling code gives.
@@ -40,9 +70,21 @@ TINY_OVERRIDES: dict[str, dict] = {
     "granitemoehybrid": dict(layer_types=["linear_attention", "attention"] * 2),  # default: Mamba only
     "jamba": dict(attn_layer_period=2, attn_layer_offset=0, use_mamba_kernels=False),  # default period 8 > 4 layers
     "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2, num_dense_layers=1),  # default None breaks the model
-    **{t: dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4,
-               ngram_vocab_size_base=1000, heads_per_ngram=2, hc_lowrank=16, ple_embed_dim=64, split_ngram_parts=4)
-       for t in ("qwen4_exp", "qwen4_exp_text")},  # its indexer has no defaults; n-gram tables of 20M rows
+    **{
+        t: dict(
+            indexer_n_heads=2,
+            indexer_kv_heads=1,
+            indexer_head_dim=16,
+            indexer_budget=16,
+            indexer_compress_ratio=4,
+            ngram_vocab_size_base=1000,
+            heads_per_ngram=2,
+            hc_lowrank=16,
+            ple_embed_dim=64,
+            split_ngram_parts=4,
+        )
+        for t in ("qwen4_exp", "qwen4_exp_text")
+    },  # its indexer has no defaults; n-gram tables of 20M rows
 }
 
 
@@ -82,16 +124,25 @@ def discover_families() -> list[Family]:
             module = importlib.import_module(getattr(transformers, class_name).__module__)
         except (ImportError, AttributeError):  # an optional dependency of that family is missing
             continue
-        experts = [c for c in vars(module).values()
-                   if inspect.isclass(c) and c.__module__ == module.__name__ and _is_fused_experts_class(c)]
+        experts = [
+            c
+            for c in vars(module).values()
+            if inspect.isclass(c) and c.__module__ == module.__name__ and _is_fused_experts_class(c)
+        ]
         if not experts:
             continue
         cls = experts[0]
         f = experts_flags(cls)
-        layout = ExpertsLayout("gate_up_proj" if f["has_gate"] else "up_proj", f["is_transposed"], f["has_bias"],
-                               f["has_gate"], f["has_post_expert_norm"])
-        families.append(Family(model_type, class_name, cls, layout, f["is_concatenated"],
-                               cls._apply_gate is _default_apply_gate))
+        layout = ExpertsLayout(
+            "gate_up_proj" if f["has_gate"] else "up_proj",
+            f["is_transposed"],
+            f["has_bias"],
+            f["has_gate"],
+            f["has_post_expert_norm"],
+        )
+        families.append(
+            Family(model_type, class_name, cls, layout, f["is_concatenated"], cls._apply_gate is _default_apply_gate)
+        )
     return families
 
 
@@ -103,15 +154,21 @@ def supported_model_types() -> list[str]:
 def megatron_compatible(family: Family) -> bool:
     """Whether the family's experts have Megatron's ``linear_fc1 = [gate; up]`` / ``linear_fc2`` layout."""
     layout = family.layout
-    return (layout.has_gate and family.concatenated and family.default_gate and not layout.transposed
-            and not layout.has_bias and not layout.post_norm)
+    return (
+        layout.has_gate
+        and family.concatenated
+        and family.default_gate
+        and not layout.transposed
+        and not layout.has_bias
+        and not layout.post_norm
+    )
 
 
 def _keep_every_kind(kinds: list, n: int) -> list:
     """The first ``n`` of a per-layer list, its last entries replaced by kinds the cut would lose."""
     cut = list(kinds[:n])
     lost = [k for k in dict.fromkeys(kinds) if k not in cut]
-    return cut[:n - len(lost)] + lost[:n] if lost else cut
+    return cut[: n - len(lost)] + lost[:n] if lost else cut
 
 
 def tiny_config(model_type: str, **changes):

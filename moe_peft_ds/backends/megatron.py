@@ -28,6 +28,7 @@ The MoE layer index is Megatron's ``layer_number - 1`` (the decoder layer, count
 over the whole pipeline), the index transformers uses; expert modules outside an
 ``MoELayer`` are numbered in module order.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,7 +87,9 @@ def expert_layers(model: nn.Module) -> list[ExpertLayer]:
     seen = {id(m.base) for m in model.modules() if isinstance(m, GroupedMLPWithLoRA)}  # found as their wrapper
     for name, module in model.named_modules():
         if isinstance(module, MoELayer) and module.layer_number is not None:
-            layers.append(ExpertLayer(module.layer_number - 1, module.experts, f"{name}.experts".lstrip("."), module.router))
+            layers.append(
+                ExpertLayer(module.layer_number - 1, module.experts, f"{name}.experts".lstrip("."), module.router)
+            )
             seen.add(id(module.experts))
     named = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and id(m) not in seen]
     for order, (name, module) in enumerate(named):  # bare expert modules: numbered in module order
@@ -97,22 +100,30 @@ def expert_layers(model: nn.Module) -> list[ExpertLayer]:
 def _config(model: nn.Module):
     layers = expert_layers(model)
     if not layers:
-        raise UnsupportedModelError("the model has no Megatron-core expert layers (SequentialMLP, TEGroupedMLP, GroupedMLP)")
+        raise UnsupportedModelError(
+            "the model has no Megatron-core expert layers (SequentialMLP, TEGroupedMLP, GroupedMLP)"
+        )
     return layers, layers[0].base.config
 
 
 def describe(model: nn.Module) -> dict:
     """Under pipeline parallelism this rank holds some layers only (``stage_layers_only``)."""
     layers, config = _config(model)
-    return {"model_type": MODEL_TYPE, "num_experts": config.num_moe_experts, "hidden_size": config.hidden_size,
-            "moe_layers": [x.layer for x in layers], "stage_layers_only": True}
+    return {
+        "model_type": MODEL_TYPE,
+        "num_experts": config.num_moe_experts,
+        "hidden_size": config.hidden_size,
+        "moe_layers": [x.layer for x in layers],
+        "stage_layers_only": True,
+    }
 
 
 def _check_expert_tp(layer: ExpertLayer) -> None:
     if layer.base.tp_group.size() > 1:
         raise UnsupportedModelError(
             f"layer {layer.layer}: expert tensor parallelism (size {layer.base.tp_group.size()}) is not supported by "
-            "moe_peft_ds's Megatron adapters; build the model with expert_tensor_parallel_size=1")
+            "moe_peft_ds's Megatron adapters; build the model with expert_tensor_parallel_size=1"
+        )
 
 
 def tag_expert_params(module: nn.Module) -> None:
@@ -160,7 +171,9 @@ class ExpertLinearLoRA(nn.Module):
         out, bias = self.base(x, m_splits, *args, **kwargs) if self.grouped else self.base(x, *args, **kwargs)
         flat = x.reshape(-1, x.shape[-1])
         counts = torch.tensor(list(m_splits) if self.grouped else [flat.shape[0]], device=x.device)
-        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts, output_size=flat.shape[0])
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(len(counts), device=x.device), counts, output_size=flat.shape[0]
+        )
         update = self.lora(flat, expert_of_row, counts, self.weights() if self.lora.magnitude is not None else None)
         return _adapter_out(out, *update), bias
 
@@ -184,9 +197,12 @@ class GroupedMLPWithLoRA(nn.Module):
     def __init__(self, base: nn.Module, expert_ids: list[int], cfg: AdapterConfig, first_expert: int):
         super().__init__()
         self.base = base
-        self.adapters = nn.ModuleDict({
-            name: ExpertLoRA(expert_ids, self._weight(name).transpose(1, 2), cfg, first_expert) for name in cfg.expert_targets
-        })
+        self.adapters = nn.ModuleDict(
+            {
+                name: ExpertLoRA(expert_ids, self._weight(name).transpose(1, 2), cfg, first_expert)
+                for name in cfg.expert_targets
+            }
+        )
         tag_expert_params(self.adapters)
 
     def _weight(self, name: str) -> torch.Tensor:
@@ -201,14 +217,19 @@ class GroupedMLPWithLoRA(nn.Module):
             y = apply_expert_update(y, *self.adapters[name](x, expert_of_row, counts, w.transpose(1, 2)))
         return y
 
-    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
-                permuted_probs: torch.Tensor):
+    def forward(
+        self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
+    ):
         x, probs = permuted_local_hidden_states, permuted_probs
         if self.base.config.moe_apply_probs_on_input:  # as GroupedMLP: top-1 only, probs folded into the input
             x, probs = (probs.unsqueeze(-1) * x).to(x.dtype), torch.ones_like(probs)
         counts = tokens_per_expert.to(device=x.device, dtype=torch.long)
-        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0])
-        h = self.base.activation_func_with_probs(self._project("gate_up_proj", x, expert_of_row, counts), probs.unsqueeze(-1))
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0]
+        )
+        h = self.base.activation_func_with_probs(
+            self._project("gate_up_proj", x, expert_of_row, counts), probs.unsqueeze(-1)
+        )
         return self._project("down_proj", h, expert_of_row, counts), None
 
     @torch.no_grad()
@@ -244,7 +265,9 @@ def _wrap_experts(model: nn.Module, layer: ExpertLayer, ids: list[int], cfg: Ada
                 setattr(expert, FC_NAMES[name], ExpertLinearLoRA(getattr(expert, FC_NAMES[name]), [e], cfg, e))
     elif isinstance(base, GroupedMLP):
         if not layer.path:
-            raise UnsupportedModelError("a GroupedMLP that is the model itself cannot be wrapped; put it in a container")
+            raise UnsupportedModelError(
+                "a GroupedMLP that is the model itself cannot be wrapped; put it in a container"
+            )
         replace_module(model, layer.path, GroupedMLPWithLoRA(base, local, cfg, first))
     else:  # TEGroupedMLP
         for name in cfg.expert_targets:
@@ -278,13 +301,21 @@ def inject_sieve(model: nn.Module, selection: dict[int, list[int]], cfg: Adapter
     """
     layers, config = _config(model)
     if cfg.attention_targets or cfg.shared_expert_lora:
-        raise UnsupportedModelError("on Megatron models the sieve puts LoRA on the routed experts only; "
-                                    "set attention_targets=[] and shared_expert_lora=False")
-    bad = [(layer, e) for layer, ids in selection.items() for e in ids
-           if not 0 <= layer < config.num_layers or not 0 <= e < config.num_moe_experts]
+        raise UnsupportedModelError(
+            "on Megatron models the sieve puts LoRA on the routed experts only; "
+            "set attention_targets=[] and shared_expert_lora=False"
+        )
+    bad = [
+        (layer, e)
+        for layer, ids in selection.items()
+        for e in ids
+        if not 0 <= layer < config.num_layers or not 0 <= e < config.num_moe_experts
+    ]
     if bad:
-        raise ValueError(f"selection names (layer, expert) pairs {bad[:5]} that this model does not have "
-                         f"({config.num_layers} layers, {config.num_moe_experts} experts)")
+        raise ValueError(
+            f"selection names (layer, expert) pairs {bad[:5]} that this model does not have "
+            f"({config.num_layers} layers, {config.num_moe_experts} experts)"
+        )
     for layer in layers:
         _check_expert_tp(layer)
         if cfg.use_dora:
@@ -293,8 +324,11 @@ def inject_sieve(model: nn.Module, selection: dict[int, list[int]], cfg: Adapter
     model.requires_grad_(False)
     for layer in layers:
         _wrap_experts(model, layer, selection.get(layer.layer, []), cfg)
-    model._megatron_grad_hooks = _Hooks(model.get_submodule(x.path.rpartition(".")[0]).register_forward_pre_hook(_input_needs_grad)
-                                        for x in layers if x.base.ep_group.size() > 1)
+    model._megatron_grad_hooks = _Hooks(
+        model.get_submodule(x.path.rpartition(".")[0]).register_forward_pre_hook(_input_needs_grad)
+        for x in layers
+        if x.base.ep_group.size() > 1
+    )
 
 
 def _expert_adapters(layer: ExpertLayer) -> dict[str, list[ExpertLoRA]]:
@@ -304,7 +338,9 @@ def _expert_adapters(layer: ExpertLayer) -> dict[str, list[ExpertLoRA]]:
         if isinstance(layer.experts, GroupedMLPWithLoRA):
             mods = [layer.experts.adapters[name]] if name in layer.experts.adapters else []
         elif hasattr(layer.base, "local_experts"):
-            mods = [getattr(e, fc).lora for e in layer.base.local_experts if isinstance(getattr(e, fc), ExpertLinearLoRA)]
+            mods = [
+                getattr(e, fc).lora for e in layer.base.local_experts if isinstance(getattr(e, fc), ExpertLinearLoRA)
+            ]
         else:
             mods = [getattr(layer.base, fc).lora] if isinstance(getattr(layer.base, fc), ExpertLinearLoRA) else []
         if mods:
@@ -347,7 +383,6 @@ def routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return [(x.layer, x.router) for x in expert_layers(model) if x.router is not None]
 
 
-
 class _Projection:
     """One projection of a Megatron MLP as MixLoRA reads an ``nn.Linear``: ``weight [out, in]``,
     ``bias``, ``in_features`` (``rows`` picks the gate or the up half of the fused ``linear_fc1``)."""
@@ -385,10 +420,16 @@ def dense_mlps(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
     from megatron.core.transformer.mlp import MLP
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    found = [(f"{n}.mlp".lstrip("."), m.layer_number - 1, m.mlp) for n, m in model.named_modules()
-             if isinstance(m, TransformerLayer) and type(m.mlp) is MLP]
+    found = [
+        (f"{n}.mlp".lstrip("."), m.layer_number - 1, m.mlp)
+        for n, m in model.named_modules()
+        if isinstance(m, TransformerLayer) and type(m.mlp) is MLP
+    ]
     if found:
         return found
     experts = _experts_classes()
     inside = {id(c) for m in model.modules() if isinstance(m, experts) for c in m.modules()}
-    return [(n, i, m) for i, (n, m) in enumerate((n, m) for n, m in model.named_modules() if type(m) is MLP and id(m) not in inside)]
+    return [
+        (n, i, m)
+        for i, (n, m) in enumerate((n, m) for n, m in model.named_modules() if type(m) is MLP and id(m) not in inside)
+    ]

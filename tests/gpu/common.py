@@ -1,6 +1,7 @@
 """What the GPU tests share: tiny adapted models, batches, loss-and-gradient runs, tolerance
 checks and ``launch/train.py`` runs. Importable without CUDA (nothing here touches a GPU at
 import time)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from moe_peft_ds import AdapterConfig, MixLoRAConfig, apply_mixlora, apply_sieve_lora
-from moe_peft_ds.backends.hf import find_moe_blocks
 from conftest import randomize_adapters
 from distributed import _free_port, run_deepspeed
 from tiny_models import tiny_model
+
+from moe_peft_ds import AdapterConfig, MixLoRAConfig, apply_mixlora, apply_sieve_lora
+from moe_peft_ds.backends.hf import find_moe_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
@@ -54,7 +55,7 @@ def make_batch(seed: int, rows: int = 4, length: int = 16, pad: bool = True) -> 
     ids = torch.randint(1, 97, (rows, length), generator=g)
     mask = torch.ones_like(ids)
     if pad:
-        mask[0, length * 2 // 3:] = 0
+        mask[0, length * 2 // 3 :] = 0
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
@@ -90,8 +91,9 @@ def assert_grads_close(got: dict, ref: dict, rtol: float, what: str) -> None:
         torch.testing.assert_close(got[name], g, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{what}: {name}: {m}")
 
 
-def assert_bf16_follows_fp32(low: Run, ref: Run, what: str, cosine: bool = True, loss_rtol: float = 2e-2,
-                             min_cosine: float = 0.99) -> None:
+def assert_bf16_follows_fp32(
+    low: Run, ref: Run, what: str, cosine: bool = True, loss_rtol: float = 2e-2, min_cosine: float = 0.99
+) -> None:
     """bf16 against fp32 on the same weights: the loss within ``loss_rtol``, every gradient finite
     and (``cosine``) pointing the same way: cosine similarity above ``min_cosine``."""
     assert abs(low.loss - ref.loss) <= loss_rtol * abs(ref.loss), (what, low.loss, ref.loss)
@@ -129,8 +131,10 @@ class PinnedRouting:
     def record(self, modules):
         self.saved = []
         if self.kind == "experts":
-            hooks = [m.register_forward_pre_hook(lambda mod, args: self.saved.append((args[1].detach(), args[2].detach())))
-                     for m in modules]
+            hooks = [
+                m.register_forward_pre_hook(lambda mod, args: self.saved.append((args[1].detach(), args[2].detach())))
+                for m in modules
+            ]
         else:
             hooks = [m.register_forward_hook(lambda mod, args, out: self.saved.append(out.detach())) for m in modules]
         try:
@@ -154,8 +158,10 @@ class PinnedRouting:
             self._count(out.topk(self.top_k, dim=-1).indices, ref.topk(self.top_k, dim=-1).indices)
             return out + (ref - out).detach()
 
-        hooks = [m.register_forward_pre_hook(experts) if self.kind == "experts" else m.register_forward_hook(router)
-                 for m in modules]
+        hooks = [
+            m.register_forward_pre_hook(experts) if self.kind == "experts" else m.register_forward_hook(router)
+            for m in modules
+        ]
         try:
             yield self
         finally:

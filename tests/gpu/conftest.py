@@ -5,6 +5,7 @@
 results are compared with TF32 off (matmuls and cuDNN in full fp32) for every test here,
 restored afterwards.
 """
+
 from pathlib import Path
 
 import pytest

@@ -9,6 +9,7 @@ accumulates with atomics, the sharded experts' GEMMs see different row counts (a
 different kernels and tilings) than the unsharded ones, and NCCL's all-reduce adds the ranks'
 gradients in its own order.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,8 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed import run_ranks
+
 from moe_peft_ds.dispatch import ep_group_name
 from moe_peft_ds.parallel import shard_experts
 
@@ -52,11 +53,19 @@ def _ep_on_rank(rank, world, kind, out_dir, device_type="cuda"):
             if getattr(p, "allreduce", True):  # replicated: the data-parallel sum over the ranks
                 dist.all_reduce(p.grad)
             grads[name] = p.grad.cpu()
-    torch.save({"loss": out.loss.item(), "ref_loss": ref_outs[rank].loss.item(),
-                "logits": out.logits.detach().cpu(), "ref_logits": ref_outs[rank].logits.detach().cpu(),
-                "grads": grads, "ref_grads": {n: p.grad.cpu() for n, p in reference.named_parameters() if p.grad is not None},
-                "tags": {n: getattr(p, "group_name", None) for n, p in model.named_parameters() if p.requires_grad},
-                "devices": sorted({str(p.device) for p in model.parameters()})}, f"{out_dir}/rank{rank}.pt")
+    torch.save(
+        {
+            "loss": out.loss.item(),
+            "ref_loss": ref_outs[rank].loss.item(),
+            "logits": out.logits.detach().cpu(),
+            "ref_logits": ref_outs[rank].logits.detach().cpu(),
+            "grads": grads,
+            "ref_grads": {n: p.grad.cpu() for n, p in reference.named_parameters() if p.grad is not None},
+            "tags": {n: getattr(p, "group_name", None) for n, p in model.named_parameters() if p.requires_grad},
+            "devices": sorted({str(p.device) for p in model.parameters()}),
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "mixlora"])
@@ -79,7 +88,7 @@ def check_ep2(out_dir, kind: str, devices: list[str]) -> None:
                 ref = ref[[SELECTED.index(e) for e in SELECTED if rank * 4 <= e < rank * 4 + 4]]
                 local.add(name)
             elif ".adapter.lora." in name:  # MixLoRA: this rank's two LoRA experts of four
-                ref = ref[2 * rank: 2 * rank + 2]
+                ref = ref[2 * rank : 2 * rank + 2]
                 local.add(name)
             expected[name] = ref
         assert local, "no expert-local gradients"
@@ -91,9 +100,28 @@ def check_ep2(out_dir, kind: str, devices: list[str]) -> None:
 
 def test_deepspeed_launcher_sieve_ep2_zero2_fp32_on_two_gpus(tmp_path):
     """The profile's all-reduce, the dispatch's all-to-alls and ZeRO-2's reductions under NCCL."""
-    run_ = launch(tmp_path / "ep2", "--model", "tiny-mixtral", "--method", "sieve", "--sieve-fraction", "0.25",
-                  "--data", "demo:arithmetic", "--max-steps", "4", "--batch-size", "4", "--calibration-samples", "64",
-                  "--ep-size", "2", "--deepspeed_config", "ds_configs/zero2_fp32.json", ranks=2)
+    run_ = launch(
+        tmp_path / "ep2",
+        "--model",
+        "tiny-mixtral",
+        "--method",
+        "sieve",
+        "--sieve-fraction",
+        "0.25",
+        "--data",
+        "demo:arithmetic",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--calibration-samples",
+        "64",
+        "--ep-size",
+        "2",
+        "--deepspeed_config",
+        "ds_configs/zero2_fp32.json",
+        ranks=2,
+    )
     assert run_["log"]["world_size"] == 2 and len(run_["log"]["losses"]) == 4
     selection = {(int(layer), e) for layer, ids in run_["config"]["selection"].items() for e in ids}
     saved = {(int(k.split(".")[1]), int(k.split(".")[3])) for k in run_["weights"]}

@@ -16,6 +16,7 @@ choice flips (near-tied router scores) is a discrete change, not arithmetic erro
 one such token of 64 takes these tiny models' adapter gradients to cosine ~0.97, while at the
 same routing bf16 stays above 0.998.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,20 @@ from moe_peft_ds.backends.hf import find_moe_blocks
 from moe_peft_ds.mixlora import mixlora_layers, set_fast_path
 from moe_peft_ds.train import train
 
-from .common import (MIXLORA, SIEVE_FAMILIES, PinnedRouting, assert_bf16_follows_fp32, assert_frozen_without_grads,
-                     assert_grads_close, launch, make_batch, mixlora_model, run, sieve_model, to)
+from .common import (
+    MIXLORA,
+    SIEVE_FAMILIES,
+    PinnedRouting,
+    assert_bf16_follows_fp32,
+    assert_frozen_without_grads,
+    assert_grads_close,
+    launch,
+    make_batch,
+    mixlora_model,
+    run,
+    sieve_model,
+    to,
+)
 
 CUDA = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -132,6 +145,7 @@ def count_syncs(model: torch.nn.Module, layers: list[torch.nn.Module], batch: di
     forward of ``model``: ``(inside the modules ``layers``, in the whole forward)``. Counted per
     layer by hooks around each layer's forward, so that syncs of transformers' own code outside
     them (masks, embeddings, the loss) are reported but not held against the layers."""
+
     def syncs(records) -> int:
         return sum("synchroniz" in str(w.message) for w in records)
 
@@ -142,9 +156,15 @@ def count_syncs(model: torch.nn.Module, layers: list[torch.nn.Module], batch: di
     inside, start = [0], {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        handles = [m.register_forward_pre_hook(lambda mod, args: start.__setitem__(id(mod), len(caught))) for m in layers]
-        handles += [m.register_forward_hook(lambda mod, args, out: inside.__setitem__(0, inside[0] + syncs(caught[start[id(mod)]:])))
-                    for m in layers]
+        handles = [
+            m.register_forward_pre_hook(lambda mod, args: start.__setitem__(id(mod), len(caught))) for m in layers
+        ]
+        handles += [
+            m.register_forward_hook(
+                lambda mod, args, out: inside.__setitem__(0, inside[0] + syncs(caught[start[id(mod)] :]))
+            )
+            for m in layers
+        ]
         torch.cuda.set_sync_debug_mode("warn")
         try:
             model(**batch)
@@ -163,12 +183,16 @@ def test_forward_host_syncs_per_layer():
     sieve = sieve_model("mixtral").to(CUDA, BF16)
     blocks = [b.module for b in find_moe_blocks(sieve)]
     inside, total = count_syncs(sieve, blocks, batch)
-    assert inside <= 0 * len(blocks), f"sieve: {inside} host syncs in {len(blocks)} MoE layers ({total} in the whole forward)"
+    assert inside <= 0 * len(blocks), (
+        f"sieve: {inside} host syncs in {len(blocks)} MoE layers ({total} in the whole forward)"
+    )
 
     mix = mixlora_model("mixlora", BF16).to(CUDA)
     layers = [layer for _, layer in mixlora_layers(mix)]
     inside, total = count_syncs(mix, layers, batch)
-    assert inside <= 1 * len(layers), f"MixLoRA: {inside} host syncs in {len(layers)} layers ({total} in the whole forward)"
+    assert inside <= 1 * len(layers), (
+        f"MixLoRA: {inside} host syncs in {len(layers)} layers ({total} in the whole forward)"
+    )
 
 
 COMMON = ["--data", "demo:arithmetic", "--max-steps", "4", "--batch-size", "4", "--calibration-samples", "64"]
@@ -182,12 +206,25 @@ def test_launcher_sieve_bf16_one_process(tmp_path):
 
 
 def test_launcher_sieve_under_deepspeed_zero2_bf16_on_one_gpu(tmp_path):
-    run_ = launch(tmp_path / "ds", *SIEVE, "--dtype", "bf16", "--deepspeed_config", "ds_configs/zero2_bf16.json", ranks=1)
+    run_ = launch(
+        tmp_path / "ds", *SIEVE, "--dtype", "bf16", "--deepspeed_config", "ds_configs/zero2_bf16.json", ranks=1
+    )
     assert run_["log"]["world_size"] == 1 and len(run_["log"]["losses"]) == 4
 
 
 def test_launcher_mixlora_under_deepspeed_zero2_bf16_on_one_gpu(tmp_path):
     """DeepSpeed's bf16 mode casts the whole module to bf16, the fp32 routers included."""
-    run_ = launch(tmp_path / "mixlora", "--model", "tiny-llama", "--method", "mixlora", *COMMON, "--dtype", "bf16",
-                  "--deepspeed_config", "ds_configs/zero2_bf16.json", ranks=1)
+    run_ = launch(
+        tmp_path / "mixlora",
+        "--model",
+        "tiny-llama",
+        "--method",
+        "mixlora",
+        *COMMON,
+        "--dtype",
+        "bf16",
+        "--deepspeed_config",
+        "ds_configs/zero2_bf16.json",
+        ranks=1,
+    )
     assert "layers.0.mixlora.router.weight" in run_["weights"] and len(run_["log"]["losses"]) == 4
