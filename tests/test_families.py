@@ -9,10 +9,19 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from moe_peft_ds import AdapterConfig, apply_sieve_lora, load_adapter, profile_routing, save_adapter, select_experts
-from moe_peft_ds.backends.hf import find_moe_blocks, shared_experts
+from moe_peft_ds import (
+    AdapterConfig,
+    apply_sieve_lora,
+    load_adapter,
+    merge_adapter,
+    profile_routing,
+    save_adapter,
+    select_experts,
+)
+from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, attention_projections, find_moe_blocks, shared_experts
 from moe_peft_ds.backends.hf_families import NOT_TINY, discover_families, tiny_model
 from moe_peft_ds.demo import DEMO_MODEL_DIR
+from moe_peft_ds.lora import LoRALinear
 
 FAMILIES = discover_families()
 MODEL_TYPES = [f.model_type for f in FAMILIES]
@@ -64,7 +73,9 @@ def test_family_profile_select_apply_backward_save_load(model_type, tmp_path):
     with torch.no_grad():
         base = model(**batch).logits
     shared = any(isinstance(m, torch.nn.Linear) for b in blocks for s in shared_experts(b) for m in s.modules())
-    apply_sieve_lora(model, selection, AdapterConfig(r=4, alpha=8, shared_expert_lora=shared))
+    attention = attention_projections(model)  # whatever this family's attention has (MLA, fused qkv, ...)
+    cfg = AdapterConfig(r=4, alpha=8, use_dora=True, shared_expert_lora=shared, attention_targets=attention)
+    apply_sieve_lora(model, selection, cfg)
     with torch.no_grad():  # zero-initialised adapters leave the model as it was
         torch.testing.assert_close(model(**batch).logits, base, rtol=1e-5, atol=1e-5)
 
@@ -74,6 +85,8 @@ def test_family_profile_select_apply_backward_save_load(model_type, tmp_path):
     assert grads and all(".lora_" in n or n.endswith("magnitude") for n in grads)
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".experts." in n and "lora_B" in n)
     assert not shared or any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "shared" in n)
+    on_attention = [g for n, g in grads.items() if any(f".{t}." in n for t in attention)]
+    assert not attention or any(g is not None and g.abs().sum() > 0 for g in on_attention)
 
     with torch.no_grad():  # a trained-looking adapter, then a round trip through the checkpoint
         for p in model.parameters():
@@ -87,6 +100,9 @@ def test_family_profile_select_apply_backward_save_load(model_type, tmp_path):
     fresh = load_adapter(tiny_model(model_type), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, adapted, rtol=0, atol=1e-6)
+        merged = merge_adapter(fresh)  # folded into the base tensors: a plain transformers model again
+        assert not any(isinstance(m, (FusedExpertsWithLoRA, LoRALinear)) for m in merged.modules())
+        torch.testing.assert_close(merged(**batch).logits, adapted, rtol=1e-4, atol=1e-4)
 
 
 train_main = runpy.run_path(str(ROOT / "launch" / "train.py"), run_name="not_main")["main"]

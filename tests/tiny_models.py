@@ -76,15 +76,7 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     cfg = CONFIGS[family]()
     cfg._attn_implementation = "eager"
     cfg.pad_token_id = cfg.bos_token_id = cfg.eos_token_id = 0
-    model = tf.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # some families init routers/biases to zero: give them real values
-        for name, p in model.named_parameters():
-            if p.dim() >= 1 and (p == 0).all() and not name.endswith("norm.weight"):
-                p.normal_(0, 0.2)
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.normal_(0, 0.05)
-    return model.eval()
+    return hf_families.untie_routing(tf.AutoModelForCausalLM.from_config(cfg)).eval()
 
 
 def save_tiny_llama(path) -> str:

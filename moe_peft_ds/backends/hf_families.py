@@ -201,13 +201,19 @@ def tiny_config(model_type: str, **changes):
 
 
 def tiny_model(model_type: str, seed: int = 0, **changes):
-    """A tiny random fp32 causal LM of ``model_type`` in eval mode. Routers and biases some families
-    initialise to zero get random values, so routing is not a tie."""
+    """A tiny random fp32 causal LM of ``model_type`` in eval mode, its routing untied (``untie_routing``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **changes))
+    return untie_routing(AutoModelForCausalLM.from_config(tiny_config(model_type, **changes))).eval()
+
+
+def untie_routing(model):
+    """Random values for the routers, biases and score corrections a family initialises to zero
+    (every token would tie between experts otherwise); returns ``model``."""
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 1 and (p == 0).all() and not name.endswith("norm.weight"):
@@ -215,4 +221,4 @@ def tiny_model(model_type: str, seed: int = 0, **changes):
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.normal_(0, 0.05)
-    return model.eval()
+    return model
