@@ -32,11 +32,13 @@ SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")  # attributes
 def is_fused_experts(module: nn.Module) -> bool:
     """True for a transformers fused experts module (``use_experts_implementation`` set its flags)."""
     down = getattr(module, "down_proj", None)
-    return (
-        all(hasattr(module, f) for f in ("has_gate", "is_transposed", "has_bias"))
-        and isinstance(down, torch.Tensor)
-        and down.dim() == 3
-    )
+    flags = all(hasattr(module, f) for f in ("has_gate", "is_transposed", "has_bias"))
+    return flags and isinstance(down, torch.Tensor) and len(full_shape(down)) == 3
+
+
+def full_shape(t: torch.Tensor) -> torch.Size:
+    """A tensor's shape, also while ZeRO-3 holds only this rank's partition of it (``ds_shape``)."""
+    return getattr(t, "ds_shape", t.shape)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def base_experts(experts: nn.Module) -> nn.Module:
 
 
 def num_local_experts(experts: nn.Module) -> int:
-    return base_experts(experts).down_proj.shape[0]
+    return full_shape(base_experts(experts).down_proj)[0]
 
 
 def weight_out_in(experts: nn.Module, tensor: str, transposed: bool) -> torch.Tensor:
