@@ -54,6 +54,29 @@ def test_base_experts_module_is_reproduced_exactly(family):
     torch.testing.assert_close(wrapped(hidden, index, weights), base(hidden, index, weights), rtol=1e-5, atol=1e-6)
 
 
+def test_post_expert_norm_layout_follows_transformers():
+    """No family of transformers 5.23 sets ``has_post_expert_norm``, but the interface has it: an
+    experts module with the flag and a ``post_expert_norm`` is reproduced as transformers' own
+    grouped forward computes it (zero adapters), and its adapters still train."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    model = tiny_model("mixtral")
+    base = find_moe_blocks(model)[0].experts
+    base.has_post_expert_norm = True
+    base.post_expert_norm = torch.nn.LayerNorm(model.config.hidden_size)
+    with torch.no_grad():
+        base.post_expert_norm.weight.normal_(1, 0.2)
+    torch.manual_seed(0)
+    hidden = torch.randn(20, model.config.hidden_size)
+    weights, index = torch.rand(20, 2), torch.randint(0, 8, (20, 2))
+    ref = grouped_mm_experts_forward(base, hidden, index, weights)
+    wrapped = FusedExpertsWithLoRA(base, [0, 2], AdapterConfig())
+    assert wrapped.layout.post_norm and "post-expert norm" in wrapped.layout.describe()
+    torch.testing.assert_close(wrapped(hidden, index, weights), ref, rtol=1e-5, atol=1e-6)
+    wrapped(hidden, index, weights).sum().backward()
+    assert wrapped.adapters["down_proj"].lora_B.grad.abs().sum() > 0
+
+
 def test_only_adapters_train_and_get_gradient(family, batch):
     model = tiny_model(family)
     apply_sieve_lora(model, selection_for(model), AdapterConfig())

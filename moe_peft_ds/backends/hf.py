@@ -25,7 +25,6 @@ from ..lora import ExpertLoRA, LoRALinear, apply_expert_update, grouped_mm
 from ..modules import UnsupportedModelError, layer_index, read_in_forward, wrap_linears
 from ..routes import Routes
 
-EXPERT_TARGETS = ("gate_up_proj", "down_proj")  # the up (gate and up, or up alone) tensor and the down one
 SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")  # attributes of a block holding shared experts
 
 
