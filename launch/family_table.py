@@ -103,14 +103,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    text = table(progress=not args.no_progress)
     if args.print:
-        print(text)
+        print(table(progress=not args.no_progress))
         return 0
-    readme = args.readme.read_text()
-    if not BLOCK.search(readme):
+    readme = args.readme.read_text() if args.readme.is_file() else ""
+    if not BLOCK.search(readme):  # checked before the minute of building every family
         print(f"error: {args.readme} has no <!-- families --> ... <!-- /families --> block", file=sys.stderr)
         return 2
+    text = table(progress=not args.no_progress)
     args.readme.write_text(BLOCK.sub(lambda m: m[1] + text + m[3], readme))
     print(f"wrote the table of {len(discover_families())} families into {args.readme}")
     return 0

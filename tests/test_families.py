@@ -145,3 +145,21 @@ def test_family_trains_from_the_command_line(model_type, tmp_path, tokenizer):
     )
     assert rc == 0 and (out / "adapter_model.safetensors").is_file()
     load_adapter(tiny_model(model_type), out)
+
+
+family_table = runpy.run_path(str(ROOT / "launch" / "family_table.py"), run_name="not_main")
+
+
+def test_family_table_rows_say_what_each_family_is(tmp_path, capsys):
+    by_type = {f.model_type: f for f in FAMILIES}
+    ep = family_table["ep_tested"]()
+    assert {"mixtral", "gpt_oss", "deepseek_v2", "qwen3_next"} <= set(ep)
+    gpt_oss = family_table["row"](by_type["gpt_oss"], ep).split(" | ")
+    assert "[E, in, out], bias" in gpt_oss[1] and gpt_oss[-2:] == ["yes", "yes |"]
+    deepseek = family_table["row"](by_type["deepseek_v2"], ep).split(" | ")
+    assert deepseek[2] == "nn.Linear (LoRA-able)" and deepseek[3].startswith("1 of 4 (first_k_dense_replace")
+    assert "up_proj" in family_table["row"](by_type["nemotron_h"], ep)  # no gate
+    readme = tmp_path / "README.md"
+    readme.write_text("no block here\n")
+    assert family_table["main"](["--readme", str(readme), "--no-progress"]) == 2
+    assert "error:" in capsys.readouterr().err and readme.read_text() == "no block here\n"
