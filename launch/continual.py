@@ -210,6 +210,7 @@ def check_args(args) -> list[tuple[str, str]]:
         profile_samples=args.profile_samples,
         dist_timeout=args.dist_timeout,
         ep_size=args.ep_size,
+        lr=args.lr,
     )
     if args.top_k > args.experts_per_task:
         raise ConfigError(

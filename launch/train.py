@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -353,6 +354,7 @@ def build_adapter_config(args) -> AdapterConfig | MixLoRAConfig:
 def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
     """Validate every flag before any model or data is loaded."""
     check_positive(
+        lr=args.lr,
         calibration_samples=args.calibration_samples,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
@@ -368,7 +370,7 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
     )
     adapter = build_adapter_config(args)
     check_distributed(args)
-    if args.max_grad_norm is not None and args.max_grad_norm < 0:
+    if args.max_grad_norm is not None and not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
         raise ConfigError(f"--max-grad-norm={args.max_grad_norm} must be >= 0 (0: no clipping)")
     if args.eval_every < 0:
         raise ConfigError(f"--eval-every={args.eval_every} must be >= 0")

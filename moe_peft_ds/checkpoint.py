@@ -11,13 +11,14 @@ each expert's tensors at its own rank.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -28,7 +29,7 @@ from .config import ConfigError, LoRAConfig, MixLoRAConfig
 from .dispatch import gather_expert_state
 from .lora import LoRALinear
 from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, describe_dense, expert_groups
-from .modules import layer_index, replace_module
+from .modules import NonFiniteError, layer_index, replace_module
 from .multi_adapter import adapter_sites, add_adapter, drop_adapter
 from .sieve import apply_sieve_lora
 
@@ -158,13 +159,33 @@ def save_adapter(model: nn.Module, output_dir: str | Path, adapter: str | None =
     return _write(out, cfg, state)
 
 
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names, dtypes, shapes and bytes, in key order: recorded in the file's
+    metadata at save and checked at load, so corrupted bytes behind a valid header are found."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_finite(state: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN/inf adapter tensors: such an adapter is never written."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteError(f"{len(bad)} adapter tensors hold NaN or inf (e.g. {bad[0]}): not written")
+
+
 def _write(out: Path, cfg: LoRAConfig, state: dict[str, torch.Tensor]) -> Path:
     """Write the two files of an adapter directory, so that a kill never leaves a mixed pair."""
+    check_finite(state)
     out.mkdir(parents=True, exist_ok=True)
     weights_tmp, config_tmp = out / f".{WEIGHTS_NAME}.tmp", out / f".{CONFIG_NAME}.tmp"
     try:
         dtypes = ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}))
-        save_file(state, str(weights_tmp), metadata={"format": "pt", "library": "moe_peft_ds", "dtype": dtypes})
+        meta = {"format": "pt", "library": "moe_peft_ds", "dtype": dtypes, "sha256": tensors_digest(state)}
+        save_file(state, str(weights_tmp), metadata=meta)
         cfg.to_json(config_tmp)
     except BaseException:
         weights_tmp.unlink(missing_ok=True)
@@ -222,9 +243,15 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]
         raise FileNotFoundError(f"{path} is not an adapter directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     cfg = LoRAConfig.from_json(path / CONFIG_NAME)  # AdapterConfig or MixLoRAConfig, by its method
     try:
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("sha256")  # adapters written before checksums have none
         state = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterMismatchError(f"{path / WEIGHTS_NAME} is corrupt or truncated: {err}") from err
+    if recorded is not None and recorded != tensors_digest(state):
+        raise AdapterMismatchError(
+            f"{path / WEIGHTS_NAME} is corrupt: its tensors do not match the checksum written with them"
+        )
     return cfg, state
 
 

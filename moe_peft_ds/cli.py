@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import sys
 
@@ -13,11 +14,11 @@ from .config import ConfigError
 from .data import FORMATS, DataError, DataFormat
 from .device import bind_accelerator
 from .models import PRESETS
-from .modules import UnsupportedModelError
+from .modules import NonFiniteError, UnsupportedModelError
 from .tasks import TaskError
 
 # OSError covers missing files and model ids that cannot be resolved (no hub access).
-USER_ERRORS = (ConfigError, DataError, TaskError, UnsupportedModelError, AdapterMismatchError, OSError)
+USER_ERRORS = (ConfigError, DataError, TaskError, UnsupportedModelError, AdapterMismatchError, NonFiniteError, OSError)
 
 
 DATA_HELP = (
@@ -77,11 +78,11 @@ def data_format(args: argparse.Namespace) -> DataFormat:
     )
 
 
-def check_positive(**flags: int) -> None:
-    """Raise ConfigError naming the first flag that is not > 0."""
+def check_positive(**flags: float) -> None:
+    """Raise ConfigError naming the first flag that is not a finite number > 0 (NaN and inf too)."""
     for name, value in flags.items():
-        if value <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')}={value} must be > 0")
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{name.replace('_', '-')}={value} must be > 0 and finite")
 
 
 def run_cli(run, args: argparse.Namespace) -> int:

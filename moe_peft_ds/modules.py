@@ -1,5 +1,6 @@
-"""Module helpers every layer of the package uses: the error for models no backend adapts, the
-decoder-layer index of a module path, swapping modules, and wrapping nn.Linear children in LoRA."""
+"""Module helpers every layer of the package uses: the errors for models no backend adapts and for
+non-finite numbers, the decoder-layer index of a module path, swapping modules, and wrapping
+nn.Linear children in LoRA."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from .lora import LoRALinear
 
 class UnsupportedModelError(ValueError):
     """The model holds nothing this package can adapt (or not in the way asked)."""
+
+
+class NonFiniteError(ValueError):
+    """A loss, gradient or adapter tensor is NaN or infinite: training stops, nothing is written."""
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .data import target_tokens
 from .device import model_device, to_device
 from .mixlora import mixlora_layers
+from .modules import NonFiniteError
 from .resume import load_training_state, save_training_state
 
 
@@ -58,6 +60,19 @@ class Checkpointing:
     resume: Path | None = None
 
 
+def check_finite_loss(loss: float, step: int, ckpt: Checkpointing | None = None, what: str = "the loss") -> None:
+    """Stop at a NaN/inf loss: the adapter it came from (or the one the update made) is garbage,
+    and nothing more is saved; the last training state saved before it is named."""
+    if math.isfinite(loss):
+        return
+    saved = sorted(ckpt.directory.glob("step_*"), key=lambda p: int(p.name[5:])) if ckpt and ckpt.directory else []
+    last = f"; the last good training state is {saved[-1]} (--resume it with a lower --lr)" if saved else ""
+    raise NonFiniteError(
+        f"{what} is {loss} at step {step}: training stopped and no adapter was written "
+        f"(lower --lr, or clip with --max-grad-norm){last}"
+    )
+
+
 def _run_steps(
     step, loader, steps: int, progress: bool, model, optimizer, scheduler, ckpt: Checkpointing | None, monitor=None
 ) -> list[float]:
@@ -73,6 +88,7 @@ def _run_steps(
     bar = tqdm(range(start, steps), desc="training", disable=not progress, initial=start, total=steps)
     for i in bar:
         losses.append(step(next(batches)))
+        check_finite_loss(losses[-1], i + 1, ckpt)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         if monitor is not None:
             monitor.after_step(i + 1, losses[-1], model)
@@ -156,6 +172,7 @@ def train_multi_adapter(
             start = rows.stop
             loss = ForCausalLMLoss(logits[rows], batch["labels"][rows], logits.shape[-1])
             losses[n].append(loss.item())
+            check_finite_loss(losses[n][-1], len(losses[n]), what=f"adapter {n!r}'s loss")
             total = total + loss
         total.backward()
         for n in names:

@@ -12,6 +12,7 @@ from tiny_models import CONFIGS, tiny_model
 from moe_peft_ds import AdapterConfig, apply_sieve_lora, load_adapter, merge_adapter, save_adapter
 from moe_peft_ds.checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterMismatchError
 from moe_peft_ds.config import ConfigError
+from moe_peft_ds.modules import NonFiniteError
 
 
 def trained_adapter(family, tmp_path, dora=False, attention=()):
@@ -117,6 +118,24 @@ def test_corrupt_safetensors_fails_clearly(tmp_path, damage):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64)
     assert_load_fails(tiny_model("mixtral"), path, AdapterMismatchError, "corrupt or truncated")
+
+
+def test_corrupted_bytes_behind_a_valid_header_fail_the_checksum(tmp_path):
+    _, path = trained_adapter("mixtral", tmp_path)
+    f = path / WEIGHTS_NAME
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x40  # a bit of the last tensor: the header, shapes and dtypes stay valid
+    f.write_bytes(bytes(data))
+    assert_load_fails(tiny_model("mixtral"), path, AdapterMismatchError, "do not match the checksum")
+
+
+def test_a_non_finite_adapter_is_never_written(tmp_path):
+    model, _ = trained_adapter("mixtral", tmp_path)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n)[0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        save_adapter(model, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
 
 
 def test_missing_tensor_fails_and_rolls_back(tmp_path):

@@ -90,6 +90,11 @@ def test_profile_cli_writes_profile_and_heatmap(tmp_path, capsys):
         (["--data", "/does/not/exist.jsonl"], "does not exist"),
         (["--max-length", "0"], "max-length"),
         (["--model", "/does/not/exist"], "does/not/exist"),
+        (["--lr", "nan"], "--lr=nan must be > 0 and finite"),
+        (["--lr", "inf"], "--lr=inf must be > 0 and finite"),
+        (["--lr=-1e-3"], "--lr=-0.001 must be > 0 and finite"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm=nan must be >= 0"),
+        (["--max-grad-norm", "inf"], "--max-grad-norm=inf must be >= 0"),
     ],
 )
 def test_bad_flags_fail_clearly_and_write_nothing(tmp_path, capsys, flags, match):
@@ -98,6 +103,15 @@ def test_bad_flags_fail_clearly_and_write_nothing(tmp_path, capsys, flags, match
     assert train_main(argv) == 2
     assert match in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_diverging_run_stops_at_the_first_nan_and_writes_no_adapter(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = BASE + ["--output-dir", str(out), "--max-steps", "20", "--lr", "1e30", "--max-grad-norm", "0"]
+    assert train_main(argv + ["--calibration-samples", "16", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the loss is ") and "training stopped and no adapter was written" in err[-1]
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "adapter_config.json").exists()
 
 
 def test_empty_data_file_fails(tmp_path, capsys):
