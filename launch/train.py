@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     io = p.add_argument_group("model, data, output")
     add_model_data_args(io)
     io.add_argument(
-        "--overwrite", action="store_true", help="allow writing into an output dir that already holds an adapter"
+        "--overwrite",
+        action="store_true",
+        help="allow writing into an output dir that already holds an adapter; the previous run's files there "
+        "(adapter, profile, heatmap, logs, tensorboard/, best/, checkpoints/) are removed first, unless --resume",
     )
     io.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the base model (default fp32)")
     m = p.add_argument_group("method")
@@ -447,7 +451,40 @@ def training_monitor(args, tokenizer, out: Path) -> TrainingMonitor:
             args.data, tokenizer, args.max_length, args.eval_split, limit=args.eval_samples, fmt=data_format(args)
         )
         tasks = {name: load_items(name, args.eval_task_source, limit=args.eval_task_limit) for name in args.eval_tasks}
-    return TrainingMonitor(out, tokenizer, args.eval_every, examples, tasks, args.batch_size, args.keep_best)
+    resumed = str(resolve_resume(args.resume)) if args.resume else None
+    return TrainingMonitor(
+        out, tokenizer, args.eval_every, examples, tasks, args.batch_size, args.keep_best, resumed_from=resumed
+    )
+
+
+# What a run writes into --output-dir: --overwrite (without --resume) removes the previous run's, so
+# that no stale profile, log or training state sits beside the new adapter. Nothing else is touched.
+RUN_OUTPUTS = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "routing_profile.json",
+    "routing_heatmap.png",
+    "train_log.json",
+    "train_log.jsonl",
+    "tensorboard",
+    "best",
+    "checkpoints",
+)
+
+
+def clear_previous_run(out: Path) -> list[str]:
+    """Remove what an earlier run wrote into ``out`` (``RUN_OUTPUTS``); returns the names removed."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress):
@@ -512,6 +549,10 @@ def run(args) -> int:
         )
         model.enable_input_require_grads()  # the frozen embeddings give no input with a gradient otherwise
 
+    if args.overwrite and args.resume is None and rank == 0:
+        removed = clear_previous_run(out)
+        if removed:
+            log(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
     monitor = training_monitor(args, tokenizer, out)
     # world ranks with --batch-size B see the global batches of one process with B x world
     loader = make_train_loader(examples, tokenizer, args.batch_size, args.seed, rank, world)

@@ -7,6 +7,7 @@ import argparse
 import datetime
 import math
 import os
+import socket
 import sys
 
 from .checkpoint import AdapterMismatchError
@@ -94,6 +95,14 @@ def run_cli(run, args: argparse.Namespace) -> int:
         return 2
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), so that two single-process runs started
+    at once do not both take DeepSpeed's default 29500."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(deepspeed_config: str | None, timeout_s: int) -> tuple[int, int]:
     """``(rank, world)``; with a DeepSpeed config this creates the process group (under the
     deepspeed launcher, or a world of one for a plain ``python`` run)."""
@@ -102,13 +111,13 @@ def init_distributed(deepspeed_config: str | None, timeout_s: int) -> tuple[int,
     import deepspeed
     import torch.distributed as dist
 
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ:  # a plain `python` run: a world of one, on a free port unless one was chosen
         os.environ.update(
             RANK="0",
             LOCAL_RANK="0",
             WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+            MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()),
         )
     bind_accelerator()
     # NCCL on GPUs, gloo on the CPU accelerator; the timeout turns a dead peer into an error.

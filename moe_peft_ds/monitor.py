@@ -61,6 +61,7 @@ class TrainingMonitor:
     keep_best: bool = False
     best: float = float("inf")
     history: list[dict] = field(default_factory=list)
+    resumed_from: str | None = None  # a resumed run appends to the log, after a marker line
 
     def __post_init__(self):
         self.rank = rank_world()[0]
@@ -68,7 +69,11 @@ class TrainingMonitor:
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.log_path = self.output_dir / "train_log.jsonl"
-            self.log_path.write_text("")
+            if self.resumed_from is None:
+                self.log_path.write_text("")
+            else:  # the steps logged before the interruption stay; the marker says where it went on
+                with self.log_path.open("a") as f:
+                    f.write(json.dumps({"event": "resumed", "from": self.resumed_from}) + "\n")
             try:  # TensorBoard when it is installed; the JSONL log always
                 from torch.utils.tensorboard import SummaryWriter
 

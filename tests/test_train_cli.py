@@ -172,6 +172,45 @@ def test_resume_continues_with_the_uninterrupted_losses(tmp_path):
     assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
 
 
+def test_resume_into_the_same_dir_keeps_the_log_and_overwrite_clears_a_stale_run(tmp_path):
+    out = tmp_path / "run"
+    flags = BASE + ["--max-steps", "6", "--batch-size", "4", "--calibration-samples", "16", "--output-dir", str(out)]
+    assert train_main(flags + ["--save-every", "3"]) == 0
+    assert train_main(flags + ["--resume", str(out / "checkpoints"), "--overwrite"]) == 0
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if "train_loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6]  # every step logged before, then the resumed ones
+    assert [r for r in lines if r.get("event") == "resumed"] == [
+        {"event": "resumed", "from": str(out / "checkpoints" / "step_3")}
+    ]
+    (out / "notes.txt").write_text("mine")
+    assert train_main(flags + ["--method", "lora", "--overwrite"]) == 0  # a fresh run: no profile, no checkpoints
+    assert not (out / "routing_profile.json").exists() and not (out / "checkpoints").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "adapter_model.safetensors").is_file()
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 6
+
+
+def test_single_process_deepspeed_runs_started_together_take_free_ports(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import os, time; from moe_peft_ds.cli import init_distributed; init_distributed('cfg.json', 60); "
+        "print(os.environ['MASTER_PORT']); time.sleep(3)"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in results]
+    ports = [out.strip().splitlines()[-1] for out, _ in results]
+    assert ports[0] != ports[1] and "29500" not in ports
+
+
 def test_resume_from_nothing_fails_clearly(tmp_path, capsys):
     assert train_main(BASE + ["--output-dir", str(tmp_path / "run"), "--resume", str(tmp_path)]) == 2
     assert "no step_N" in capsys.readouterr().err and not (tmp_path / "run").exists()
