@@ -17,6 +17,8 @@ set -> select experts) -> inject adapters -> (shard experts) -> train -> save th
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -60,7 +62,7 @@ from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
 from moe_peft_ds.monitor import TrainingMonitor  # noqa: E402
 from moe_peft_ds.parallel import shard_experts  # noqa: E402
 from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
-from moe_peft_ds.resume import resolve_resume  # noqa: E402
+from moe_peft_ds.resume import check_resume, resolve_resume  # noqa: E402
 from moe_peft_ds.tasks import get_task, load_items  # noqa: E402
 from moe_peft_ds.train import Checkpointing, count_trainable, deepspeed_config, train, train_deepspeed  # noqa: E402
 
@@ -489,7 +491,7 @@ def clear_previous_run(out: Path) -> list[str]:
 
 def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress):
     """Profile (sieve: each rank its share, counts all-reduced), select and inject; returns the
-    routing profile (None unless sieve) and the size report."""
+    routing profile (None unless sieve), the selection and the size report."""
     info = backend_for(model).describe(model)
     if info["num_experts"] % args.ep_size or world % args.ep_size:
         raise ConfigError(
@@ -510,7 +512,30 @@ def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank,
         f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts "
         f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)"
     )
-    return profile, sizes
+    return profile, selection, sizes
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_fingerprint(args, adapter_cfg, selection, examples, world: int) -> dict:
+    """What a resumed run must share with the saved one (digests shortened to 12 hex digits): any
+    difference means other weights, other experts, or another order of batches."""
+    return {
+        "model": args.model,
+        "tokenizer": args.tokenizer,
+        "dtype": args.dtype,
+        "method": args.method,
+        "adapter_config": _digest(dataclasses.asdict(adapter_cfg)),
+        "selection": _digest(selection),  # the experts carrying adapters, per layer (sieve)
+        "data": f"{args.data} (split {args.train_split})",
+        "examples": _digest(examples),  # the tokenised samples: data, format, tokenizer and --max-length
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "world_size": world,
+        "ep_size": args.ep_size,
+    }
 
 
 def run(args) -> int:
@@ -526,7 +551,7 @@ def run(args) -> int:
         args.data, tokenizer, args.max_length, args.train_split, fmt=data_format(args), packing=args.packing
     )
     adapter_cfg.base_model = args.model
-    profile = None
+    profile, selection = None, None
     if isinstance(adapter_cfg, MixLoRAConfig):
         if adapter_cfg.num_experts % args.ep_size or world % args.ep_size:
             raise ConfigError(
@@ -540,7 +565,7 @@ def run(args) -> int:
             f"{sizes['trainable_params']:,} trainable parameters"
         )
     else:
-        profile, sizes = inject_sieve(
+        profile, selection, sizes = inject_sieve(
             args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress
         )
     if args.activation_checkpointing != "none":
@@ -549,6 +574,9 @@ def run(args) -> int:
         )
         model.enable_input_require_grads()  # the frozen embeddings give no input with a gradient otherwise
 
+    fingerprint = run_fingerprint(args, adapter_cfg, selection, examples, world)
+    if args.resume is not None:  # before anything is written: the saved run must be this one
+        check_resume(args.resume, fingerprint, args.max_steps)
     if args.overwrite and args.resume is None and rank == 0:
         removed = clear_previous_run(out)
         if removed:
@@ -556,7 +584,7 @@ def run(args) -> int:
     monitor = training_monitor(args, tokenizer, out)
     # world ranks with --batch-size B see the global batches of one process with B x world
     loader = make_train_loader(examples, tokenizer, args.batch_size, args.seed, rank, world)
-    ckpt = Checkpointing(out / "checkpoints", args.save_every, Path(args.resume) if args.resume else None)
+    ckpt = Checkpointing(out / "checkpoints", args.save_every, Path(args.resume) if args.resume else None, fingerprint)
     start = time.perf_counter()
     if args.deepspeed_config is None:
         clip = 1.0 if args.max_grad_norm is None else args.max_grad_norm

@@ -11,7 +11,6 @@ each expert's tensors at its own rank.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, describe_dense, exp
 from .modules import NonFiniteError, layer_index, replace_module
 from .multi_adapter import adapter_sites, add_adapter, drop_adapter
 from .sieve import apply_sieve_lora
+from .state_file import tensors_digest
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -157,17 +157,6 @@ def save_adapter(model: nn.Module, output_dir: str | Path, adapter: str | None =
     if dist.is_initialized() and dist.get_rank() != 0:  # ranks hold the same adapter (gathered above); one writes
         return out
     return _write(out, cfg, state)
-
-
-def tensors_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 of the tensors' names, dtypes, shapes and bytes, in key order: recorded in the file's
-    metadata at save and checked at load, so corrupted bytes behind a valid header are found."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def check_finite(state: dict[str, torch.Tensor]) -> None:

@@ -16,10 +16,20 @@ from .data import FORMATS, DataError, DataFormat
 from .device import bind_accelerator
 from .models import PRESETS
 from .modules import NonFiniteError, UnsupportedModelError
+from .state_file import StateFileError
 from .tasks import TaskError
 
 # OSError covers missing files and model ids that cannot be resolved (no hub access).
-USER_ERRORS = (ConfigError, DataError, TaskError, UnsupportedModelError, AdapterMismatchError, NonFiniteError, OSError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    TaskError,
+    UnsupportedModelError,
+    AdapterMismatchError,
+    NonFiniteError,
+    StateFileError,
+    OSError,
+)
 
 
 DATA_HELP = (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from .data import target_tokens
 from .device import model_device, to_device
 from .mixlora import mixlora_layers
 from .modules import NonFiniteError
-from .resume import load_training_state, save_training_state
+from .resume import ResumeError, load_training_state, save_training_state
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -58,6 +58,7 @@ class Checkpointing:
     directory: Path | None = None
     every: int = 0
     resume: Path | None = None
+    fingerprint: dict = field(default_factory=dict)  # what the run depends on; a resume must match it
 
 
 def check_finite_loss(loss: float, step: int, ckpt: Checkpointing | None = None, what: str = "the loss") -> None:
@@ -80,7 +81,9 @@ def _run_steps(
     with a progress bar; resumes and saves training state as ``ckpt`` asks, and hands every
     step's loss to ``monitor`` (``monitor.TrainingMonitor``: logs, periodic evaluation)."""
     ckpt = ckpt or Checkpointing()
-    start = load_training_state(ckpt.resume, model, optimizer, scheduler) if ckpt.resume else 0
+    start = load_training_state(ckpt.resume, model, optimizer, scheduler, ckpt.fingerprint) if ckpt.resume else 0
+    if start >= steps:
+        raise ResumeError(f"--resume {ckpt.resume} is at step {start}, not before the last step {steps}")
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     for _ in range(start):  # the data position: the same shuffled order as an uninterrupted run
         next(batches)
@@ -93,7 +96,7 @@ def _run_steps(
         if monitor is not None:
             monitor.after_step(i + 1, losses[-1], model)
         if ckpt.every and (i + 1) % ckpt.every == 0 and i + 1 < steps:
-            save_training_state(ckpt.directory, model, optimizer, scheduler, i + 1)
+            save_training_state(ckpt.directory, model, optimizer, scheduler, i + 1, ckpt.fingerprint)
     return losses
 
 

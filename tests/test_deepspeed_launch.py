@@ -127,7 +127,7 @@ def test_two_ranks_train_the_adapter_of_one_process_with_the_global_batch(tmp_pa
 def test_resume_under_expert_parallel_zero2_reproduces_the_uninterrupted_run(tmp_path):
     config = ROOT / "ds_configs" / "zero2_fp32.json"
     full = launch(tmp_path / "full", config, 2, 29531, "--save-every", "4")
-    assert (tmp_path / "full" / "checkpoints" / "step_4" / "rank1.pt").is_file()
+    assert (tmp_path / "full" / "checkpoints" / "step_4" / "rank1.safetensors").is_file()
     resumed = launch(
         tmp_path / "resumed", config, 2, 29532, "--resume", str(tmp_path / "full" / "checkpoints" / "step_4")
     )

@@ -157,7 +157,7 @@ def test_malformed_json_fails_clearly(tmp_path, capsys):
 def test_resume_continues_with_the_uninterrupted_losses(tmp_path):
     flags = BASE + ["--max-steps", "8", "--batch-size", "4", "--calibration-samples", "32"]
     assert train_main(flags + ["--output-dir", str(tmp_path / "full"), "--save-every", "4"]) == 0
-    assert (tmp_path / "full" / "checkpoints" / "step_4" / "rank0.pt").is_file()
+    assert (tmp_path / "full" / "checkpoints" / "step_4" / "rank0.safetensors").is_file()
     assert (
         train_main(
             flags + ["--output-dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "full" / "checkpoints")]
