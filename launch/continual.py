@@ -56,10 +56,11 @@ from moe_peft_ds.continual import (  # noqa: E402
 )
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
 from moe_peft_ds.dispatch import deepspeed_expert_group  # noqa: E402
+from moe_peft_ds.ds_config import load_deepspeed_config  # noqa: E402
 from moe_peft_ds.evaluate import exact_match  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model, load_tokenizer  # noqa: E402
 from moe_peft_ds.parallel import shard_experts  # noqa: E402
-from moe_peft_ds.train import deepspeed_config, train, train_deepspeed  # noqa: E402
+from moe_peft_ds.train import train, train_deepspeed  # noqa: E402
 
 STRATEGIES = ("dynamic", "lora", "mixlora")
 
@@ -231,11 +232,10 @@ def check_args(args) -> list[tuple[str, str]]:
             f"--experts-per-task {args.experts_per_task} must be a multiple of --ep-size {args.ep_size}: "
             "every rank holds an equal share of each task's experts"
         )
+    args.ds_config = None
     if args.deepspeed_config is not None:
-        if not Path(args.deepspeed_config).is_file():
-            raise ConfigError(f"--deepspeed_config {args.deepspeed_config} does not exist; presets are in ds_configs/")
-        stage = json.loads(Path(args.deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0)
-        if stage == 3:
+        args.ds_config = load_deepspeed_config(args.deepspeed_config, args.batch_size, args.ep_size)
+        if args.ds_config["zero_optimization"].get("stage", 0) == 3:
             raise ConfigError(
                 "continual learning adds parameters between tasks, which ZeRO-3 partitions once; "
                 "use a ZeRO-0/1/2 preset"
@@ -334,8 +334,9 @@ def run_strategy(args, strategy: str, tasks, data, rank: int, world: int, log) -
         if args.deepspeed_config is None:
             losses = train(model, loader, args.steps_per_task, args.lr, **kw)
         else:
-            config = deepspeed_config(args.deepspeed_config, args.batch_size)
-            losses = train_deepspeed(model, loader, args.steps_per_task, args.lr, config, release=True, **kw)
+            losses = train_deepspeed(
+                model, loader, args.steps_per_task, args.lr, dict(args.ds_config), release=True, **kw
+            )
         seen.append(name)
         changes = {}
         if strategy == "dynamic":

@@ -57,6 +57,7 @@ from moe_peft_ds.config import (  # noqa: E402
 )
 from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
 from moe_peft_ds.dispatch import deepspeed_expert_group  # noqa: E402
+from moe_peft_ds.ds_config import load_deepspeed_config  # noqa: E402
 from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
 from moe_peft_ds.monitor import TrainingMonitor  # noqa: E402
@@ -64,7 +65,7 @@ from moe_peft_ds.parallel import shard_experts  # noqa: E402
 from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
 from moe_peft_ds.resume import check_resume, resolve_resume  # noqa: E402
 from moe_peft_ds.tasks import get_task, load_items  # noqa: E402
-from moe_peft_ds.train import Checkpointing, count_trainable, deepspeed_config, train, train_deepspeed  # noqa: E402
+from moe_peft_ds.train import Checkpointing, count_trainable, train, train_deepspeed  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -375,7 +376,7 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
         seed=args.seed,
     )
     adapter = build_adapter_config(args)
-    check_distributed(args)
+    args.ds_config = check_distributed(args)
     if args.max_grad_norm is not None and not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
         raise ConfigError(f"--max-grad-norm={args.max_grad_norm} must be >= 0 (0: no clipping)")
     if args.eval_every < 0:
@@ -396,25 +397,15 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
     return adapter, sieve
 
 
-def check_distributed(args) -> None:
-    """Reject flag combinations DeepSpeed cannot run, before any process group is created."""
+def check_distributed(args) -> dict | None:
+    """Reject flag combinations DeepSpeed cannot run, before any process group is created;
+    returns the checked DeepSpeed config (None without one)."""
     check_positive(ep_size=args.ep_size, dist_timeout=args.dist_timeout)
     if args.deepspeed_config is None:
         if args.ep_size > 1:
             raise ConfigError("--ep-size > 1 needs --deepspeed_config (run under the deepspeed launcher)")
-        return
-    path = Path(args.deepspeed_config)
-    if not path.is_file():
-        raise ConfigError(f"--deepspeed_config {path} does not exist; presets are in ds_configs/")
-    try:
-        stage = json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {err}") from err
-    if stage == 3 and args.ep_size > 1:
-        raise ConfigError(
-            "ZeRO-3 cannot shard expert-parallel experts (DeepSpeed MoE rejects it); "
-            "use a ZeRO-0/1/2 preset with --ep-size > 1"
-        )
+        return None
+    return load_deepspeed_config(args.deepspeed_config, args.batch_size, args.ep_size)
 
 
 def size_report(model, selection_all: dict[int, list[int]]) -> dict:
@@ -594,7 +585,7 @@ def run(args) -> int:
     else:
         if args.ep_size > 1:
             shard_experts(model, deepspeed_expert_group(args.ep_size))
-        config = deepspeed_config(args.deepspeed_config, args.batch_size)
+        config = dict(args.ds_config)
         if args.max_grad_norm is not None:
             config["gradient_clipping"] = args.max_grad_norm
         losses = train_deepspeed(

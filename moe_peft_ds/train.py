@@ -4,7 +4,6 @@ gradient clipping, a progress bar. Components know nothing of the launcher."""
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +74,19 @@ def check_finite_loss(loss: float, step: int, ckpt: Checkpointing | None = None,
 
 
 def _run_steps(
-    step, loader, steps: int, progress: bool, model, optimizer, scheduler, ckpt: Checkpointing | None, monitor=None
+    step,
+    loader,
+    steps: int,
+    progress: bool,
+    model,
+    optimizer,
+    scheduler,
+    ckpt: Checkpointing | None,
+    monitor=None,
+    micro: int = 1,
 ) -> list[float]:
-    """Call ``step(batch) -> loss`` until ``steps`` optimizer steps, cycling over ``loader``,
+    """Call ``step(batches) -> loss`` (``micro`` consecutive batches: gradient accumulation) until
+    ``steps`` optimizer steps, cycling over ``loader``,
     with a progress bar; resumes and saves training state as ``ckpt`` asks, and hands every
     step's loss to ``monitor`` (``monitor.TrainingMonitor``: logs, periodic evaluation)."""
     ckpt = ckpt or Checkpointing()
@@ -85,12 +94,12 @@ def _run_steps(
     if start >= steps:
         raise ResumeError(f"--resume {ckpt.resume} is at step {start}, not before the last step {steps}")
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    for _ in range(start):  # the data position: the same shuffled order as an uninterrupted run
+    for _ in range(start * micro):  # the data position: the same shuffled order as an uninterrupted run
         next(batches)
     losses = []
     bar = tqdm(range(start, steps), desc="training", disable=not progress, initial=start, total=steps)
     for i in bar:
-        losses.append(step(next(batches)))
+        losses.append(step([next(batches) for _ in range(micro)]))
         check_finite_loss(losses[-1], i + 1, ckpt)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         if monitor is not None:
@@ -118,7 +127,7 @@ def train(
     model.train()
     device = model_device(model)
     return _run_steps(
-        lambda batch: train_step(model, to_device(batch, device), optimizer, scheduler, clip, extra_loss),
+        lambda group: train_step(model, to_device(group[0], device), optimizer, scheduler, clip, extra_loss),
         loader,
         steps,
         progress,
@@ -185,22 +194,6 @@ def train_multi_adapter(
             schedules[n].step()
             optimizers[n].zero_grad(set_to_none=True)
     return losses
-
-
-def deepspeed_config(path: str | Path, micro_batch_size: int) -> dict:
-    """A preset from ``ds_configs/`` with the launcher's per-rank batch size filled in."""
-    cfg = json.loads(Path(path).read_text())
-    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
-    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x ranks
-    zero = cfg.get("zero_optimization", {})
-    if zero.get("stage", 0) == 3:
-        # DeepSpeed treats transformers' Mixtral/Qwen MoE blocks as ZeRO-3 leaf modules and reduces
-        # their gradients in the block's full-backward hook. With a frozen model below the block
-        # (PEFT) the block's input needs no gradient, that hook fires before the block's own
-        # backward, and the adapters' gradients then land on partitioned (empty) parameters.
-        # Our adapter modules gather what they read themselves (register_external_parameter).
-        zero["leaf_module"] = {"classes": [], "names": [], "name_suffixes": []}
-    return cfg
 
 
 def one_gradient_flush(config: dict, params: list[nn.Parameter]) -> dict:
@@ -276,30 +269,43 @@ def train_deepspeed(
     )
     engine.train()
 
-    def step(batch: dict) -> float:
-        batch = to_device(batch, engine.device)
-        # Per token over the global batch, as one process would compute it: DeepSpeed averages
-        # the ranks' gradients, so each rank divides its summed loss by (global tokens / ranks).
-        # MixLoRA's router losses are means over this rank's real tokens: they are weighted the
-        # same way, and by 1/accumulation as DeepSpeed scales the loss. One all-reduce for both.
-        local = torch.stack([target_tokens(batch), batch["attention_mask"].sum()]).float()
-        totals = local.clone()
+    def step(group: list[dict]) -> float:
+        """One optimizer step over ``accumulation`` micro-batches."""
+        group = [to_device(b, engine.device) for b in group]
+        world = dist.get_world_size()
+        # Per token over the global batch of the step (every rank's micro-batches), as one process
+        # would compute it: DeepSpeed averages the ranks' gradients and scales each micro-batch's
+        # loss by 1/accumulation, so each micro-batch's summed loss is divided by
+        # (global tokens / ranks / accumulation). MixLoRA's router losses are means over a
+        # micro-batch's real tokens, weighted by its share of the step's real tokens (their
+        # gradient bypasses DeepSpeed's loss scaling). One all-reduce for both counts.
+        local = torch.stack([torch.stack([target_tokens(b), b["attention_mask"].sum()]) for b in group]).float()
+        totals = local.sum(0)
         dist.all_reduce(totals)
-        if routers:
-            scale = local[1] * dist.get_world_size() / totals[1] / accumulation  # stays on the device
+        total = torch.zeros((), device=engine.device)
+        for batch, (_, real) in zip(group, local):
             for layer in routers:
-                layer.aux_loss_scale = scale
-        loss = engine(**batch, num_items_in_batch=totals[0] / dist.get_world_size()).loss
-        engine.backward(loss if extra_loss is None else loss + extra_loss())  # gradients are reduced here
-        if own_clipping and engine.is_gradient_accumulation_boundary():
-            clip_grad_norm_expert_parallel(params, clip, ep_group)
-        engine.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        return mean.item() / dist.get_world_size()  # the global batch's loss per token
+                layer.aux_loss_scale = real * world / totals[1]  # stays on the device
+            loss = engine(**batch, num_items_in_batch=totals[0] / world / len(group)).loss
+            engine.backward(loss if extra_loss is None else loss + extra_loss())  # reduced at the last one
+            if own_clipping and engine.is_gradient_accumulation_boundary():
+                clip_grad_norm_expert_parallel(params, clip, ep_group)
+            engine.step()
+            total += loss.detach()
+        dist.all_reduce(total)
+        return total.item() / world / len(group)  # the global batch's loss per token
 
     losses = _run_steps(
-        step, loader, steps, progress and dist.get_rank() == 0, model, ds_optimizer, ds_scheduler, ckpt, monitor
+        step,
+        loader,
+        steps,
+        progress and dist.get_rank() == 0,
+        model,
+        ds_optimizer,
+        ds_scheduler,
+        ckpt,
+        monitor,
+        micro=accumulation,
     )
     if release:
         engine.destroy()

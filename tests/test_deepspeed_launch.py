@@ -124,6 +124,15 @@ def test_two_ranks_train_the_adapter_of_one_process_with_the_global_batch(tmp_pa
 
 
 @pytest.mark.slow
+def test_gradient_accumulation_steps_make_one_optimizer_step_of_the_whole_global_batch(tmp_path):
+    """--max-steps counts optimizer steps: 2 accumulated micro-batches of 4 == one process with 8."""
+    config = preset_with("zero0_fp32.json", tmp_path, "gas2", gradient_accumulation_steps=2)
+    accumulated = launch(tmp_path / "gas2", config, 1, 29541, "--batch-size", "4", *CLIP, ranks=1)
+    assert_same_adapter(accumulated, launch(tmp_path / "one", None, 1, 0, *CLIP), "accumulation 2 x batch 4")
+    assert len(accumulated["losses"]) == 8
+
+
+@pytest.mark.slow
 def test_resume_under_expert_parallel_zero2_reproduces_the_uninterrupted_run(tmp_path):
     config = ROOT / "ds_configs" / "zero2_fp32.json"
     full = launch(tmp_path / "full", config, 2, 29531, "--save-every", "4")
