@@ -42,7 +42,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_peft_ds import MixLoRAConfig, apply_mixlora, save_adapter  # noqa: E402
-from moe_peft_ds.cli import DATA_HELP, add_model_data_args, check_positive, data_format, init_distributed, run_cli  # noqa: E402
+from moe_peft_ds.cli import (  # noqa: E402
+    DATA_HELP,
+    add_model_data_args,
+    check_output_dir,
+    check_positive,
+    data_format,
+    init_distributed,
+    run_cli,
+)
 from moe_peft_ds.config import ATTENTION_TARGETS, AUX_LOSS_POOLINGS, MIXLORA_METHODS, ROUTINGS, ConfigError  # noqa: E402
 from moe_peft_ds.continual import (  # noqa: E402
     adapter_parameters,
@@ -243,6 +251,7 @@ def check_args(args) -> list[tuple[str, str]]:
     for _, data in tasks:
         resolve_data(data, args.train_split)
     out = Path(args.output_dir)
+    check_output_dir(out)
     if any((out / s / "metrics.json").exists() for s in args.strategies) and not args.overwrite:
         raise ConfigError(f"{out} already holds a continual run; pass --overwrite or choose another --output-dir")
     return tasks

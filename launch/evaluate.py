@@ -17,7 +17,6 @@ gathered, and rank 0 writes <output-dir>/eval_results.json and prints the table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -25,10 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_peft_ds.checkpoint import load_adapter  # noqa: E402
-from moe_peft_ds.cli import check_positive, run_cli  # noqa: E402
+from moe_peft_ds.checkpoint import load_adapter, read_adapter  # noqa: E402
+from moe_peft_ds.cli import check_output_dir, check_positive, run_cli, start_process_group  # noqa: E402
 from moe_peft_ds.config import ConfigError  # noqa: E402
-from moe_peft_ds.device import bind_accelerator  # noqa: E402
 from moe_peft_ds.evaluate import METRICS, accuracy, score_distributed  # noqa: E402
 from moe_peft_ds.models import DTYPES, PRESETS, load_model  # noqa: E402
 from moe_peft_ds.tasks import TASKS, get_task, load_items  # noqa: E402
@@ -68,21 +66,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", required=True, help="where eval_results.json is written")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--dist-timeout",
+        type=int,
+        default=1800,
+        help="under the deepspeed launcher: seconds a collective may wait for the other ranks; a stopped or "
+        "dead rank ends the run within it (default 1800)",
+    )
+    p.add_argument(
         "--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself"
     )
     return p.parse_args(argv)
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_s: int) -> tuple[int, int]:
     """Under the deepspeed launcher: the process group (gloo on CPU, NCCL on GPU)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1
-    import deepspeed
-    import torch.distributed as dist
-
-    bind_accelerator()
-    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=1800))
-    return dist.get_rank(), dist.get_world_size()
+    return start_process_group(timeout_s)
 
 
 def evaluate(model, tokenizer, tasks: dict, args, rank: int, world: int, label: str) -> dict:
@@ -119,16 +119,23 @@ def table(results: dict) -> str:
 
 
 def run(args) -> int:
-    check_positive(batch_size=args.batch_size, **({"limit": args.limit} if args.limit is not None else {}))
+    check_positive(
+        batch_size=args.batch_size,
+        dist_timeout=args.dist_timeout,
+        **({"limit": args.limit} if args.limit is not None else {}),
+    )
     if args.shots < 0:
         raise ConfigError(f"--shots={args.shots} must be >= 0")
     for name in args.tasks:
         get_task(name)  # an unknown task fails before the model is loaded
+    if args.adapter:
+        read_adapter(args.adapter)  # a bad adapter fails now, not after the base model was scored
+    check_output_dir(Path(args.output_dir))
     tasks = {}
     for name in args.tasks:
         pool = load_items(name, args.source, get_task(name).few_shot_split) if args.shots else None
         tasks[name] = (load_items(name, args.source, args.split, args.limit), pool)
-    rank, world = init_distributed()
+    rank, world = init_distributed(args.dist_timeout)
     model, tokenizer = load_model(args.model, args.dtype, args.tokenizer)
     results = {"base": evaluate(model, tokenizer, tasks, args, rank, world, "base")}
     if args.adapter:

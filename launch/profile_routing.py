@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_peft_ds import SieveConfig, profile_routing, select_experts  # noqa: E402
-from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, run_cli  # noqa: E402
+from moe_peft_ds.cli import add_model_data_args, check_output_dir, check_positive, data_format, run_cli  # noqa: E402
 from moe_peft_ds.config import POLICIES  # noqa: E402
-from moe_peft_ds.data import load_examples, make_loader  # noqa: E402
+from moe_peft_ds.data import load_examples, make_loader, resolve_data  # noqa: E402
 from moe_peft_ds.models import load_model  # noqa: E402
 from moe_peft_ds.profiling import format_skew, plot_heatmap  # noqa: E402
 
@@ -54,6 +54,8 @@ def run(args) -> int:
         calibration_samples=args.calibration_samples, batch_size=args.batch_size, max_length=args.max_length
     )
     sieve = SieveConfig(policy=args.selection_policy, fraction=args.sieve_fraction, coverage=args.sieve_coverage)
+    resolve_data(args.data, args.train_split)  # a missing file fails now, before the model is loaded
+    check_output_dir(Path(args.output_dir))
     model, tokenizer = load_model(args.model, tokenizer=args.tokenizer)
     examples = load_examples(
         args.data, tokenizer, args.max_length, args.train_split, limit=args.calibration_samples, fmt=data_format(args)

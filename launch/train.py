@@ -42,7 +42,14 @@ from moe_peft_ds import (  # noqa: E402
 from moe_peft_ds.backends import backend_for  # noqa: E402
 from moe_peft_ds.backends.hf import FusedExpertsWithLoRA  # noqa: E402
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes  # noqa: E402
-from moe_peft_ds.cli import add_model_data_args, check_positive, data_format, init_distributed, run_cli  # noqa: E402
+from moe_peft_ds.cli import (  # noqa: E402
+    add_model_data_args,
+    check_output_dir,
+    check_positive,
+    data_format,
+    init_distributed,
+    run_cli,
+)
 from moe_peft_ds.config import (  # noqa: E402
     ADAPTER_DTYPES,
     ATTENTION_TARGETS,
@@ -392,6 +399,7 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
         resolve_resume(args.resume)  # fails now if there is nothing to resume from
     resolve_data(args.data, args.train_split)  # a missing file fails now, before the model is loaded
     out = Path(args.output_dir)
+    check_output_dir(out)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise ConfigError(f"{out} already holds an adapter; pass --overwrite or choose another --output-dir")
     return adapter, sieve

@@ -9,6 +9,7 @@ import math
 import os
 import socket
 import sys
+from pathlib import Path
 
 from .checkpoint import AdapterMismatchError
 from .config import ConfigError
@@ -18,6 +19,7 @@ from .models import PRESETS
 from .modules import NonFiniteError, UnsupportedModelError
 from .state_file import StateFileError
 from .tasks import TaskError
+from .watchdog import Watchdog
 
 # OSError covers missing files and model ids that cannot be resolved (no hub access).
 USER_ERRORS = (
@@ -96,6 +98,16 @@ def check_positive(**flags: float) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={value} must be > 0 and finite")
 
 
+def check_output_dir(out: Path) -> None:
+    """Refuse an ``--output-dir`` that cannot be written (a file, or no write permission on it or on
+    the directory it would be created in) before any work; nothing is created."""
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"--output-dir {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {out}: {existing} is not writable")
+
+
 def run_cli(run, args: argparse.Namespace) -> int:
     """Call ``run(args)``; user errors become one line on stderr and exit status 2."""
     try:
@@ -103,6 +115,19 @@ def run_cli(run, args: argparse.Namespace) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        stop_watchdog()
+
+
+_watchdog: Watchdog | None = None
+
+
+def stop_watchdog() -> None:
+    """This rank is done: its watcher stops expecting heartbeats from it."""
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.stop()
+        _watchdog = None
 
 
 def free_port() -> int:
@@ -118,8 +143,6 @@ def init_distributed(deepspeed_config: str | None, timeout_s: int) -> tuple[int,
     deepspeed launcher, or a world of one for a plain ``python`` run)."""
     if deepspeed_config is None:
         return 0, 1
-    import deepspeed
-    import torch.distributed as dist
 
     if "RANK" not in os.environ:  # a plain `python` run: a world of one, on a free port unless one was chosen
         os.environ.update(
@@ -129,7 +152,19 @@ def init_distributed(deepspeed_config: str | None, timeout_s: int) -> tuple[int,
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()),
         )
+    return start_process_group(timeout_s)
+
+
+def start_process_group(timeout_s: int) -> tuple[int, int]:
+    """``(rank, world)`` of the process group started from the launcher's environment, with a
+    watchdog on every rank when there are several."""
+    import deepspeed
+    import torch.distributed as dist
+
     bind_accelerator()
     # NCCL on GPUs, gloo on the CPU accelerator; the timeout turns a dead peer into an error.
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world > 1 and _watchdog is None:  # a stopped or dead rank ends the job within timeout_s
+        globals()["_watchdog"] = Watchdog(timeout_s, rank, world).start()
+    return rank, world

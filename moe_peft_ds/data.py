@@ -15,6 +15,8 @@ reads the cache instead of tokenising again.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,8 +132,6 @@ def load_split(spec: str, split: str = "train"):
 def _chat_text(messages: list[dict], tokenizer) -> tuple[str, str]:
     """``(prompt, response)`` text of a conversation whose last message is the assistant's:
     the tokenizer's chat template where it has one, else ``role: content`` lines."""
-    if not messages or messages[-1].get("role") != "assistant":
-        raise DataError("a chat record must end with an assistant message (the response to learn)")
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -142,18 +142,45 @@ def _chat_text(messages: list[dict], tokenizer) -> tuple[str, str]:
     return prompt, messages[-1]["content"]
 
 
+def _blank(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def nothing_to_learn(record: dict, kind: str, fmt: DataFormat) -> str:
+    """Why a record holds nothing to learn ("" when it does): a missing, null or empty response or
+    text, a conversation that does not end with an assistant reply."""
+    if kind == "text":
+        return f"no {fmt.text_column}" if _blank(record.get(fmt.text_column)) else ""
+    if kind == "instruction":
+        return f"no {fmt.response_column}" if _blank(record.get(fmt.response_column)) else ""
+    messages = record.get(fmt.messages_column)
+    if not messages or messages[-1].get("role") != "assistant" or _blank(messages[-1].get("content")):
+        return "no assistant reply at the end"
+    if any(m.get("role") is None or m.get("content") is None for m in messages):
+        return "a message without role or content"
+    return ""
+
+
 def encode(
     record: dict, tokenizer, max_length: int, fmt: DataFormat = DataFormat(), kind: str | None = None
 ) -> dict[str, list[int]]:
-    """Token ids and labels of one record; prompt tokens get label -100 unless ``fmt.train_on_prompt``."""
+    """Token ids and labels of one record; prompt tokens get label -100 unless ``fmt.train_on_prompt``.
+    A record with nothing to learn (``nothing_to_learn``) raises DataError."""
     kind = kind or fmt.resolve(list(record), "the record")
+    reason = nothing_to_learn(record, kind, fmt)
+    if reason:
+        raise DataError(f"the record has nothing to learn: {reason}")
     if kind == "text":
         ids = tokenizer(str(record[fmt.text_column]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return {"input_ids": ids[:max_length], "labels": list(ids[:max_length])}
     if kind == "chat":
         prompt_text, response_text = _chat_text(record[fmt.messages_column], tokenizer)
     else:
-        prompt_text, response_text = str(record[fmt.prompt_column]), str(record[fmt.response_column])  # CSV: numbers
+        prompt = record[fmt.prompt_column]
+        prompt_text, response_text = (
+            "" if prompt is None else str(prompt),
+            str(record[fmt.response_column]),
+        )  # CSV: numbers
     prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     response = tokenizer(response_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = prompt + response
@@ -250,6 +277,50 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+def _column_kind(feature) -> str:
+    """What a ``datasets`` feature holds, in words: text, number, null, a list of messages, ..."""
+    import datasets
+
+    if isinstance(feature, datasets.Value):
+        if feature.dtype in ("string", "large_string"):
+            return "text"
+        return "null" if feature.dtype == "null" else ("number" if feature.dtype != "bool" else "bool")
+    if isinstance(feature, (datasets.List, datasets.LargeList, datasets.Sequence)):
+        inner = feature.feature
+        return "messages" if isinstance(inner, dict) and {"role", "content"} <= inner.keys() else "a list"
+    return "a dict" if isinstance(feature, dict) else type(feature).__name__
+
+
+def check_columns(ds, kind: str, fmt: DataFormat, spec: str) -> None:
+    """Refuse columns whose type the format cannot use (dict or list prompts, messages that are
+    not ``{"role", "content"}`` lists) instead of training on their string form."""
+    wanted = {"chat": {fmt.messages_column: ("messages", "null")}}.get(kind) or {
+        c: ("text", "number", "null")
+        for c in ([fmt.text_column] if kind == "text" else [fmt.prompt_column, fmt.response_column])
+    }
+    for column, allowed in wanted.items():
+        found = _column_kind(ds.features[column])
+        if found not in allowed:
+            need = 'a list of {"role", "content"} messages' if kind == "chat" else "text (or numbers)"
+            raise DataError(f"--data {spec!r}: column {column!r} holds {found}; {kind} data needs {need} there")
+
+
+def _skip_report(reasons: list[str], total: int) -> str:
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    parts = [f"{n} with {r}" if r.startswith(("no ", "a ")) else f"{n} {r}" for r, n in sorted(counts.items())]
+    what = (
+        f"none of its {total} rows has anything"
+        if len(reasons) == total
+        else f"{len(reasons)} of {total} rows have nothing"
+    )
+    return f"{what} to learn ({', '.join(parts)})"
+
+
+TRUNCATED = "whose response starts after --max-length"
+
+
 def load_examples(
     spec: str,
     tokenizer,
@@ -258,17 +329,40 @@ def load_examples(
     limit: int | None = None,
     fmt: DataFormat = DataFormat(),
     packing: bool = False,
+    warn=None,
 ) -> list[dict]:
     """Encoded examples of one split of ``--data``; ``limit`` keeps the first ``limit`` records.
-    Tokenisation runs through ``Dataset.map`` and is cached by ``datasets``."""
+    Tokenisation runs through ``Dataset.map`` and is cached by ``datasets``. Columns of the wrong
+    type are refused; rows with nothing to learn (``nothing_to_learn``, or whose labels all fall
+    past ``max_length``) are skipped and counted in one line to ``warn`` (default: stderr), and
+    refused when no row is left."""
     ds = load_split(spec, split)
     if len(ds) == 0:
         raise DataError(f"--data {spec!r} (split {split!r}) holds no records")
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     kind = fmt.resolve(ds.column_names, f"--data {spec!r}")
-    encoded = ds.map(
-        lambda r: encode(r, tokenizer, max_length, fmt, kind), remove_columns=ds.column_names, desc="tokenising"
-    )
-    examples = [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in encoded]
+    check_columns(ds, kind, fmt, spec)
+
+    def encode_or_skip(record):
+        reason = nothing_to_learn(record, kind, fmt)
+        if reason:
+            return {"input_ids": [], "labels": [], "skip": reason}
+        row = encode(record, tokenizer, max_length, fmt, kind)
+        return {**row, "skip": "" if any(t != IGNORE_INDEX for t in row["labels"][1:]) else TRUNCATED}
+
+    encoded = ds.map(encode_or_skip, remove_columns=ds.column_names, desc="tokenising")
+    reasons = [r for r in encoded["skip"] if r]
+    if len(reasons) == len(ds):
+        hint = f" (raise --max-length {max_length})" if TRUNCATED in reasons else ""
+        raise DataError(f"--data {spec!r} (split {split!r}): {_skip_report(reasons, len(ds))}{hint}")
+    if reasons:
+        (warn or _warn)(f"--data {spec!r} (split {split!r}): {_skip_report(reasons, len(ds))}; skipped")
+    examples = [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in encoded if not e["skip"]]
     return pack(examples, max_length) if packing else examples
+
+
+def _warn(message: str) -> None:
+    """One ``warning:`` line on stderr, from the first rank only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
