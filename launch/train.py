@@ -443,19 +443,15 @@ def main(argv=None) -> int:
     return run_cli(run, parse_args(argv))
 
 
-def training_monitor(args, tokenizer, out: Path) -> TrainingMonitor:
-    """The step log, and the validation data and task items of ``--eval-every`` (loaded now,
-    so that a missing split fails before training)."""
-    examples, tasks = [], {}
-    if args.eval_every:
-        examples = load_examples(
-            args.data, tokenizer, args.max_length, args.eval_split, limit=args.eval_samples, fmt=data_format(args)
-        )
-        tasks = {name: load_items(name, args.eval_task_source, limit=args.eval_task_limit) for name in args.eval_tasks}
-    resumed = str(resolve_resume(args.resume)) if args.resume else None
-    return TrainingMonitor(
-        out, tokenizer, args.eval_every, examples, tasks, args.batch_size, args.keep_best, resumed_from=resumed
+def evaluation_data(args, tokenizer) -> tuple[list[dict], dict]:
+    """The validation examples and task items of ``--eval-every``, loaded before anything is
+    written (a missing split fails first)."""
+    if not args.eval_every:
+        return [], {}
+    examples = load_examples(
+        args.data, tokenizer, args.max_length, args.eval_split, limit=args.eval_samples, fmt=data_format(args)
     )
+    return examples, {n: load_items(n, args.eval_task_source, limit=args.eval_task_limit) for n in args.eval_tasks}
 
 
 # What a run writes into --output-dir: --overwrite (without --resume) removes the previous run's, so
@@ -573,16 +569,27 @@ def run(args) -> int:
         )
         model.enable_input_require_grads()  # the frozen embeddings give no input with a gradient otherwise
 
+    # world ranks with --batch-size B see the global batches of one process with B x world
+    loader = make_train_loader(examples, tokenizer, args.batch_size, args.seed, rank, world)
     fingerprint = run_fingerprint(args, adapter_cfg, selection, examples, world)
-    if args.resume is not None:  # before anything is written: the saved run must be this one
-        check_resume(args.resume, fingerprint, args.max_steps)
+    # the saved run must be this one
+    resumed = check_resume(args.resume, fingerprint, args.max_steps) if args.resume else None
+    eval_examples, eval_tasks = evaluation_data(args, tokenizer)
+    # everything is checked: from here on files are written
     if args.overwrite and args.resume is None and rank == 0:
         removed = clear_previous_run(out)
         if removed:
             log(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
-    monitor = training_monitor(args, tokenizer, out)
-    # world ranks with --batch-size B see the global batches of one process with B x world
-    loader = make_train_loader(examples, tokenizer, args.batch_size, args.seed, rank, world)
+    monitor = TrainingMonitor(
+        out,
+        tokenizer,
+        args.eval_every,
+        eval_examples,
+        eval_tasks,
+        args.batch_size,
+        args.keep_best,
+        resumed_from=str(resumed) if resumed else None,
+    )
     ckpt = Checkpointing(out / "checkpoints", args.save_every, Path(args.resume) if args.resume else None, fingerprint)
     start = time.perf_counter()
     if args.deepspeed_config is None:

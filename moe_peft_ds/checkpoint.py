@@ -24,7 +24,7 @@ from torch import nn
 from .backends import backend_for
 from .backends.hf import FusedExpertsWithLoRA
 from .backends.megatron import ExpertLinearLoRA, GroupedMLPWithLoRA
-from .config import ConfigError, LoRAConfig, MixLoRAConfig
+from .config import AdapterConfig, ConfigError, LoRAConfig, MixLoRAConfig
 from .dispatch import gather_expert_state
 from .lora import LoRALinear
 from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, describe_dense, expert_groups
@@ -202,6 +202,8 @@ def convert_adapter(path: str | Path, output_dir: str | Path, model_type: str, b
     from .config import AdapterConfig
 
     cfg, state = read_adapter(path)
+    if (Path(output_dir) / CONFIG_NAME).exists():  # never overwrite an adapter, the one converted least of all
+        raise AdapterMismatchError(f"{output_dir} already holds an adapter; choose another output directory")
     if not isinstance(cfg, AdapterConfig):
         raise AdapterMismatchError(
             f"{path} holds a {cfg.method} adapter; only expert (sieve/lora/dora) adapters convert"
@@ -225,6 +227,31 @@ def convert_adapter(path: str | Path, output_dir: str | Path, model_type: str, b
     return _write(Path(output_dir), cfg, state)
 
 
+_MIXLORA_EXPERT = re.compile(r"mixlora\.experts\.(\d+)\.")
+
+
+def check_header(path: Path, cfg: LoRAConfig, shapes: dict[str, list[int]]) -> None:
+    """The tensor shapes of an adapter file's header against its config: a rank or a selection the
+    tensors do not have (a config edited, or taken from another adapter) is refused before a
+    module of that size is allocated."""
+    for key, shape in shapes.items():
+        found = _MIXLORA_EXPERT.search(key)
+        r = cfg.rank_of(int(found.group(1))) if found else cfg.r
+        dim = {"lora_A": 0, "lora_B": -1}.get(key.rsplit(".", 1)[-1])
+        if dim is not None and (len(shape) != 2 or shape[dim] != r):
+            raise AdapterMismatchError(
+                f"{path}: {key} has shape {shape} but {CONFIG_NAME} says r={r}: the two files do not belong together"
+            )
+    if isinstance(cfg, AdapterConfig):
+        stored = {(int(layer), int(e)) for layer, e in (_EXPERT.match(k).groups() for k in shapes if _EXPERT.match(k))}
+        named = {(layer, e) for layer, ids in cfg.selection.items() for e in ids}
+        if stored != named:
+            raise AdapterMismatchError(
+                f"{path}: {CONFIG_NAME} selects (layer, expert) {sorted(named - stored)} that "
+                f"{WEIGHTS_NAME} lacks, and it holds {sorted(stored - named)} that the config does not select"
+            )
+
+
 def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """Read and validate an adapter directory without touching any model."""
     path = Path(path)
@@ -234,9 +261,11 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]
     try:
         with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
             recorded = (f.metadata() or {}).get("sha256")  # adapters written before checksums have none
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
         state = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterMismatchError(f"{path / WEIGHTS_NAME} is corrupt or truncated: {err}") from err
+    check_header(path, cfg, shapes)  # before any module of the config's size is allocated
     if recorded is not None and recorded != tensors_digest(state):
         raise AdapterMismatchError(
             f"{path / WEIGHTS_NAME} is corrupt: its tensors do not match the checksum written with them"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class LoRAConfig:
                 f"method={self.method!r} is not supported by {type(self).__name__}; choose one of {self.METHODS}"
             )
         check_rank_alpha("", self.r, self.alpha)
-        if not 0.0 <= self.dropout < 1.0:
+        if not (_is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
         bad = set(self.attention_targets) - set(ATTENTION_TARGETS)
         if bad:
@@ -139,11 +140,42 @@ class LoRAConfig:
         return {"adapter_dtype": "base"}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_rank_alpha(where: str, r, alpha) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+    if not _is_int(r) or r <= 0:
         raise ConfigError(f"{where}r={r!r} must be a positive integer")
-    if not alpha > 0:
-        raise ConfigError(f"{where}alpha={alpha!r} must be > 0")
+    if not (_is_real(alpha) and alpha > 0):
+        raise ConfigError(f"{where}alpha={alpha!r} must be a finite number > 0")
+
+
+def check_selection(selection, num_experts: int = 0) -> dict[int, list[int]]:
+    """``selection`` as ``{layer: sorted expert ids}``; refuses layer keys that are not integers
+    (JSON's strings of digits are), ids that are not integers (floats, bools), negative, repeated
+    or (given ``num_experts``) out-of-range ids, instead of rounding or dropping them."""
+    if not isinstance(selection, dict):
+        raise ConfigError(f"selection must map MoE layer -> expert ids, not {type(selection).__name__}")
+    out = {}
+    for key, ids in selection.items():
+        layer = int(key) if _is_int(key) or (isinstance(key, str) and key.isdigit()) else None
+        if layer is None:
+            raise ConfigError(f"selection has layer {key!r}; layers are integers >= 0")
+        if not isinstance(ids, (list, tuple)):
+            raise ConfigError(f"selection for layer {layer} must be a list of expert ids, not {ids!r}")
+        bound = f"in [0, {num_experts})" if num_experts else ">= 0"
+        bad = [e for e in ids if not _is_int(e) or e < 0 or (num_experts and e >= num_experts)]
+        if bad:
+            raise ConfigError(f"selection for layer {layer} has expert ids {bad}; expert ids are integers {bound}")
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"selection for layer {layer} names an expert more than once: {list(ids)}")
+        out[layer] = sorted(int(e) for e in ids)
+    return out
 
 
 @dataclass
@@ -174,7 +206,7 @@ class AdapterConfig(LoRAConfig):
                 f"expert_targets={self.expert_targets!r}; allowed: a non-empty subset of gate_up_proj, down_proj"
             )
         # JSON turns int keys into strings; normalise so a loaded config equals the saved one.
-        self.selection = {int(k): sorted(int(e) for e in v) for k, v in self.selection.items()}
+        self.selection = check_selection(self.selection, self.num_experts if _is_int(self.num_experts) else 0)
 
 
 @dataclass

@@ -16,6 +16,7 @@ reads the cache instead of tokenising again.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 
 IGNORE_INDEX = -100
 FORMATS = ("auto", "instruction", "chat", "text")
+SPLIT_NAMES = ("train", "validation", "valid", "eval", "test", "dev")
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -89,9 +91,13 @@ def resolve_data(spec: str, split: str = "train") -> Path | str:
 def _data_files(directory: Path, split: str) -> tuple[str, list[str]]:
     """``(builder, files)`` of a directory of data files for ``split``."""
     files = sorted(p for p in directory.iterdir() if p.suffix in BUILDERS)
-    chosen = [p for p in files if split in p.stem] or files
-    if not chosen:
+    if not files:
         raise FileNotFoundError(f"{directory} holds no {'/'.join(BUILDERS)} files")
+    chosen = [p for p in files if split in p.stem]
+    named = sorted({s for p in files for s in SPLIT_NAMES if s in re.split(r"[^a-z]+", p.stem.lower())})
+    if not chosen and named:  # files named for other splits: never train on those instead
+        raise DataError(f"--data {directory} has files for splits {named}, none for {split!r} (their names say which)")
+    chosen = chosen or files  # no file names a split: they are all one
     builders = {BUILDERS[p.suffix] for p in chosen}
     if len(builders) > 1:
         raise DataError(f"{directory} mixes file types {sorted(builders)} for split {split!r}; keep one")
@@ -126,7 +132,8 @@ def load_split(spec: str, split: str = "train"):
         raise
     except Exception as err:  # malformed files and unreachable hubs surface as many error types
         where = "the Hugging Face hub (no access here? pass a local path)" if isinstance(source, str) else "its files"
-        raise DataError(f"--data {spec!r} (split {split!r}) is not readable from {where}: {err}") from err
+        cause = f" ({err.__cause__})" if err.__cause__ else ""
+        raise DataError(f"--data {spec!r} (split {split!r}) is not readable from {where}: {err}{cause}") from err
 
 
 def _chat_text(messages: list[dict], tokenizer) -> tuple[str, str]:

@@ -28,6 +28,8 @@ def resolve_model(spec: str) -> str:
                 f"launch/build_demo_model.py --arch {arch}"
             )
         return str(default_dir(arch))
+    if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().exists():
+        raise FileNotFoundError(f"--model {spec} does not exist (a local directory was meant)")
     return spec
 
 
@@ -51,7 +53,15 @@ def load_tokenizer(spec: str, tokenizer: str | None = None):
     token; without loading the model."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer) if tokenizer else resolve_model(spec))
+    source = resolve_model(tokenizer) if tokenizer else resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except ValueError as err:  # files present but no tokenizer to build from them
+        flag = "--tokenizer" if tokenizer else "--model"
+        raise ConfigError(
+            f"{flag} {tokenizer or spec}: no usable tokenizer there ({str(err).splitlines()[0].strip()}); "
+            "pass one with --tokenizer"
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

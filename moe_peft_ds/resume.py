@@ -79,8 +79,8 @@ def resolve_resume(path: str | Path) -> Path:
 
 
 def check_resume(path: str | Path, fingerprint: dict, max_steps: int | None = None) -> Path:
-    """The step directory ``path`` resolves to, once its header says this run can continue from it
-    (same fingerprint, a step before ``max_steps``); tensors are not read."""
+    """The step directory ``path`` resolves to, once it is known that this run can continue from it
+    (same fingerprint, a step before ``max_steps``, this rank's file intact: checksum and contents)."""
     path = resolve_resume(path)
     state = read_state_header(path / STATE_FILE.format(rank=0))
     _check_fingerprint(path, state.get("fingerprint", {}), fingerprint)
@@ -88,6 +88,7 @@ def check_resume(path: str | Path, fingerprint: dict, max_steps: int | None = No
         raise ResumeError(
             f"--resume {path} is at step {state['step']}, not before --max-steps {max_steps}: nothing left to train"
         )
+    read_state_file(path / STATE_FILE.format(rank=rank_world()[0]))  # read again on load: it is adapter-sized
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .backends import backend_for
-from .config import AdapterConfig
+from .config import AdapterConfig, check_selection
 
 
 def all_experts_selection(model: nn.Module) -> dict[int, list[int]]:
@@ -25,7 +25,7 @@ def apply_sieve_lora(model: nn.Module, selection: dict[int, list[int]], cfg: Ada
     info = backend.describe(model)
     if getattr(model, "moe_peft_config", None) is not None:
         raise ValueError("this model already carries a moe_peft_ds adapter; load a fresh base model")
-    selection = {int(k): sorted(int(e) for e in v) for k, v in selection.items()}
+    selection = check_selection(selection, info["num_experts"])
     backend.inject_sieve(model, selection, cfg)
     cfg.selection = {k: v for k, v in sorted(selection.items()) if v}
     cfg.model_type, cfg.num_experts, cfg.hidden_size = info["model_type"], info["num_experts"], info["hidden_size"]

@@ -172,7 +172,7 @@ def read_state_file(path: str | Path, device: torch.device | str = "cpu"):
     tree = _json(path, meta["state"], "state")
     try:
         return decode(tree, {k: t.to(device) for k, t in tensors.items()})
-    except StateFileError:
-        raise
+    except StateFileError as err:
+        raise StateFileError(f"{path}: {err}") from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         raise StateFileError(f"{path} has a malformed state ({type(err).__name__}: {err})") from None

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .config import ConfigError
 from .data import target_tokens
 from .device import model_device, to_device
 from .mixlora import mixlora_layers
@@ -29,10 +30,18 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def parameters_to_train(model: nn.Module, lr: float) -> list[nn.Parameter]:
+    """The parameters to train, once ``lr`` and the model are fit for it."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr={lr!r} must be a finite number > 0")
     params = trainable_parameters(model)
     if not params:
-        raise ValueError("the model has no trainable parameters; inject an adapter first")
+        raise ConfigError("the model has no trainable parameters; inject an adapter first")
+    return params
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    params = parameters_to_train(model, lr)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -242,9 +251,7 @@ def train_deepspeed(
 
     from .dispatch import clip_grad_norm_expert_parallel, expert_parallel_group
 
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("the model has no trainable parameters; inject an adapter first")
+    params = parameters_to_train(model, lr)
     accumulation = config.get("gradient_accumulation_steps", 1)
     routers = [layer for _, layer in mixlora_layers(model)]  # MixLoRA layers, whose losses are weighted per step
     ep_group, clip = expert_parallel_group(model), config.get("gradient_clipping", 0.0)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ATTENTION_TARGETS, AdapterConfig
+from ..config import ATTENTION_TARGETS, AdapterConfig, ConfigError
 from ..dispatch import ExpertParallelDispatch, copy_expert_slots, gather_expert_state, tag_expert_local
 from ..lora import ExpertLoRA, LoRALinear, apply_expert_update, grouped_mm
 from ..modules import UnsupportedModelError, layer_index, read_in_forward, wrap_linears
@@ -330,14 +330,14 @@ def check_selection(model: nn.Module, selection: dict[int, list[int]]) -> list[M
     layers = {b.layer for b in blocks}
     unknown = sorted(set(selection) - layers)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"selection names layers {unknown} that are not MoE layers of this model; MoE layers: {sorted(layers)}"
         )
     num_experts = num_local_experts(blocks[0].experts)
     for layer, ids in selection.items():
         bad = [e for e in ids if not 0 <= e < num_experts]
         if bad:
-            raise ValueError(f"selection for layer {layer} has expert ids {bad} outside [0, {num_experts})")
+            raise ConfigError(f"selection for layer {layer} has expert ids {bad} outside [0, {num_experts})")
     return blocks
 
 
