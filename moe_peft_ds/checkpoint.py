@@ -28,10 +28,10 @@ from .config import AdapterConfig, ConfigError, LoRAConfig, MixLoRAConfig
 from .dispatch import gather_expert_state
 from .lora import LoRALinear
 from .mixlora import PROJECTIONS, MixLoRAFFN, apply_mixlora, describe_dense, expert_groups
-from .modules import NonFiniteError, layer_index, replace_module
+from .modules import layer_index, replace_module
 from .multi_adapter import adapter_sites, add_adapter, drop_adapter
 from .sieve import apply_sieve_lora
-from .state_file import tensors_digest
+from .state_file import check_finite, tensors_digest
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -157,13 +157,6 @@ def save_adapter(model: nn.Module, output_dir: str | Path, adapter: str | None =
     if dist.is_initialized() and dist.get_rank() != 0:  # ranks hold the same adapter (gathered above); one writes
         return out
     return _write(out, cfg, state)
-
-
-def check_finite(state: dict[str, torch.Tensor]) -> None:
-    """Refuse NaN/inf adapter tensors: such an adapter is never written."""
-    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise NonFiniteError(f"{len(bad)} adapter tensors hold NaN or inf (e.g. {bad[0]}): not written")
 
 
 def _write(out: Path, cfg: LoRAConfig, state: dict[str, torch.Tensor]) -> Path:

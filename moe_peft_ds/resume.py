@@ -19,7 +19,7 @@ from torch import nn
 from .config import ConfigError
 from .device import accelerator, model_device
 from .dispatch import zero3_gathered
-from .state_file import read_state_file, read_state_header, write_state_file
+from .state_file import check_finite, read_state_file, read_state_header, write_state_file
 
 
 def rank_world() -> tuple[int, int]:
@@ -45,10 +45,12 @@ def save_training_state(
     """Write ``directory/step_{step}/rank{r}.safetensors`` for this rank (atomically); returns the step
     directory. ``fingerprint`` (what the run depends on: model, data, seed, layout...) is checked on resume."""
     rank, world = rank_world()
-    out = Path(directory) / f"step_{step}"
-    out.mkdir(parents=True, exist_ok=True)
     with zero3_gathered(model):
         adapter = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    # the last state saved must be a good one to go back to: not one a NaN/inf gradient went into
+    check_finite(adapter, "adapter parameters", f" after step {step}, training stopped (a NaN/inf gradient?)")
+    out = Path(directory) / f"step_{step}"
+    out.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
         "world_size": world,

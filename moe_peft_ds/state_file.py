@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .modules import NonFiniteError
+
 FORMAT = "moe_peft_ds.state/1"
 
 
@@ -36,6 +38,13 @@ def tensors_digest(state: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str = "adapter tensors", when: str = "") -> None:
+    """Refuse NaN/inf tensors: an adapter or training state holding them is never written."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteError(f"{len(bad)} {what} hold NaN or inf{when} (e.g. {bad[0]}): not written")
 
 
 def _allowed() -> dict[str, type]:

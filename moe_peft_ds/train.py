@@ -51,12 +51,18 @@ def train_step(model: nn.Module, batch: dict, optimizer, scheduler, clip: float,
     loss = model(**batch).loss
     (loss if extra_loss is None else loss + extra_loss()).backward()
     if clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), clip)
+        norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), clip)
+        value, norm = torch.stack([loss.detach(), norm.to(loss.device)]).tolist()  # one host sync for both
+        if math.isfinite(value) and not math.isfinite(norm):  # (a NaN loss is reported by the caller)
+            raise NonFiniteError(
+                f"the gradient norm is {norm} at a loss of {value}: training stopped before this update, and no "
+                "adapter was written (lower --lr)"
+            )
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return value if clip > 0 else loss.item()
 
 
 @dataclass
