@@ -182,7 +182,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "holds an equal share of every task's experts; --experts-per-task must be a multiple). Needs "
         "--deepspeed_config; the lora baseline (one expert) stays data parallel (default 1)",
     )
-    d.add_argument("--dist-timeout", type=int, default=1800, help="seconds a collective may wait (default 1800)")
+    d.add_argument(
+        "--dist-timeout",
+        type=int,
+        default=1800,
+        help="seconds a collective may wait for the other ranks; a rank that stops or dies ends the whole job "
+        "within it (default 1800)",
+    )
     d.add_argument(
         "--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself"
     )

@@ -36,9 +36,9 @@ from moe_peft_ds import (  # noqa: E402
     save_adapter,
     select_experts,
 )
-from moe_peft_ds.cli import check_positive, run_cli  # noqa: E402
+from moe_peft_ds.cli import check_output_dir, check_positive, run_cli  # noqa: E402
 from moe_peft_ds.config import POLICIES  # noqa: E402
-from moe_peft_ds.data import IGNORE_INDEX, load_examples, make_loader  # noqa: E402
+from moe_peft_ds.data import IGNORE_INDEX, load_examples, make_loader, resolve_data  # noqa: E402
 from moe_peft_ds.profiling import megatron_forward  # noqa: E402
 
 
@@ -178,7 +178,10 @@ def run(args) -> int:
         batch_size=args.batch_size,
         calibration_samples=args.calibration_samples,
         ep_size=args.ep_size,
+        lr=args.lr,
     )
+    resolve_data(args.data)  # a missing file fails now, before any process group or model
+    check_output_dir(Path(args.output_dir))
     init_parallel(args.ep_size)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.output_dir)

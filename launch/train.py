@@ -311,8 +311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dist-timeout",
         type=int,
         default=1800,
-        help="seconds a collective may wait for the other ranks before the run fails with an error "
-        "(a dead or hung rank ends the run instead of hanging it; default 1800)",
+        help="seconds a collective may wait for the other ranks; a rank that stops or dies ends the whole job "
+        "within it, with one line naming the rank and the collective (default 1800)",
     )
     d.add_argument(
         "--local_rank", type=int, default=None, help="set by the deepspeed launcher; do not pass it yourself"
