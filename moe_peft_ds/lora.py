@@ -228,10 +228,11 @@ class ExpertLoRA(nn.Module):
         is never read) and no copy of ``x`` kept for backward. Picking the selected experts' rows
         instead would need either their count on the host or a gathered copy of the rows.
         """
-        A, B, scaling = (self._spread(t) for t in (self.lora_A, self.lora_B, self.scaling))
+        # The scaling goes into B (a small [n, out, r] product), not onto the [S, out] output.
+        A, B = self._spread(self.lora_A), self._spread(self.lora_B * self.scaling[:, None, None])
         offsets = counts.cumsum(0).to(torch.int32)
         hidden = grouped_mm(self.dropout(x).to(A.dtype), A.transpose(1, 2), offsets)  # [S, r]
-        delta = grouped_mm(hidden, B.transpose(1, 2), offsets) * scaling[expert_of_row, None]  # [S, out]
+        delta = grouped_mm(hidden, B.transpose(1, 2), offsets)  # [S, out]
         if self.magnitude is None:
             return delta, None
         scale = dora_scale(
