@@ -24,6 +24,7 @@ import math
 import shutil
 import sys
 import time
+from array import array
 from pathlib import Path
 
 import torch
@@ -514,6 +515,15 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def examples_digest(examples: list[dict]) -> str:
+    """sha256 (12 hex digits) of every sample's token ids and labels, in order: one pass over
+    packed integers, not a JSON text of the whole data set."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(array("q", e["input_ids"]).tobytes() + b"|" + array("q", e["labels"]).tobytes() + b";")
+    return digest.hexdigest()[:12]
+
+
 def run_fingerprint(args, adapter_cfg, selection, examples, world: int) -> dict:
     """What a resumed run must share with the saved one (digests shortened to 12 hex digits): any
     difference means other weights, other experts, or another order of batches."""
@@ -525,7 +535,7 @@ def run_fingerprint(args, adapter_cfg, selection, examples, world: int) -> dict:
         "adapter_config": _digest(dataclasses.asdict(adapter_cfg)),
         "selection": _digest(selection),  # the experts carrying adapters, per layer (sieve)
         "data": f"{args.data} (split {args.train_split})",
-        "examples": _digest(examples),  # the tokenised samples: data, format, tokenizer and --max-length
+        "examples": examples_digest(examples),  # the tokenised samples: data, format, tokenizer, --max-length
         "seed": args.seed,
         "batch_size": args.batch_size,
         "world_size": world,

@@ -164,7 +164,8 @@ def start_process_group(timeout_s: int) -> tuple[int, int]:
     bind_accelerator()
     # NCCL on GPUs, gloo on the CPU accelerator; the timeout turns a dead peer into an error.
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    global _watchdog
     rank, world = dist.get_rank(), dist.get_world_size()
     if world > 1 and _watchdog is None:  # a stopped or dead rank ends the job within timeout_s
-        globals()["_watchdog"] = Watchdog(timeout_s, rank, world).start()
+        _watchdog = Watchdog(timeout_s, rank, world).start()
     return rank, world

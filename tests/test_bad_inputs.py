@@ -409,7 +409,7 @@ CASES = [
         "resume-other-data",
         "train",
         f"{TRAIN} --resume {ADAPTER}/checkpoints --data {{d}}/data/good.jsonl",
-        "error: --resume {d}/runs/sieve/checkpoints/step_2 was saved by a different run: adapter_config (saved '147ad1863c96', now 'c9c740a08126'); selection (saved '3b54893b0838', now 'fab37b45a00c'); data (saved 'demo:arithmetic (split train)', now '{d}/data/good.jsonl (split train)'); examples (saved '8e04c6cd8843', now '808e296384ca'); resume with the saved run's flags, data and number of ranks",
+        "error: --resume {d}/runs/sieve/checkpoints/step_2 was saved by a different run: adapter_config (saved '147ad1863c96', now 'c9c740a08126'); selection (saved '3b54893b0838', now 'fab37b45a00c'); data (saved 'demo:arithmetic (split train)', now '{d}/data/good.jsonl (split train)'); examples (saved 'f1f98bb6bd59', now '134bc8403914'); resume with the saved run's flags, data and number of ranks",
     ),
     (
         "resume-other-batch-size",
