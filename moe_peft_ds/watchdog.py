@@ -14,6 +14,7 @@ then ends the other ranks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -92,10 +93,10 @@ class Watchdog:
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            try:  # first, so that the rank watching this one does not take the end of its beats for a stop
+            # first, so that the rank watching this one does not take the end of its beats for a stop;
+            # a RuntimeError: the store's rank has finished already, and nobody watches any more
+            with contextlib.suppress(RuntimeError):
                 self.store.set(self._key("done", self.rank), "1")
-            except RuntimeError:  # the store's rank has finished already: nobody watches any more
-                pass
             self._stop.set()
             self._thread.join()
 
@@ -141,7 +142,5 @@ class Watchdog:
         """SIGKILL a stopped rank on this host: it would ignore the launcher's SIGTERM."""
         host, _, pid = self.pids.get(rank, "").rpartition(":")
         if host == socket.gethostname():
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # gone already, or not ours
                 os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass

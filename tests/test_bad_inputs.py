@@ -2,7 +2,7 @@
 traceback) and writes nothing: no output directory, no change to any input file.
 
 One table, ``CASES``: ``(id, where, input, the exact error line)``. ``where`` is a launcher (its
-``main`` is called with the command line ``input``) or ``api`` (``input`` is a Python expression
+``main`` is called with the command line ``input``) or ``api`` (``input`` is a function of ``{d}``
 calling the package, which must raise one of the errors the launchers turn into that line). In
 inputs and lines, ``{d}`` is the fixture directory (``corpus_dir``) and ``{out}`` a fresh output
 directory. Legal but suspicious input (some rows with nothing to learn) gets a warning with
@@ -20,6 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from moe_peft_ds import AdapterConfig, MixLoRAConfig, SieveConfig, apply_sieve_lora, load_adapter, save_adapter
+from moe_peft_ds.checkpoint import read_adapter
+from moe_peft_ds.data import load_examples, make_train_loader
+from moe_peft_ds.ds_config import load_deepspeed_config
+from moe_peft_ds.models import load_model
+from moe_peft_ds.state_file import read_state_file
+from moe_peft_ds.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = {
@@ -702,146 +710,161 @@ CASES = [
         "error: {d}/runs/sieve already holds an adapter; choose another output directory",
     ),
     # --- the Python API
-    ("api-lora-r-zero", "api", "AdapterConfig(r=0)", "error: r=0 must be a positive integer"),
-    ("api-lora-alpha-null", "api", "AdapterConfig(alpha=None)", "error: alpha=None must be a finite number > 0"),
-    ("api-lora-dropout-negative", "api", "AdapterConfig(dropout=-0.1)", "error: dropout=-0.1 must be in [0, 1)"),
+    ("api-lora-r-zero", "api", lambda d: AdapterConfig(r=0), "error: r=0 must be a positive integer"),
+    (
+        "api-lora-alpha-null",
+        "api",
+        lambda d: AdapterConfig(alpha=None),
+        "error: alpha=None must be a finite number > 0",
+    ),
+    (
+        "api-lora-dropout-negative",
+        "api",
+        lambda d: AdapterConfig(dropout=-0.1),
+        "error: dropout=-0.1 must be in [0, 1)",
+    ),
     (
         "api-attention-target-unknown",
         "api",
-        "AdapterConfig(attention_targets=['nope'])",
+        lambda d: AdapterConfig(attention_targets=["nope"]),
         "error: attention_targets has ['nope']; allowed: ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'qkv_proj', 'q_a_proj', 'q_b_proj', 'kv_a_proj_with_mqa', 'kv_b_proj', 'out_proj', 'dense')",
     ),
-    ("api-mixlora-top-k-zero", "api", "MixLoRAConfig(top_k=0)", "error: top_k=0 must be in [1, num_experts=8]"),
+    (
+        "api-mixlora-top-k-zero",
+        "api",
+        lambda d: MixLoRAConfig(top_k=0),
+        "error: top_k=0 must be in [1, num_experts=8]",
+    ),
     (
         "api-mixlora-routing-unknown",
         "api",
-        "MixLoRAConfig(routing='nope')",
+        lambda d: MixLoRAConfig(routing="nope"),
         "error: routing='nope' is unknown; choose one of ('topk', 'dynamic', 'switch')",
     ),
     (
         "api-sieve-policy-unknown",
         "api",
-        "SieveConfig(policy='nope')",
+        lambda d: SieveConfig(policy="nope"),
         "error: policy='nope' is unknown; choose one of ('topk', 'coverage', 'random', 'greedy', 'all')",
     ),
     (
         "api-sieve-negative-expert",
         "api",
-        "apply_sieve_lora(moe(), {0: [-1]}, AdapterConfig())",
+        lambda d: apply_sieve_lora(moe(), {0: [-1]}, AdapterConfig()),
         "error: selection for layer 0 has expert ids [-1]; expert ids are integers in [0, 16)",
     ),
     (
         "api-sieve-expert-out-of-range",
         "api",
-        "apply_sieve_lora(moe(), {0: [16]}, AdapterConfig())",
+        lambda d: apply_sieve_lora(moe(), {0: [16]}, AdapterConfig()),
         "error: selection for layer 0 has expert ids [16]; expert ids are integers in [0, 16)",
     ),
     (
         "api-sieve-duplicate-expert",
         "api",
-        "apply_sieve_lora(moe(), {0: [1, 1]}, AdapterConfig())",
+        lambda d: apply_sieve_lora(moe(), {0: [1, 1]}, AdapterConfig()),
         "error: selection for layer 0 names an expert more than once: [1, 1]",
     ),
     (
         "api-sieve-float-expert",
         "api",
-        "apply_sieve_lora(moe(), {0: [1.5]}, AdapterConfig())",
+        lambda d: apply_sieve_lora(moe(), {0: [1.5]}, AdapterConfig()),
         "error: selection for layer 0 has expert ids [1.5]; expert ids are integers in [0, 16)",
     ),
     (
         "api-sieve-bool-expert",
         "api",
-        "apply_sieve_lora(moe(), {0: [True]}, AdapterConfig())",
+        lambda d: apply_sieve_lora(moe(), {0: [True]}, AdapterConfig()),
         "error: selection for layer 0 has expert ids [True]; expert ids are integers in [0, 16)",
     ),
     (
         "api-sieve-layer-not-moe",
         "api",
-        "apply_sieve_lora(moe(), {9: [1]}, AdapterConfig())",
+        lambda d: apply_sieve_lora(moe(), {9: [1]}, AdapterConfig()),
         "error: selection names layers [9] that are not MoE layers of this model; MoE layers: [0, 1, 2, 3]",
     ),
     (
         "api-sieve-dense-model",
         "api",
-        "apply_sieve_lora(dense(), {0: [1]}, AdapterConfig())",
+        lambda d: apply_sieve_lora(dense(), {0: [1]}, AdapterConfig()),
         "error: model_type='llama' is not a supported MoE model: it holds no fused experts module (transformers marks those with use_experts_implementation), no deepspeed.moe.layer.MoE and no Megatron-core expert layer",
     ),
     (
         "api-load-adapter-huge-r",
         "api",
-        "load_adapter(moe(), d / 'adapters/huge_r')",
+        lambda d: load_adapter(moe(), d / "adapters/huge_r"),
         "error: {d}/adapters/huge_r: layers.0.experts.11.down_proj.lora_A has shape [8, 128] but adapter_config.json says r=1048576: the two files do not belong together",
     ),
     (
         "api-load-adapter-of-another-model",
         "api",
-        "load_adapter(dense(), d / 'runs/sieve')",
+        lambda d: load_adapter(dense(), d / "runs/sieve"),
         "error: model_type='llama' is not a supported MoE model: it holds no fused experts module (transformers marks those with use_experts_implementation), no deepspeed.moe.layer.MoE and no Megatron-core expert layer",
     ),
     (
         "api-read-adapter-flipped-byte",
         "api",
-        "read_adapter(d / 'adapters/flipped')",
+        lambda d: read_adapter(d / "adapters/flipped"),
         "error: {d}/adapters/flipped/adapter_model.safetensors is corrupt: its tensors do not match the checksum written with them",
     ),
     (
         "api-read-adapter-missing",
         "api",
-        "read_adapter(d / 'nosuchadapter')",
+        lambda d: read_adapter(d / "nosuchadapter"),
         "error: {d}/nosuchadapter is not an adapter directory: it needs adapter_config.json and adapter_model.safetensors",
     ),
     (
         "api-examples-dict-prompt",
         "api",
-        "load_examples(str(d / 'data/dictprompt.jsonl'), tokenizer(), 32)",
+        lambda d: load_examples(str(d / "data/dictprompt.jsonl"), tokenizer(), 32),
         "error: --data '{d}/data/dictprompt.jsonl': column 'prompt' holds a dict; instruction data needs text (or numbers) there",
     ),
     (
         "api-examples-all-null",
         "api",
-        "load_examples(str(d / 'data/nullresp.jsonl'), tokenizer(), 32)",
+        lambda d: load_examples(str(d / "data/nullresp.jsonl"), tokenizer(), 32),
         "error: --data '{d}/data/nullresp.jsonl' (split 'train'): none of its 4 rows has anything to learn (4 with no response)",
     ),
     (
         "api-ds-config-a-list",
         "api",
-        "load_deepspeed_config(d / 'ds/list.json', 2)",
+        lambda d: load_deepspeed_config(d / "ds/list.json", 2),
         "error: --deepspeed_config {d}/ds/list.json must hold a JSON object, not a list",
     ),
     (
         "api-ds-batch-contradicts",
         "api",
-        "load_deepspeed_config(d / 'ds/tbs.json', 2, world=2)",
+        lambda d: load_deepspeed_config(d / "ds/tbs.json", 2, world=2),
         "error: --deepspeed_config {d}/ds/tbs.json: train_batch_size 64 is not --batch-size 2 x gradient_accumulation_steps 1 x 2 rank(s) = 4; remove train_batch_size or make them agree",
     ),
     (
         "api-state-forged-class",
         "api",
-        "read_state_file(d / 'resume/forged/rank0.safetensors')",
+        lambda d: read_state_file(d / "resume/forged/rank0.safetensors"),
         "error: {d}/resume/forged/rank0.safetensors: a state file names a class 'system' that state files do not hold",
     ),
     (
         "api-state-truncated",
         "api",
-        "read_state_file(d / 'resume/truncated/rank0.safetensors')",
+        lambda d: read_state_file(d / "resume/truncated/rank0.safetensors"),
         "error: {d}/resume/truncated/rank0.safetensors is not a readable state file (Error while deserializing header: incomplete metadata, file not fully covered)",
     ),
     (
         "api-train-lr-nan",
         "api",
-        "train(sieve_model(), loader(), 2, float('nan'), progress=False)",
+        lambda d: train(sieve_model(), loader(), 2, float("nan"), progress=False),
         "error: lr=nan must be a finite number > 0",
     ),
     (
         "api-train-no-adapter",
         "api",
-        "train(moe().requires_grad_(False), loader(), 2, 1e-3, progress=False)",
+        lambda d: train(moe().requires_grad_(False), loader(), 2, 1e-3, progress=False),
         "error: the model has no trainable parameters; inject an adapter first",
     ),
     (
         "api-save-nan-adapter",
         "api",
-        "save_adapter(nan_model(), d / 'never')",
+        lambda d: save_adapter(nan_model(), d / "never"),
         "error: 4 adapter tensors hold NaN or inf (e.g. layers.0.experts.1.gate_up_proj.lora_A): not written",
     ),
 ]
@@ -977,58 +1000,48 @@ def corpus_dir(tmp_path_factory) -> Path:
     return d
 
 
-def api_namespace(d: Path) -> dict:
-    """What the ``api`` cases call: the package's public functions and a few small models."""
-    import moe_peft_ds
-    from moe_peft_ds.checkpoint import read_adapter
-    from moe_peft_ds.data import load_examples, make_train_loader
-    from moe_peft_ds.ds_config import load_deepspeed_config
-    from moe_peft_ds.models import load_model
-    from moe_peft_ds.state_file import read_state_file
-    from moe_peft_ds.train import train
+def moe():
+    return load_model("tiny-mixtral")[0]
 
-    def sieve_model():
-        model = load_model("tiny-mixtral")[0]
-        moe_peft_ds.apply_sieve_lora(model, {0: [1]}, moe_peft_ds.AdapterConfig())
-        return model
 
-    def nan_model():
-        model = sieve_model()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.fill_(float("nan"))
-        return model
+def dense():
+    return load_model("tiny-llama")[0]
 
-    tokenizer = lambda: load_model("tiny-mixtral")[1]  # noqa: E731
-    return {
-        **{name: getattr(moe_peft_ds, name) for name in moe_peft_ds.__all__},
-        "d": d,
-        "moe": lambda: load_model("tiny-mixtral")[0],
-        "dense": lambda: load_model("tiny-llama")[0],
-        "tokenizer": tokenizer,
-        "loader": lambda: make_train_loader(load_examples("demo:arithmetic", tokenizer(), 32), tokenizer(), 2),
-        "sieve_model": sieve_model,
-        "nan_model": nan_model,
-        "read_adapter": read_adapter,
-        "load_examples": load_examples,
-        "load_deepspeed_config": load_deepspeed_config,
-        "read_state_file": read_state_file,
-        "train": train,
-    }
+
+def tokenizer():
+    return load_model("tiny-mixtral")[1]
+
+
+def loader():
+    return make_train_loader(load_examples("demo:arithmetic", tokenizer(), 32), tokenizer(), 2)
+
+
+def sieve_model():
+    model = moe()
+    apply_sieve_lora(model, {0: [1]}, AdapterConfig())
+    return model
+
+
+def nan_model():
+    model = sieve_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.fill_(float("nan"))
+    return model
 
 
 def snapshot(d: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def refusal(where: str, given: str, d: Path, out: Path, capsys) -> str:
+def refusal(where: str, given, d: Path, out: Path, capsys) -> str:
     """The one error line ``given`` ends in (asserting exit status 2 and no traceback)."""
     from moe_peft_ds.cli import USER_ERRORS
 
     if where == "api":
         with pytest.raises(USER_ERRORS) as err:
-            eval(given, api_namespace(d))
+            given(d)
         return f"error: {err.value}"
     rc = LAUNCHERS[where](shlex.split(given.format(d=d, out=out)))
     stderr = capsys.readouterr().err
@@ -1044,7 +1057,12 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(where, given, li
     if os.environ.get("CORPUS_RECORD"):  # CORPUS_RECORD=lines.jsonl pytest ...: the lines of new rows, to paste
         with open(os.environ["CORPUS_RECORD"], "a") as f:
             f.write(
-                json.dumps({"given": given, "line": got.replace(str(corpus_dir), "{d}").replace(str(out), "{out}")})
+                json.dumps(
+                    {
+                        "given": given if isinstance(given, str) else where,
+                        "line": got.replace(str(corpus_dir), "{d}").replace(str(out), "{out}"),
+                    }
+                )
                 + "\n"
             )
     else:
