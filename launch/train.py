@@ -63,8 +63,9 @@ from moe_peft_ds.config import (  # noqa: E402
     ConfigError,
     MixLoRAConfig,
 )
-from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data  # noqa: E402
-from moe_peft_ds.dispatch import deepspeed_expert_group  # noqa: E402
+from moe_peft_ds.data import calibration_batches, load_examples, make_train_loader, resolve_data  # noqa: E402
+from moe_peft_ds.device import model_device, peak_memory, per_rank  # noqa: E402
+from moe_peft_ds.dispatch import deepspeed_expert_group, expert_parallel_group  # noqa: E402
 from moe_peft_ds.ds_config import load_deepspeed_config  # noqa: E402
 from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
@@ -418,24 +419,35 @@ def check_distributed(args) -> dict | None:
 
 
 def size_report(model, selection_all: dict[int, list[int]]) -> dict:
-    """Trainable parameters and adapter bytes of this run, and what LoRA on all experts would take."""
+    """Trainable parameters and adapter bytes of this run, and what LoRA on all experts would take.
+    A model loaded expert-parallel holds only its experts' adapters: those are summed over the
+    expert-parallel group (every rank of it calls this), the replicated rest counted once."""
     trainable, nbytes = count_trainable(model), adapter_nbytes(model)
     experts = [m for m in model.modules() if isinstance(m, FusedExpertsWithLoRA)]
-    per_expert = sum(p.numel() for m in experts for p in m.adapters.parameters()) / sum(
-        len(m.expert_ids) for m in experts
+    own = [p for m in experts for p in m.adapters.parameters()]
+    expert = torch.tensor(
+        [
+            sum(p.numel() for p in own),
+            sum(p.numel() * p.element_size() for p in own),
+            sum(len(m.expert_ids) for m in experts),
+        ],
+        dtype=torch.int64,
+        device=model_device(model),
     )
-    n_selected = sum(len(m.expert_ids) for m in experts)
+    extra, extra_bytes = trainable - int(expert[0]), nbytes - int(expert[1])  # attention / shared-expert adapters
+    if (group := expert_parallel_group(model)) is not None:
+        torch.distributed.all_reduce(expert, group=group)
+    expert_params, expert_bytes, n_selected = expert.tolist()
     n_all = sum(len(v) for v in selection_all.values())
-    extra = trainable - per_expert * n_selected  # attention / shared-expert adapters
-    all_trainable = int(extra + per_expert * n_all)
-    bytes_per_param = nbytes / trainable
+    per_expert, bytes_per_expert = expert_params / max(n_selected, 1), expert_bytes / max(n_selected, 1)
+    trainable, all_trainable = extra + expert_params, int(extra + per_expert * n_all)
     return {
         "trainable_params": trainable,
-        "adapter_bytes": nbytes,
+        "adapter_bytes": extra_bytes + expert_bytes,
         "selected_experts": n_selected,
         "all_experts": n_all,
         "all_experts_trainable_params": all_trainable,
-        "all_experts_adapter_bytes": int(all_trainable * bytes_per_param),
+        "all_experts_adapter_bytes": int(extra_bytes + bytes_per_expert * n_all),
         "param_ratio": trainable / all_trainable,
     }
 
@@ -496,7 +508,7 @@ def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank,
         )
     profile = None
     if args.method == "sieve":
-        calib = make_loader(examples[: args.calibration_samples][rank::world], tokenizer, args.batch_size)
+        calib = calibration_batches(examples[: args.calibration_samples], tokenizer, args.batch_size, rank, world)
         profile = profile_routing(model, calib, model_id=args.model, data_id=args.data, progress=progress)
         log(f"routing profile: {profile.tokens} tokens from {profile.samples} samples\n{format_skew(profile)}")
         selection = select_experts(profile, sieve_cfg)
@@ -509,6 +521,16 @@ def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank,
         f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)"
     )
     return profile, selection, sizes
+
+
+def load_run_model(args, adapter_cfg, world: int):
+    """The model and tokenizer; an expert-parallel sieve/LoRA run reads on each rank only its
+    E/N experts of every MoE layer (``models.load_model(experts_group=...)``)."""
+    sharded = args.ep_size > 1 and not isinstance(adapter_cfg, MixLoRAConfig)
+    if args.ep_size > 1 and world % args.ep_size:
+        raise ConfigError(f"--ep-size {args.ep_size} must divide the number of ranks ({world})")
+    group = deepspeed_expert_group(args.ep_size) if sharded else None
+    return load_model(args.model, args.dtype, args.tokenizer, experts_group=group)
 
 
 def _digest(value) -> str:
@@ -551,7 +573,9 @@ def run(args) -> int:
     log = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.output_dir)
 
-    model, tokenizer = load_model(args.model, args.dtype, args.tokenizer)
+    loading = time.perf_counter()
+    model, tokenizer = load_run_model(args, adapter_cfg, world)
+    load_seconds = time.perf_counter() - loading
     examples = load_examples(
         args.data, tokenizer, args.max_length, args.train_split, fmt=data_format(args), packing=args.packing
     )
@@ -620,6 +644,7 @@ def run(args) -> int:
     monitor.close()
 
     save_adapter(model, out)  # expert-parallel: every rank takes part, rank 0 writes
+    peak = per_rank({**peak_memory(model_device(model)), "load_seconds": load_seconds})
     if rank != 0:
         return 0
     if profile is not None:
@@ -632,6 +657,9 @@ def run(args) -> int:
         "seconds": elapsed,
         "sizes": sizes,
         "world_size": world,
+        "peak_host_memory_bytes": [p["host"] for p in peak],  # per rank, loading included
+        "peak_device_memory_bytes": [p["device"] for p in peak],
+        "load_seconds": [p["load_seconds"] for p in peak],
         "args": vars(args),
     }
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -15,6 +15,7 @@ reads the cache instead of tokenising again.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -230,6 +231,18 @@ def make_loader(examples: list[dict], tokenizer, batch_size: int) -> DataLoader:
     return DataLoader(
         examples, batch_size=batch_size, shuffle=False, collate_fn=lambda b: collate(b, tokenizer.pad_token_id)
     )
+
+
+def calibration_batches(examples: list[dict], tokenizer, batch_size: int, rank: int, world: int) -> list[dict]:
+    """This rank's share (every world-th sample) of the calibration set in batches, topped up with
+    uncounted repeats to rank 0's number of batches (the most): an expert-parallel forward takes
+    every rank of the group."""
+    batches = list(make_loader(examples[rank::world], tokenizer, batch_size))
+    rounds = math.ceil(len(examples[0::world]) / batch_size)
+    if len(batches) < rounds:
+        filler = next(iter(make_loader(examples[:batch_size], tokenizer, batch_size)))
+        batches += [{**filler, "counted": False}] * (rounds - len(batches))
+    return batches
 
 
 class GlobalBatches(Sampler[list[int]]):

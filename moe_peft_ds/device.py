@@ -41,3 +41,26 @@ def bind_accelerator() -> None:
     found = accelerator()
     if found:
         found.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """This process's peak memory so far, in bytes: resident host memory (``ru_maxrss``, which
+    includes the pages of memory-mapped checkpoint shards that were read) and, on a GPU, the
+    most its allocator held."""
+    import resource
+
+    return {
+        "host": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        "device": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+
+
+def per_rank(value) -> list:
+    """``value`` of every rank, in rank order (every rank must call this); ``[value]`` without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

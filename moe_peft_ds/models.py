@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from .backends.hf_load import load_local_experts
 from .config import ConfigError
 from .device import run_device
 
@@ -33,16 +35,27 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def load_model(spec: str, dtype: str = "fp32", tokenizer: str | None = None):
+def load_model(spec: str, dtype: str = "fp32", tokenizer: str | None = None, experts_group=None):
     """``(model, tokenizer)`` for ``--model`` (and ``--tokenizer``, by default the model's own),
     the model on this process's accelerator (``device.run_device``); the hub is only reached for
-    ids that are not local."""
+    ids that are not local.
+
+    With ``experts_group`` (an expert-parallel process group of N ranks) every MoE layer is read
+    expert-parallel: this rank loads only its E/N experts (``backends.hf_load``) and the layer
+    dispatches tokens to the ranks that own their experts from the first forward on."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
     tok = load_tokenizer(spec, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=DTYPES[dtype]).to(run_device())
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one loading bar per job: rank 0's
+    if experts_group is not None:
+        model = load_local_experts(resolve_model(spec), DTYPES[dtype], experts_group, run_device())
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=DTYPES[dtype]).to(run_device())
     check_tokenizer(model, tok)
     model.config._name_or_path = spec if spec in PRESETS or not Path(spec).exists() else str(Path(spec).resolve())
     return model, tok

@@ -258,7 +258,9 @@ def profile_routing(
     forward: Callable | None = None,
 ) -> RoutingProfile:
     """Run ``model`` over ``batches`` (dicts with ``input_ids`` and optional ``attention_mask``)
-    and count routed tokens per layer and expert, ignoring padding.
+    and count routed tokens per layer and expert, ignoring padding. A batch with ``counted:
+    False`` runs its forward and counts nothing: the ranks of an expert-parallel model must all
+    run the same number of forwards, whatever their share of the calibration set.
 
     ``max_samples`` caps the calibration samples (rows) used on this rank. Counts are summed
     over all ranks when ``torch.distributed`` is initialised. ``forward(model, input_ids,
@@ -283,10 +285,12 @@ def profile_routing(
                         break
                     ids, mask = ids[:room], None if mask is None else mask[:room]
                 mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-                counter.mask = mask.to(counter.counts.device)
+                counted = batch.get("counted", True)
+                counter.mask = (mask if counted else torch.zeros_like(mask)).to(counter.counts.device)
                 forward(model, ids.to(counter.counts.device), mask.long().to(counter.counts.device))
-                samples += ids.shape[0]
-                tokens += int(mask.sum())
+                if counted:
+                    samples += ids.shape[0]
+                    tokens += int(mask.sum())
     finally:
         counter.remove()
     totals = torch.tensor([samples, tokens], dtype=torch.int64, device=counter.counts.device)

@@ -8,6 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moe_peft_ds"
 BACKENDS = {
     "moe_peft_ds.backends.hf",
     "moe_peft_ds.backends.hf_families",
+    "moe_peft_ds.backends.hf_load",
     "moe_peft_ds.backends.deepspeed_moe",
     "moe_peft_ds.backends.megatron",
 }

@@ -13,6 +13,8 @@ only blocks that hold fused experts are touched.
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,10 @@ class ExpertsLayout:
     def tensor(self, target: str) -> str:
         """The module's tensor behind an expert target (``gate_up_proj`` means ``up_proj`` without a gate)."""
         return self.up if target == "gate_up_proj" else target
+
+    def tensors(self, cfg: AdapterConfig) -> list[str]:
+        """The module's tensors that ``cfg``'s expert targets put adapters on."""
+        return [self.tensor(t) for t in cfg.expert_targets]
 
     def describe(self) -> str:
         parts = [self.up, "[E, in, out]" if self.transposed else "[E, out, in]"]
@@ -142,19 +148,21 @@ class FusedExpertsWithLoRA(nn.Module):
 
     wraps_experts = True
 
-    def __init__(self, base: nn.Module, expert_ids: list[int], cfg: AdapterConfig, first_expert: int = 0):
+    def __init__(
+        self, base: nn.Module, expert_ids: list[int], cfg: AdapterConfig | None = None, first_expert: int = 0
+    ):
         """``base`` holds experts ``first_expert ..`` (all of them unless expert-parallel);
-        ``expert_ids`` are global ids among those, possibly none (a rank without adapters)."""
+        ``expert_ids`` are global ids among those, possibly none (a rank without adapters; then
+        ``cfg`` may be None)."""
         super().__init__()
         self.base = base
         self.layout = ExpertsLayout.of(base)
         self.num_experts = base.down_proj.shape[0]  # local experts
         self.first_expert = first_expert
-        tensors = [self.layout.tensor(t) for t in cfg.expert_targets]
         self.adapters = nn.ModuleDict(
             {
                 t: ExpertLoRA(expert_ids, weight_out_in(base, t, self.layout.transposed), cfg, first_expert)
-                for t in tensors
+                for t in self.layout.tensors(cfg)
             }
             if expert_ids
             else {}
@@ -218,14 +226,45 @@ class ExpertParallelExperts(ExpertParallelDispatch):
 
     wraps_experts = True
 
-    def __init__(self, local: FusedExpertsWithLoRA, group, num_experts: int):
+    def __init__(self, local: FusedExpertsWithLoRA, group, num_experts: int, loaded: bool = False):
+        """``loaded``: built by an expert-parallel load (``hf_load``), whose adapters come later;
+        ``shard_moe_blocks`` then only tags them."""
         super().__init__(group, num_experts)
         self.local = local
+        self.loaded = loaded
+
+    def add_adapters(self, expert_ids: list[int], cfg: AdapterConfig) -> None:
+        """LoRA on the selected ``expert_ids`` (global, of the whole layer) that this rank holds,
+        initialised exactly as ``FusedExpertsWithLoRA`` over the whole layer would be (the same
+        random draws, in the same order, on every rank), then cut to the local experts."""
+        base, lo = self.local.base, self.local.first_expert
+        layout = ExpertsLayout.of(base)
+        whole = dataclasses.replace(cfg, use_dora=False)  # DoRA's magnitude draws nothing; it is computed locally
+        full = {}
+        for t in layout.tensors(cfg):
+            w = weight_out_in(base, t, layout.transposed)  # [E/N, out, in]
+            full[t] = ExpertLoRA(expert_ids, w[:1].expand(self.num_experts, *w.shape[1:]), whole)
+        held = [e for e in expert_ids if lo <= e < lo + self.local.num_experts]
+        with no_random_draws(base.down_proj.device):
+            self.local = FusedExpertsWithLoRA(base, held, cfg, first_expert=lo)
+        with torch.no_grad():
+            for t, adapter in self.local.adapters.items():
+                slots = [full[t].slot[e] for e in held]
+                adapter.lora_A.copy_(full[t].lora_A[slots])
+                adapter.lora_B.copy_(full[t].lora_B[slots])
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         return super().forward(hidden_states, top_k_index, top_k_weights, self.local.expert_rows)
+
+
+@contextmanager
+def no_random_draws(device: torch.device):
+    """Restore the random generator of ``device`` (and the CPU's) afterwards: what is built inside
+    draws nothing that the rest of the run sees."""
+    with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+        yield
 
 
 def _slice_experts(base: nn.Module, lo: int, hi: int) -> None:
@@ -244,7 +283,8 @@ def _shard_block(experts: nn.Module, cfg: AdapterConfig, lo: int, hi: int) -> Fu
     base = full.base if full else experts
     local_ids = [e for e in (full.expert_ids if full else []) if lo <= e < hi]
     _slice_experts(base, lo, hi)
-    local = FusedExpertsWithLoRA(base, local_ids, cfg, first_expert=lo)
+    with no_random_draws(base.down_proj.device):  # as a partial load's adapters: no draw beyond the whole layer's
+        local = FusedExpertsWithLoRA(base, local_ids, cfg, first_expert=lo)
     for tensor, adapter in local.adapters.items():
         copy_expert_slots(full.adapters[tensor], adapter)
     return local
@@ -257,7 +297,10 @@ def shard_moe_blocks(model: nn.Module, cfg: AdapterConfig, group) -> None:
     for block in find_moe_blocks(model):
         experts = block.experts
         if isinstance(experts, ExpertParallelExperts):
-            raise ValueError("this model is already expert-parallel")
+            if not experts.loaded or experts.group is not group:
+                raise ValueError("this model is already expert-parallel")
+            tag_expert_local(experts.local.parameters(), ep_size)  # loaded expert-parallel: adapters added since
+            continue
         num_experts = num_local_experts(experts)
         if num_experts % ep_size:
             raise ValueError(f"{num_experts} experts per layer cannot be split over ep_size={ep_size}")
@@ -333,7 +376,7 @@ def check_selection(model: nn.Module, selection: dict[int, list[int]]) -> list[M
         raise ConfigError(
             f"selection names layers {unknown} that are not MoE layers of this model; MoE layers: {sorted(layers)}"
         )
-    num_experts = num_local_experts(blocks[0].experts)
+    num_experts = describe_model(model)["num_experts"]
     for layer, ids in selection.items():
         bad = [e for e in ids if not 0 <= e < num_experts]
         if bad:
@@ -342,10 +385,13 @@ def check_selection(model: nn.Module, selection: dict[int, list[int]]) -> list[M
 
 
 def inject_expert_lora(model: nn.Module, selection: dict[int, list[int]], cfg: AdapterConfig) -> None:
-    """Wrap the experts of every selected layer; layers with no selected expert stay untouched."""
+    """Wrap the experts of every selected layer; layers with no selected expert stay untouched.
+    A model loaded expert-parallel gets the adapters of the experts each rank holds."""
     for block in check_selection(model, selection):
         ids = selection.get(block.layer, [])
-        if ids:
+        if ids and isinstance(block.experts, ExpertParallelExperts):
+            block.experts.add_adapters(sorted(ids), cfg)
+        elif ids:
             block.experts = FusedExpertsWithLoRA(block.experts, sorted(ids), cfg)
         if cfg.shared_expert_lora:
             for parent in [m for shared in shared_experts(block) for m in shared.modules()]:

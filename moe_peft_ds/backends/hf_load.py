@@ -1,0 +1,138 @@
+"""Loading a transformers MoE model expert-parallel: each rank reads the non-expert weights and
+only its own E/N experts of every MoE layer, never the whole model.
+
+transformers (5.x) already knows how to read a slice of a checkpoint tensor: a parameter that is
+a ``DTensor`` sharded on dim 0 is filled by reading only the rows this rank owns from the
+memory-mapped safetensors shards, and for hub checkpoints that store experts one by one its
+weight conversion skips the experts another rank owns before fusing the rest. Its own
+expert-parallel mode (``DistributedConfig(ep_size=...)``) cannot be used here: it ties the EP
+degree to its tensor/FSDP mesh (DeepSpeed runs EP groups inside a data-parallel world) and
+replaces the experts' forward. So this module shards exactly the fused expert tensors with
+transformers' own parameter style (``MoEParamShard``, the one its ``grouped_gemm`` rule uses) on
+a mesh of DeepSpeed's expert-parallel group, between model init (on the meta device) and weight
+loading, and turns them into plain local tensors afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from .hf import ExpertParallelExperts, FusedExpertsWithLoRA, find_moe_blocks, is_fused_experts
+
+
+def expert_count(config) -> int | None:
+    """Experts per MoE layer from a transformers config (its text config for multimodal ones)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def expert_tensors(module: nn.Module) -> list[str]:
+    """The per-expert tensors of a fused experts module (weights and biases, experts on dim 0)."""
+    num = module.down_proj.shape[0]
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == num]
+
+
+def _shard_experts_on_meta(model: nn.Module, mesh) -> int:
+    """Mark every fused expert tensor of the (meta) ``model`` as sharded by expert over ``mesh``;
+    returns how many experts modules were marked."""
+    from torch.distributed.tensor import Shard
+    from transformers.distributed.expert_parallel import MoEParamShard
+
+    style = MoEParamShard(Shard(0), shards_expert_dim=True)
+    found = 0
+    for module in model.modules():
+        if not is_fused_experts(module):
+            continue
+        num = module.down_proj.shape[0]
+        if num % mesh.size():
+            raise ConfigError(f"--ep-size {mesh.size()} does not divide the {num} experts per layer of this model")
+        for name in expert_tensors(module):
+            style.shard_param(module, name, mesh)
+        found += 1
+    return found
+
+
+def _to_local(model: nn.Module, ep_rank: int) -> None:
+    """Replace the loaded DTensor expert tensors by plain local parameters and record which global
+    experts each module holds (``first_expert``, ``global_experts``)."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        params = {n: p for n, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)}
+        if not params:
+            continue
+        for name, p in params.items():
+            setattr(module, name, nn.Parameter(p.to_local(), requires_grad=False))
+        local = module.down_proj.shape[0]
+        module.first_expert, module.global_experts = ep_rank * local, next(iter(params.values())).shape[0]
+        module.num_experts = local
+
+
+def loading_problem(info: dict, source: str) -> str | None:
+    """What keeps the checkpoint from filling the model, in one line (None if nothing): a missing
+    tensor, or one whose shape disagrees with the config (for experts stored one by one, also an
+    expert missing from the checkpoint). transformers would initialise those at random."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return f"--model {source}: the checkpoint lacks {', '.join(missing[:3])}{more}"
+    if mismatched:
+        key, checkpoint, model = mismatched[0]
+        return (
+            f"--model {source}: checkpoint tensors disagree with the config's shapes ({key}: checkpoint "
+            f"{list(checkpoint)}, model {list(model)}; an expert missing from the checkpoint, or another model's config)"
+        )
+    return None
+
+
+def load_local_experts(source: str, dtype: torch.dtype, group, device: torch.device) -> nn.Module:
+    """The model at ``source`` with every MoE layer holding only this rank's experts of ``group``
+    (rank r of N holds global experts ``r*E/N .. (r+1)*E/N - 1``), read from the checkpoint
+    without the other ranks' experts ever being loaded; everything else whole."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from transformers import AutoConfig, AutoModelForCausalLM, DistributedConfig
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    config = AutoConfig.from_pretrained(source)
+    mesh = DeviceMesh.from_group(group, device.type)
+    model_cls = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    marked = []
+
+    def distribute(cls, model, distributed_config, mesh_manager):
+        # Called by from_pretrained after building the model on the meta device, before any weight is read.
+        marked.append(_shard_experts_on_meta(model, mesh))
+        return model
+
+    # transformers calls this hook only when a distributed_config is given; one of size 1 changes nothing else.
+    loader = type(model_cls.__name__, (model_cls,), {"maybe_distribute_model": classmethod(distribute)})
+    model, info = loader.from_pretrained(
+        source,
+        dtype=dtype,
+        distributed_config=DistributedConfig(),
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # reported below as one line, on every rank alike
+    )
+    model.__class__ = model_cls
+    vars(model.config).pop("distributed_config", None)
+    if not marked or not marked[0]:
+        raise ConfigError(f"--model {source}: no fused experts found to load expert-parallel")
+    # Each rank read other experts: a problem one rank met must stop all of them.
+    problems = [None] * dist.get_world_size(group)
+    dist.all_gather_object(problems, loading_problem(info, source), group=group)
+    if any(problems):
+        raise ConfigError(next(p for p in problems if p))
+    _to_local(model, dist.get_rank(group))
+    model.to(device)
+    for block in find_moe_blocks(model):  # tokens reach the experts through the dispatch from the first forward
+        base = block.experts
+        local = FusedExpertsWithLoRA(base, [], first_expert=base.first_expert)
+        block.experts = ExpertParallelExperts(local, group, base.global_experts, loaded=True)
+    return model
