@@ -41,6 +41,8 @@ BENCHMARKS = {
     "sieve_study": ("sieve_study.py", ["--quick"], [], "file"),
     "mixlora_study": ("mixlora_study.py", ["--quick"], [], "file"),
     "continual_study": ("continual_study.py", ["--quick"], [], "file"),
+    "load_memory": ("load_memory.py", ["--quick"], [], "file"),
+    "plans": ("plans.py", ["--quick"], [], "file"),
 }
 
 

@@ -16,16 +16,20 @@ estimates. Host memory needs the Python/torch runtime on top (about 0.6 GiB per 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_peft_ds.cli import check_positive, run_cli  # noqa: E402
-from moe_peft_ds.config import ATTENTION_TARGETS, ConfigError, SieveConfig  # noqa: E402
-from moe_peft_ds.memory_plan import DTYPE_BYTES, ESTIMATED, Layout, ModelShapes, Run, plan, smallest_fit  # noqa: E402
-from moe_peft_ds.models import resolve_model  # noqa: E402
+# DeepSpeed's logger writes to the stdout it finds at import: bind it to stderr, so that --json
+# prints nothing but the plan on stdout.
+with contextlib.redirect_stdout(sys.stderr):
+    from moe_peft_ds.cli import check_positive, run_cli
+    from moe_peft_ds.config import ATTENTION_TARGETS, ConfigError, SieveConfig
+    from moe_peft_ds.memory_plan import DTYPE_BYTES, ESTIMATED, Layout, ModelShapes, Run, plan, smallest_fit
+    from moe_peft_ds.models import resolve_model
 
 GIB = 2**30
 ROWS = (

@@ -310,6 +310,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "this many ranks, tokens reach them by all-to-all (default 1; needs --deepspeed_config; ZeRO-0/1/2 only)",
     )
     d.add_argument(
+        "--load-whole-model",
+        action="store_true",
+        help="with --ep-size > 1: every rank reads the whole checkpoint and keeps its experts afterwards, instead of "
+        "reading only its E/N experts per layer (a fallback, and the reference the load_memory benchmark measures)",
+    )
+    d.add_argument(
         "--dist-timeout",
         type=int,
         default=1800,
@@ -525,8 +531,9 @@ def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank,
 
 def load_run_model(args, adapter_cfg, world: int):
     """The model and tokenizer; an expert-parallel sieve/LoRA run reads on each rank only its
-    E/N experts of every MoE layer (``models.load_model(experts_group=...)``)."""
-    sharded = args.ep_size > 1 and not isinstance(adapter_cfg, MixLoRAConfig)
+    E/N experts of every MoE layer (``models.load_model(experts_group=...)``) unless
+    ``--load-whole-model``."""
+    sharded = args.ep_size > 1 and not isinstance(adapter_cfg, MixLoRAConfig) and not args.load_whole_model
     if args.ep_size > 1 and world % args.ep_size:
         raise ConfigError(f"--ep-size {args.ep_size} must divide the number of ranks ({world})")
     group = deepspeed_expert_group(args.ep_size) if sharded else None

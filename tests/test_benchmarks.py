@@ -231,6 +231,8 @@ def test_run_all_quick_writes_a_well_formed_report(tmp_path):
         "sieve_study",
         "mixlora_study",
         "continual_study",
+        "load_memory",
+        "plans",
     ):
         assert f"## {name}" in report and (results / f"{name}.json").exists(), name
         json.loads((results / f"{name}.json").read_text())
