@@ -40,7 +40,8 @@ ROWS = (
     ("optimizer_states", "optimizer states"),
     ("activations", "activations (estimate)"),
     ("total", "total"),
-    ("peak_at_load", "peak while loading"),
+    ("peak_at_load", "peak while loading, on the GPU"),
+    ("host_peak_at_load", "peak while loading, host (+ runtime)"),
     ("all_to_all_per_step", "all-to-all per step (estimate)"),
 )
 

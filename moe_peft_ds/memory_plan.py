@@ -168,6 +168,9 @@ def plan(shapes: ModelShapes, layout: Layout, run: Run) -> dict:
         "all_to_all_per_step": a2a,
     }
     out["peak_at_load"] = out["base_experts"] + out["base_other"]
+    # Host: the memory-mapped checkpoint pages this rank reads count as resident, next to the
+    # tensors made from them (a checkpoint stored in --dtype); the Python/torch runtime comes on top.
+    out["host_peak_at_load"] = 2 * out["peak_at_load"]
     out["total"] = sum(out[k] for k in ("base_experts", "base_other", "adapters", "gradients", "optimizer_states"))
     out["total"] += activations
     return out
