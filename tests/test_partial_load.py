@@ -144,3 +144,47 @@ def test_a_checkpoint_whose_shapes_disagree_with_the_config_is_refused(tmp_path)
 def test_an_ep_degree_that_does_not_divide_the_experts_is_refused_before_reading(tmp_path):
     tiny_model("mixtral").save_pretrained(tmp_path)
     run_ranks(_load_fails, 3, (str(tmp_path), "--ep-size 3 does not divide the 8 experts per layer"))
+
+
+def _dtypes(rank, world, path):
+    group = dist.new_group(list(range(world)))
+    model = apply_sieve_lora(load_local_experts(path, torch.bfloat16, group, torch.device("cpu")), SELECTION)
+    experts = [base_experts(b.experts) for b in find_moe_blocks(model)]
+    assert {p.dtype for e in experts for p in e.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_a_bf16_partial_load_keeps_the_base_in_bf16_and_the_adapters_in_fp32(tmp_path):
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    run_ranks(_dtypes, 2, (str(tmp_path),))
+
+
+def test_the_launcher_stops_every_rank_with_one_line_before_writing(tmp_path):
+    """A per-expert checkpoint lacking one expert's gate (which transformers cannot fuse with its up
+    projection: its load report raises on rank 0 only), under `deepspeed --num_gpus 2 ... --ep-size 2`."""
+    from pathlib import Path
+
+    from distributed import run_deepspeed
+
+    from moe_peft_ds.models import resolve_model
+
+    root = Path(__file__).resolve().parents[1]
+    model = tmp_path / "model"
+    tiny_model("mixtral").save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).write_bytes((Path(resolve_model("tiny-mixtral")) / name).read_bytes())
+    state = load_file(str(model / "model.safetensors"))
+    del state["model.layers.0.block_sparse_moe.experts.1.w1.weight"]
+    save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29591", str(root / "launch" / "train.py")]
+    cmd += ["--model", str(model), "--data", "demo:arithmetic", "--output-dir", str(out), "--no-progress"]
+    cmd += ["--deepspeed_config", str(root / "ds_configs" / "zero2_fp32.json"), "--ep-size", "2"]
+    done = run_deepspeed(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode != 0 and not out.exists()
+    errors = {line for line in (done.stdout + done.stderr).splitlines() if "error: " in line}
+    assert len(errors) == 1, (done.stdout + done.stderr)[-3000:]  # both ranks say the same line
+    assert (
+        "transformers could not load the checkpoint: We encountered some issues during automatic conversion"
+        in errors.pop()
+    )

@@ -104,31 +104,36 @@ def load_local_experts(source: str, dtype: torch.dtype, group, device: torch.dev
     config = AutoConfig.from_pretrained(source)
     mesh = DeviceMesh.from_group(group, device.type)
     model_cls = _get_model_class(config, AutoModelForCausalLM._model_mapping)
-    marked = []
 
     def distribute(cls, model, distributed_config, mesh_manager):
         # Called by from_pretrained after building the model on the meta device, before any weight is read.
-        marked.append(_shard_experts_on_meta(model, mesh))
+        if not _shard_experts_on_meta(model, mesh):
+            raise ConfigError(f"--model {source}: no fused experts to load expert-parallel (a dense model?)")
         return model
 
     # transformers calls this hook only when a distributed_config is given; one of size 1 changes nothing else.
     loader = type(model_cls.__name__, (model_cls,), {"maybe_distribute_model": classmethod(distribute)})
-    model, info = loader.from_pretrained(
-        source,
-        dtype=dtype,
-        distributed_config=DistributedConfig(),
-        output_loading_info=True,
-        ignore_mismatched_sizes=True,  # reported below as one line, on every rank alike
-    )
-    model.__class__ = model_cls
-    vars(model.config).pop("distributed_config", None)
-    if not marked or not marked[0]:
-        raise ConfigError(f"--model {source}: no fused experts found to load expert-parallel")
+    try:
+        model, info = loader.from_pretrained(
+            source,
+            dtype=dtype,
+            distributed_config=DistributedConfig(),
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below as one line, on every rank alike
+        )
+        problem = loading_problem(info, source)
+    except RuntimeError as err:  # transformers' load report raises for tensors its conversion could not fuse
+        model, problem = (
+            None,
+            f"--model {source}: transformers could not load the checkpoint: {str(err).splitlines()[0]}",
+        )
     # Each rank read other experts: a problem one rank met must stop all of them.
     problems = [None] * dist.get_world_size(group)
-    dist.all_gather_object(problems, loading_problem(info, source), group=group)
+    dist.all_gather_object(problems, problem, group=group)
     if any(problems):
         raise ConfigError(next(p for p in problems if p))
+    model.__class__ = model_cls
+    vars(model.config).pop("distributed_config", None)
     _to_local(model, dist.get_rank(group))
     model.to(device)
     for block in find_moe_blocks(model):  # tokens reach the experts through the dispatch from the first forward
