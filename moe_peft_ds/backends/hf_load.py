@@ -7,10 +7,11 @@ memory-mapped safetensors shards, and for hub checkpoints that store experts one
 weight conversion skips the experts another rank owns before fusing the rest. Its own
 expert-parallel mode (``DistributedConfig(ep_size=...)``) cannot be used here: it ties the EP
 degree to its tensor/FSDP mesh (DeepSpeed runs EP groups inside a data-parallel world) and
-replaces the experts' forward. So this module shards exactly the fused expert tensors with
-transformers' own parameter style (``MoEParamShard``, the one its ``grouped_gemm`` rule uses) on
-a mesh of DeepSpeed's expert-parallel group, between model init (on the meta device) and weight
-loading, and turns them into plain local tensors afterwards.
+replaces the experts' forward. So this module shards exactly the fused expert tensors by expert
+(``Shard(0)``, as transformers' ``grouped_gemm`` rule does) on a mesh of DeepSpeed's
+expert-parallel group, between model init (on the meta device) and weight loading, through the
+hook transformers calls there (``maybe_distribute_model``), and turns them into plain local
+tensors afterwards.
 """
 
 from __future__ import annotations
@@ -39,12 +40,11 @@ def expert_tensors(module: nn.Module) -> list[str]:
 
 
 def _shard_experts_on_meta(model: nn.Module, mesh) -> int:
-    """Mark every fused expert tensor of the (meta) ``model`` as sharded by expert over ``mesh``;
-    returns how many experts modules were marked."""
-    from torch.distributed.tensor import Shard
-    from transformers.distributed.expert_parallel import MoEParamShard
+    """Make every fused expert tensor of the (meta) ``model`` a DTensor sharded by expert over
+    ``mesh`` (what transformers' ``grouped_gemm`` rule does), so that its loader reads only this
+    rank's rows; returns how many experts modules were marked."""
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    style = MoEParamShard(Shard(0), shards_expert_dim=True)
     found = 0
     for module in model.modules():
         if not is_fused_experts(module):
@@ -53,7 +53,10 @@ def _shard_experts_on_meta(model: nn.Module, mesh) -> int:
         if num % mesh.size():
             raise ConfigError(f"--ep-size {mesh.size()} does not divide the {num} experts per layer of this model")
         for name in expert_tensors(module):
-            style.shard_param(module, name, mesh)
+            meta = module._parameters[name]
+            module._parameters[name] = nn.Parameter(
+                distribute_tensor(meta, mesh, [Shard(0)], src_data_rank=None), requires_grad=False
+            )
         found += 1
     return found
 
@@ -112,7 +115,9 @@ def load_local_experts(source: str, dtype: torch.dtype, group, device: torch.dev
         return model
 
     # transformers calls this hook only when a distributed_config is given; one of size 1 changes nothing else.
-    loader = type(model_cls.__name__, (model_cls,), {"maybe_distribute_model": classmethod(distribute)})
+    # The same name and module as the model class: transformers finds a family's checkpoint conversions by them.
+    hooks = {"maybe_distribute_model": classmethod(distribute), "__module__": model_cls.__module__}
+    loader = type(model_cls.__name__, (model_cls,), hooks)
     try:
         model, info = loader.from_pretrained(
             source,
