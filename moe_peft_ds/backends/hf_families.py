@@ -191,6 +191,10 @@ def tiny_config(model_type: str, **changes):
         rope, nope = values["qk_rope_head_dim"], values["qk_nope_head_dim"]
         values.update(head_dim=rope, qk_head_dim=rope + nope, num_key_value_heads=values["num_attention_heads"])
         values = {k: v for k, v in values.items() if k in fields}
+    vocab = values.get("vocab_size")
+    for name, value in fields.items():  # a second vocabulary (e.g. an unpadded one) within the tiny one
+        if name.endswith("_vocab_size") and isinstance(value, int) and vocab and value > vocab and name not in values:
+            values[name] = vocab
     layers = values.get("num_hidden_layers", TINY["num_hidden_layers"])
     for name, kinds in fields.items():  # per-layer lists (hybrid stacks, dense/sparse): cut, keeping every kind
         if name not in values and isinstance(kinds, list) and len(kinds) == fields.get("num_hidden_layers") and kinds:
