@@ -267,12 +267,17 @@ def no_random_draws(device: torch.device):
         yield
 
 
+def expert_tensors(module: nn.Module) -> list[str]:
+    """The per-expert tensors of a fused experts module (weights and biases, experts on dim 0)."""
+    num = module.down_proj.shape[0]
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == num]
+
+
 def _slice_experts(base: nn.Module, lo: int, hi: int) -> None:
     """Keep only experts ``lo..hi-1`` of a fused experts module; the full tensors are released."""
-    E = base.down_proj.shape[0]
-    for name, p in list(base.named_parameters(recurse=False)):
-        if p.dim() >= 2 and p.shape[0] == E:  # per-expert tensors (weights and biases)
-            setattr(base, name, nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=False))
+    for name in expert_tensors(base):
+        p = getattr(base, name)
+        setattr(base, name, nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=False))
     base.num_experts = hi - lo
 
 

@@ -20,23 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from .hf import ExpertParallelExperts, FusedExpertsWithLoRA, find_moe_blocks, is_fused_experts
-
-
-def expert_count(config) -> int | None:
-    """Experts per MoE layer from a transformers config (its text config for multimodal ones)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
-        value = getattr(text, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def expert_tensors(module: nn.Module) -> list[str]:
-    """The per-expert tensors of a fused experts module (weights and biases, experts on dim 0)."""
-    num = module.down_proj.shape[0]
-    return [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == num]
+from .hf import ExpertParallelExperts, FusedExpertsWithLoRA, expert_tensors, find_moe_blocks, is_fused_experts
 
 
 def _shard_experts_on_meta(model: nn.Module, mesh) -> int:
