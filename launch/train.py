@@ -67,6 +67,7 @@ from moe_peft_ds.data import calibration_batches, load_examples, make_train_load
 from moe_peft_ds.device import model_device, peak_memory, per_rank  # noqa: E402
 from moe_peft_ds.dispatch import deepspeed_expert_group, expert_parallel_group  # noqa: E402
 from moe_peft_ds.ds_config import load_deepspeed_config  # noqa: E402
+from moe_peft_ds.importing import read_selection_file  # noqa: E402
 from moe_peft_ds.mixlora import apply_mixlora  # noqa: E402
 from moe_peft_ds.models import DTYPES, load_model  # noqa: E402
 from moe_peft_ds.monitor import TrainingMonitor  # noqa: E402
@@ -221,6 +222,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     s.add_argument(
         "--calibration-samples", type=int, default=256, help="samples of --data used to profile routing (default 256)"
+    )
+    s.add_argument(
+        "--selection-file",
+        default=None,
+        metavar="FILE",
+        help="sieve: train these experts instead of profiling: an ESFT expert_config.json, or an "
+        "adapter_config.json (e.g. one launch/import_adapter.py --esft wrote, or an earlier adapter's)",
     )
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default 300)")
@@ -391,6 +399,9 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
         seed=args.seed,
     )
     adapter = build_adapter_config(args)
+    args.fixed_selection = read_selection_file(args.selection_file) if args.selection_file else None
+    if args.fixed_selection is not None and args.method != "sieve":
+        raise ConfigError(f"--selection-file chooses the experts of --method sieve, not of --method {args.method}")
     args.ds_config = check_distributed(args)
     if args.max_grad_norm is not None and not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
         raise ConfigError(f"--max-grad-norm={args.max_grad_norm} must be >= 0 (0: no clipping)")
@@ -513,7 +524,10 @@ def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank,
             f"and the number of ranks ({world})"
         )
     profile = None
-    if args.method == "sieve":
+    if args.fixed_selection is not None:
+        selection = args.fixed_selection
+        log(f"selection from {args.selection_file}: {sum(map(len, selection.values()))} experts, no profiling")
+    elif args.method == "sieve":
         calib = calibration_batches(examples[: args.calibration_samples], tokenizer, args.batch_size, rank, world)
         profile = profile_routing(model, calib, model_id=args.model, data_id=args.data, progress=progress)
         log(f"routing profile: {profile.tokens} tokens from {profile.samples} samples\n{format_skew(profile)}")

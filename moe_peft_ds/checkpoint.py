@@ -156,10 +156,10 @@ def save_adapter(model: nn.Module, output_dir: str | Path, adapter: str | None =
     out = Path(output_dir)
     if dist.is_initialized() and dist.get_rank() != 0:  # ranks hold the same adapter (gathered above); one writes
         return out
-    return _write(out, cfg, state)
+    return write_adapter(out, cfg, state)
 
 
-def _write(out: Path, cfg: LoRAConfig, state: dict[str, torch.Tensor]) -> Path:
+def write_adapter(out: Path, cfg: LoRAConfig, state: dict[str, torch.Tensor]) -> Path:
     """Write the two files of an adapter directory, so that a kill never leaves a mixed pair."""
     check_finite(state)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def convert_adapter(path: str | Path, output_dir: str | Path, model_type: str, b
             f"{path} has LoRA outside the routed experts ({other[:3]}...), which Megatron's expert backend does not hold"
         )
     cfg.model_type, cfg.base_model = model_type, base_model or cfg.base_model
-    return _write(Path(output_dir), cfg, state)
+    return write_adapter(Path(output_dir), cfg, state)
 
 
 _MIXLORA_EXPERT = re.compile(r"mixlora\.experts\.(\d+)\.")

@@ -74,9 +74,7 @@ def export_adapter(
         raise ConfigError(f"format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-    out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} already holds something; export into a new or empty directory")
+    out = check_empty_dir(output_dir)
     cfg, state = read_adapter(adapter)
     check_exportable(cfg, fmt, adapter)
     base = base_model or cfg.base_model
@@ -94,6 +92,14 @@ def export_adapter(
         tensors = serving_state(model, cfg, state, fmt)
         config = peft_config(base_name(base), cfg.r, cfg.r, False, tensors)  # scaling folded into B
     return _write_dir(out, lambda tmp: _write_peft_files(tmp, tensors, config))
+
+
+def check_empty_dir(output_dir: str | Path) -> Path:
+    """``output_dir`` as a Path, if it does not exist or is an empty directory; else raise."""
+    out = Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already holds something; write into a new or empty directory")
+    return out
 
 
 def check_exportable(cfg: LoRAConfig, fmt: str, source) -> None:
@@ -160,6 +166,13 @@ def _blocks(model: nn.Module) -> dict[int, tuple[str, nn.Module, ExpertsLayout]]
     return {b.layer: (f"{b.name}.{b.attr}", b.experts, ExpertsLayout.of(b.experts)) for b in find_moe_blocks(model)}
 
 
+def nested_paths(path: str, experts: nn.Module, tensors: list[str]) -> dict[str, str]:
+    """``{tensor: module path of its PEFT ParamWrapper}`` when PEFT targets ``tensors`` of the
+    experts module at ``path``: the tensor declared first is wrapped first, innermost."""
+    targeted = [t for t, _ in experts.named_parameters(recurse=False) if t in tensors]
+    return {t: path + ".base_layer" * (len(targeted) - 1 - i) for i, t in enumerate(targeted)}
+
+
 def peft_state(model: nn.Module, cfg: AdapterConfig, state: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The adapter under PEFT's keys (module docstring) and its ``target_parameters``."""
     linear = linear_adapters(state)
@@ -167,10 +180,9 @@ def peft_state(model: nn.Module, cfg: AdapterConfig, state: dict) -> tuple[dict[
     blocks, targets = _blocks(model), [f"{p}.weight" for p in linear if p.rsplit(".", 1)[-1] in EXPERT_NAMES]
     for (layer, tensor), adapters in expert_adapters(state).items():
         path, experts, layout = blocks[layer]
-        targeted = [t for t, _ in experts.named_parameters(recurse=False) if t in layout.tensors(cfg)]
-        nest = ".base_layer" * (len(targeted) - 1 - targeted.index(tensor))
+        module = nested_paths(path, experts, layout.tensors(cfg))[tensor]
         A, B = stacked(adapters, cfg.r, *weight_out_in(experts, tensor, layout.transposed).shape)
-        out[f"{PREFIX}{path}{nest}.lora_A.weight"], out[f"{PREFIX}{path}{nest}.lora_B.weight"] = A, B
+        out[f"{PREFIX}{module}.lora_A.weight"], out[f"{PREFIX}{module}.lora_B.weight"] = A, B
         targets.append(f"{path}.{tensor}")
     return out, sorted(targets)
 
