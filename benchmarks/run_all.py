@@ -43,6 +43,7 @@ BENCHMARKS = {
     "continual_study": ("continual_study.py", ["--quick"], [], "file"),
     "load_memory": ("load_memory.py", ["--quick"], [], "file"),
     "plans": ("plans.py", ["--quick"], [], "file"),
+    "mixed_batch": ("mixed_batch.py", ["--quick"], [], "file"),
 }
 
 

@@ -3,13 +3,15 @@
 Layers, each importing only those below it: core (``config``, ``lora``, ``routing``, ``routes``,
 ``dispatch``, ``modules``) <- backends (``backends``: the model layouts of transformers, DeepSpeed-MoE
 and Megatron-core, one ``backend_for(model)``) <- methods (``sieve``, ``mixlora``, ``continual``,
-``multi_adapter``, ``profiling``, ``selection``) <- API (``checkpoint``, ``parallel``, ``train``,
+``multi_adapter``, ``profiling``, ``selection``) <- API (``checkpoint``, ``parallel``, ``train``, ``export``, ``importing``,
 this package) <- launchers (``launch/``).
 """
 
 from .backends.hf_families import supported_model_types
 from .checkpoint import convert_adapter, load_adapter, merge_adapter, remove_adapter, save_adapter
 from .config import AdapterConfig, ConfigError, MixLoRAConfig, SieveConfig
+from .export import export_adapter
+from .importing import import_esft, import_peft
 from .mixlora import apply_mixlora
 from .profiling import RoutingProfile, profile_routing
 from .selection import select_experts
@@ -26,6 +28,9 @@ __all__ = [
     "apply_mixlora",
     "apply_sieve_lora",
     "convert_adapter",
+    "export_adapter",
+    "import_esft",
+    "import_peft",
     "load_adapter",
     "merge_adapter",
     "profile_routing",

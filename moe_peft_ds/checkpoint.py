@@ -50,7 +50,7 @@ def adapter_modules(model: nn.Module, adapter: str | None = None):
         if adapter not in model.moe_peft_configs:
             raise ValueError(f"this model carries adapters {sorted(model.moe_peft_configs)}; name one (adapter=...)")
         for name, modules in adapter_sites(model).items():
-            if isinstance(modules.get(adapter), (LoRALinear, MixLoRAFFN)):
+            if isinstance(modules.get(adapter), (LoRALinear, MixLoRAFFN, FusedExpertsWithLoRA)):
                 yield name, modules[adapter]
         return
     for name, module in model.named_modules():
@@ -93,6 +93,9 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
         elif isinstance(module, MixLoRAFFN):
             layer = getattr(module, "layer_index", None)  # Megatron layers know theirs
             state.update(_mixlora_state(layer_index(name) if layer is None else layer, module))
+        elif isinstance(module, FusedExpertsWithLoRA):  # one of several sieve adapters
+            for tensor, experts in module.adapters.items():
+                state.update(experts.expert_state(layer_index(name), tensor))
     return state
 
 
@@ -293,15 +296,13 @@ def check_compatible(model: nn.Module, cfg: LoRAConfig) -> None:
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None) -> nn.Module:
     """Inject the adapter saved in ``path`` into a fresh base ``model`` and load its weights.
 
-    With ``adapter_name``, a MixLoRA adapter may also join the adapters ``model`` carries
-    already (``multi_adapter``), under that name. On any mismatch the model is left exactly
-    as it was.
+    With ``adapter_name``, an adapter may also join the adapters ``model`` carries already, under
+    that name (MixLoRA next to MixLoRA, sieve next to sieve: ``multi_adapter``). On any mismatch
+    the model is left exactly as it was.
     """
     cfg, state = read_adapter(path)
     check_compatible(model, cfg)
     if adapter_name is not None and getattr(model, "moe_peft_config", None) is not None:
-        if not isinstance(cfg, MixLoRAConfig):
-            raise ValueError(f"only MixLoRA adapters can share a model; {path} holds a {cfg.method} adapter")
         add_adapter(model, adapter_name, cfg)
         try:
             _assign(model, state, adapter_name)
@@ -336,6 +337,7 @@ def remove_adapter(model: nn.Module) -> nn.Module:
         if getattr(model, hook, None) is not None:
             getattr(model, hook).remove()
             delattr(model, hook)
+    model.__dict__.pop("generate", None)  # multi_adapter's generate taking adapter_names
     model.moe_peft_config = model.moe_peft_configs = None
     return model
 

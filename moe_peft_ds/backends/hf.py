@@ -122,9 +122,11 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
 
 
 def base_experts(experts: nn.Module) -> nn.Module:
-    """The frozen fused experts module, whether or not it is wrapped (adapters, expert parallelism)."""
-    experts = getattr(experts, "local", experts) if getattr(experts, "wraps_experts", False) else experts
-    return experts.base if isinstance(experts, FusedExpertsWithLoRA) else experts
+    """The frozen fused experts module, however it is wrapped (adapters, several adapters, expert
+    parallelism): every wrapper holds what it wraps as ``local`` (expert parallel) or ``base``."""
+    while getattr(experts, "wraps_experts", False):
+        experts = experts.local if hasattr(experts, "local") else experts.base
+    return experts
 
 
 def num_local_experts(experts: nn.Module) -> int:
@@ -176,35 +178,47 @@ class FusedExpertsWithLoRA(nn.Module):
         return next(iter(self.adapters.values())).expert_ids if self.adapters else []
 
     def _project(
-        self, tensor: str, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor
+        self, tensor: str, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, update
     ) -> torch.Tensor:
-        """``x [S, in]`` (rows sorted by expert) through each row's expert of ``tensor``, plus LoRA."""
+        """``x [S, in]`` (rows sorted by expert) through each row's expert of ``tensor``, plus the LoRA
+        ``update(tensor, y, x, expert_of_row, counts, w)`` adds."""
         w = weight_out_in(self.base, tensor, self.layout.transposed)  # [E, out, in]
         y = grouped_mm(x, w.transpose(1, 2), counts.cumsum(0).to(torch.int32))
-        if tensor in self.adapters:
-            y = apply_expert_update(y, *self.adapters[tensor](x, expert_of_row, counts, w))
+        y = update(tensor, y, x, expert_of_row, counts, w)
         if self.layout.has_bias:
             y = y + getattr(self.base, f"{tensor}_bias")[expert_of_row]
         return y
 
-    def expert_rows(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The expert FFN on rows ``x [S, H]`` sorted by (local) expert; ``counts [E]`` rows per expert."""
-        h = self._project(self.layout.up, x, expert_of_row, counts)
+    def own_update(self, tensor: str, y, x, expert_of_row, counts, w) -> torch.Tensor:
+        """``y`` plus this module's adapter of ``tensor`` (if it has one) on every row."""
+        if tensor not in self.adapters:
+            return y
+        return apply_expert_update(y, *self.adapters[tensor](x, expert_of_row, counts, w))
+
+    def expert_rows(
+        self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, update=None
+    ) -> torch.Tensor:
+        """The expert FFN on rows ``x [S, H]`` sorted by (local) expert; ``counts [E]`` rows per expert.
+        ``update`` (default ``own_update``) adds the LoRA of each projection."""
+        update = update or self.own_update
+        h = self._project(self.layout.up, x, expert_of_row, counts, update)
         h = self.base._apply_gate(h) if self.layout.has_gate else self.base.act_fn(h)
-        y = self._project("down_proj", h, expert_of_row, counts)
+        y = self._project("down_proj", h, expert_of_row, counts, update)
         return self.base.post_expert_norm(y) if self.layout.post_norm else y
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, row_update=None
     ) -> torch.Tensor:
+        """``row_update(token_of_row)``, if given, returns the ``update`` of ``expert_rows`` for the
+        batch's rows (several adapters: each row gets the adapter of its token)."""
         # A slot transformers masks (index E) runs on expert 0 with weight 0: every slot then has a
         # row, and how many there are is known without asking the device.
         masked = top_k_index == self.num_experts
         top_k_index, top_k_weights = top_k_index.masked_fill(masked, 0), top_k_weights.masked_fill(masked, 0)
         routes = Routes.of(top_k_index, self.num_experts, rows=top_k_index.numel())
-        return routes.combine(
-            hidden_states, self.expert_rows(routes.gather(hidden_states), routes.expert, routes.counts), top_k_weights
-        )
+        update = row_update(routes.token) if row_update is not None else None
+        rows = self.expert_rows(routes.gather(hidden_states), routes.expert, routes.counts, update)
+        return routes.combine(hidden_states, rows, top_k_weights)
 
     @torch.no_grad()
     def merge_into_base(self) -> nn.Module:
