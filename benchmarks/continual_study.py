@@ -26,7 +26,6 @@ import argparse
 import datetime as _dt
 import json
 import platform
-import runpy
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +38,8 @@ for path in (ROOT, ROOT / "benchmarks"):
 import torch  # noqa: E402
 from measure import fill_defaults, write_result  # noqa: E402
 from testbed import mean_std, task_pairs  # noqa: E402
+
+from moe_peft_ds.commands.continual import main as continual_main  # noqa: E402
 
 TASKS = ("mood", "parity", "more_or_fewer")
 VARIANTS = {  # name -> (strategy, extra flags)
@@ -135,7 +136,6 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    continual_main = runpy.run_path(str(ROOT / "launch" / "continual.py"), run_name="not_main")["main"]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -14,7 +14,6 @@ import argparse
 import datetime as _dt
 import json
 import platform
-import runpy
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +24,8 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 from measure import write_result  # noqa: E402
+
+from moe_peft_ds.commands.train import main as train_main  # noqa: E402
 
 DEMO = [
     "--model",
@@ -72,7 +73,6 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    train_main = runpy.run_path(str(ROOT / "launch" / "train.py"), run_name="not_main")["main"]
     flags = DEMO + (["--max-steps", "10"] if args.quick else [])
     with tempfile.TemporaryDirectory() as out:
         if train_main([*flags, "--output-dir", out]) != 0:

@@ -144,7 +144,7 @@ def runtime_bytes() -> int:
 
 def planned_host_peak(model: Path, ranks: int, ep_size: int) -> int:
     """``launch/plan.py``'s host peak while loading for this run (fp32, ZeRO-2, the run's batch)."""
-    from launch.plan import read_config
+    from moe_peft_ds.commands.plan import read_config
     from moe_peft_ds.memory_plan import Layout, ModelShapes, Run, plan
 
     shapes = ModelShapes.of(read_config(str(model)))

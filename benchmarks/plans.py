@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import write_result  # noqa: E402
-from launch.plan import read_config, size  # noqa: E402
+from moe_peft_ds.commands.plan import read_config, size  # noqa: E402
 from moe_peft_ds.memory_plan import ESTIMATED, Layout, ModelShapes, Run, plan, smallest_fit  # noqa: E402
 
 MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "gpt-oss-120b")

@@ -15,16 +15,15 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its README and tests
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+import transformers
+from tqdm import tqdm
 
-from moe_peft_ds import AdapterConfig, apply_sieve_lora  # noqa: E402
-from moe_peft_ds.backends.hf import find_moe_blocks, shared_experts  # noqa: E402
-from moe_peft_ds.backends.hf_families import NOT_TINY, Family, discover_families, tiny_model  # noqa: E402
+from moe_peft_ds import AdapterConfig, apply_sieve_lora
+from moe_peft_ds.backends.hf import find_moe_blocks, shared_experts
+from moe_peft_ds.backends.hf_families import NOT_TINY, Family, discover_families, tiny_model
 
 BLOCK = re.compile(r"(<!-- families -->\n)(.*?)(<!-- /families -->)", re.S)
 # Config fields that make some decoder layers dense (no experts), as the families name them.

@@ -7,15 +7,21 @@ and Megatron-core, one ``backend_for(model)``) <- methods (``sieve``, ``mixlora`
 this package) <- launchers (``launch/``).
 """
 
-from .backends.hf_families import supported_model_types
-from .checkpoint import convert_adapter, load_adapter, merge_adapter, remove_adapter, save_adapter
-from .config import AdapterConfig, ConfigError, MixLoRAConfig, SieveConfig
-from .export import export_adapter
-from .importing import import_esft, import_peft
-from .mixlora import apply_mixlora
-from .profiling import RoutingProfile, profile_routing
-from .selection import select_experts
-from .sieve import all_experts_selection, apply_sieve_lora
+import contextlib as _contextlib
+import sys as _sys
+
+# DeepSpeed's logger writes to the stdout it finds when first imported (below): bind it to stderr,
+# so that a program's stdout holds only what it prints (``plan --json``).
+with _contextlib.redirect_stdout(_sys.stderr):
+    from .backends.hf_families import supported_model_types
+    from .checkpoint import convert_adapter, load_adapter, merge_adapter, remove_adapter, save_adapter
+    from .config import AdapterConfig, ConfigError, MixLoRAConfig, SieveConfig
+    from .export import export_adapter
+    from .importing import import_esft, import_peft
+    from .mixlora import apply_mixlora
+    from .profiling import RoutingProfile, profile_routing
+    from .selection import select_experts
+    from .sieve import all_experts_selection, apply_sieve_lora
 
 __version__ = "0.1.0"
 __all__ = [

@@ -12,8 +12,8 @@ from .config import ConfigError
 from .device import run_device
 
 PRESETS = {
-    "tiny-mixtral": "the pretrained 16-expert demo MoE shipped in moe_peft_ds/assets (see launch/build_demo_model.py)",
-    "tiny-llama": "the pretrained dense demo LLaMA shipped in moe_peft_ds/assets (launch/build_demo_model.py --arch llama)",
+    "tiny-mixtral": "the pretrained 16-expert demo MoE shipped in moe_peft_ds/assets (rebuilt by moe-peft-ds build-demo-model)",
+    "tiny-llama": "the pretrained dense demo LLaMA shipped in moe_peft_ds/assets (moe-peft-ds build-demo-model --arch llama)",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,7 +27,7 @@ def resolve_model(spec: str) -> str:
         if not (default_dir(arch) / "model.safetensors").is_file():
             raise FileNotFoundError(
                 f"preset {spec!r} is missing at {default_dir(arch)}; rebuild it with "
-                f"launch/build_demo_model.py --arch {arch}"
+                f"moe-peft-ds build-demo-model --arch {arch}"
             )
         return str(default_dir(arch))
     if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().exists():

@@ -201,4 +201,4 @@ def test_command_line(tmp_path):
         script + ["--format", "vllm", "--output-dir", str(tmp_path / "p")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:"), bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
+    assert len([line for line in bad.stderr.splitlines() if line.startswith("error:")]) == 1

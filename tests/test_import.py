@@ -135,7 +135,11 @@ def test_command_line(tmp_path):
     bad = subprocess.run(
         script + ["--esft", str(config), "--output-dir", str(tmp_path / "b")], capture_output=True, text=True
     )
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "--base-model" in bad.stderr
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip().splitlines()[-1].startswith("error:")
+        and "--base-model" in bad.stderr
+    )
     assert not (tmp_path / "b").exists()
 
 
