@@ -2,15 +2,20 @@
 PYTHON ?= python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test bench build-demo-model
+.PHONY: install install-package demo test bench build-demo-model
 
 # torch first: with torch already present, the package's `torch>=2.4` installs nothing more.
-install:
+install-package:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==$(TORCH_VERSION)
+	$(PYTHON) -m pip install -e .
+
+# the test suite's extras too (pytest, ruff, peft, megatron-core)
+install: install-package
 	$(PYTHON) -m pip install -e ".[test]"
 
-demo: install
-	$(PYTHON) launch/train.py --model tiny-mixtral --method sieve --sieve-fraction 0.25 \
+# the demo needs the package alone
+demo: install-package
+	$(PYTHON) -m moe_peft_ds train --model tiny-mixtral --method sieve --sieve-fraction 0.25 \
 		--data demo:arithmetic --output-dir out/sieve-demo --overwrite
 
 test: install
@@ -22,4 +27,4 @@ bench: install
 	$(PYTHON) benchmarks/step_time.py
 
 build-demo-model: install
-	$(PYTHON) launch/build_demo_model.py
+	$(PYTHON) -m moe_peft_ds build-demo-model
