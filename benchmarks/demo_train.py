@@ -1,6 +1,6 @@
 """What ``make demo`` prints: the sieve demo (tiny-mixtral, 25% of the experts, demo:arithmetic)
 trained in one process, its first and last losses, trainable parameters and adapter size
-against LoRA on all experts, so the README's demo figures come from a results file.
+against LoRA on all experts, so the demo figures in docs/results.md come from a results file.
 
     python benchmarks/demo_train.py            # the make-demo settings (300 steps)
     python benchmarks/demo_train.py --quick    # 10 steps

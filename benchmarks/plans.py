@@ -1,4 +1,4 @@
-"""Memory plans of real MoE models (``launch/plan.py``'s numbers) for the README.
+"""Memory plans of real MoE models (``launch/plan.py``'s numbers) for docs/results.md.
 
 From the shape fields of each model's published ``config.json`` (``benchmarks/configs/``), on
 one node of 8 GPUs with expert parallelism over all 8 (EP=8), ZeRO-2, a bf16 base, the sieve at

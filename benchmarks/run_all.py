@@ -7,9 +7,9 @@ benchmark's table, and PNG plots (the sieve study's loss curves and accuracy aga
 trainable parameters; the MixLoRA study's loss curves and accuracy against parameters; the
 demo model's routing heatmaps). ``results/run_all.json`` records the date, machine, command
 and duration of the run behind each result, and every ``<!-- results:NAME -->`` block of the
-README is rewritten from them, so each number the README quotes comes from a results file.
+``docs/results.md`` is rewritten from them, so each number the docs quote comes from a results file.
 
-    python benchmarks/run_all.py            # full: benchmarks/results/*.json, benchmarks/REPORT.md and the README's
+    python benchmarks/run_all.py            # full: benchmarks/results/*.json, benchmarks/REPORT.md and docs/results.md's
                                             # result blocks (about an hour on 2 cores)
     python benchmarks/run_all.py --quick    # smoke sizes (a few minutes), e.g. into a scratch directory:
     python benchmarks/run_all.py --quick --results-dir /tmp/bench/results
@@ -66,18 +66,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--report-only",
         action="store_true",
-        help="run nothing; rewrite the report (and README blocks) from the results present",
+        help="run nothing; rewrite the report (and the docs/results.md blocks) from the results present",
     )
     p.add_argument(
         "--readme",
         type=Path,
         default=None,
-        help="README whose <!-- results:NAME --> blocks are rewritten from the results (default: the project's "
-        "README.md for a full run into benchmarks/results; none for --quick or another --results-dir)",
+        help="page whose <!-- results:NAME --> blocks are rewritten from the results (default: the project's "
+        "docs/results.md for a full run into benchmarks/results; none for --quick or another --results-dir)",
     )
     args = p.parse_args(argv)
     if args.readme is None and not args.quick and args.results_dir.resolve() == (HERE / "results").resolve():
-        args.readme = ROOT / "README.md"  # smoke or scratch numbers never reach the README unless asked
+        args.readme = ROOT / "docs" / "results.md"  # smoke or scratch numbers never reach the docs unless asked
     return args
 
 
@@ -244,7 +244,7 @@ def _body(results: Path, name: str) -> list[str]:
 
 
 def readme_block(results: Path, name: str) -> str:
-    """What the README shows for ``name``: where the numbers come from, then the benchmark's tables."""
+    """What docs/results.md shows for ``name``: where the numbers come from, then the benchmark's tables."""
     run = (
         json.loads((results / "run_all.json").read_text())["benchmarks"].get(name)
         if (results / "run_all.json").exists()
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     report = write_report(args.results_dir, recorded, args.quick)
     print(f"wrote {report}")
     if args.readme is not None:
-        print(f"README blocks rewritten: {update_readme(args.readme, args.results_dir)}")
+        print(f"docs/results.md blocks rewritten: {update_readme(args.readme, args.results_dir)}")
     return 0
 
 

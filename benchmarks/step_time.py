@@ -926,7 +926,7 @@ def markdown(result: dict) -> str:
 
 def profile_markdown(result: dict) -> str | None:
     """The profiler tables of every cell (None without ``--profile``); kept apart from the
-    report, which the README quotes."""
+    report, which docs/results.md quotes."""
     lines = [line for name, c in result["cells"].items() for line in profile_section(name, c["profile"])]
     return "\n".join(["# step_time: where the time goes", "", *lines]).rstrip() + "\n" if lines else None
 

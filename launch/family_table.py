@@ -1,6 +1,6 @@
-"""Write the README's table of transformers MoE families, from the installed transformers.
+"""Write the table of transformers MoE families in docs/sieve.md, from the installed transformers.
 
-    python launch/family_table.py            # rewrites the <!-- families --> block of README.md
+    python launch/family_table.py            # rewrites the <!-- families --> block of docs/sieve.md
     python launch/family_table.py --print    # prints the table only
 
 Every family comes from the discovery the tests use (``backends.hf_families``): a tiny model of it
@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # the checkout: its README and tests
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its docs and tests
 
 import torch
 import transformers
@@ -96,9 +96,9 @@ def table(progress: bool = True) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--print", action="store_true", help="print the table instead of rewriting README.md")
+    parser.add_argument("--print", action="store_true", help="print the table instead of rewriting docs/sieve.md")
     parser.add_argument(
-        "--readme", type=Path, default=ROOT / "README.md", help="README to rewrite (default: %(default)s)"
+        "--readme", type=Path, default=ROOT / "docs" / "sieve.md", help="page to rewrite (default: %(default)s)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -253,15 +253,15 @@ def _run_all():
 
 
 def test_every_result_the_readme_quotes_was_written_by_run_all():
-    """Each benchmark's README block is exactly what its results file and run_all.json give (run
+    """Each benchmark's block in docs/results.md is exactly what its results file and run_all.json give (run
     `python benchmarks/run_all.py --report-only` after a benchmark changes), from a full run."""
     run_all = _run_all()
-    results, readme = ROOT / "benchmarks" / "results", (ROOT / "README.md").read_text()
+    results, readme = ROOT / "benchmarks" / "results", (ROOT / "docs" / "results.md").read_text()
     record = json.loads((results / "run_all.json").read_text())["benchmarks"]
     for name in run_all["BENCHMARKS"]:
         block = re.search(rf"<!-- results:{name} -->\n(.*?)<!-- /results:{name} -->", readme, re.S)
-        assert block, f"README has no results block for {name}"
-        assert block.group(1) == run_all["readme_block"](results, name), f"README block {name} is stale"
+        assert block, f"docs/results.md has no results block for {name}"
+        assert block.group(1) == run_all["readme_block"](results, name), f"docs/results.md block {name} is stale"
         assert not record[name]["quick"] and record[name]["date"] and record[name]["machine"], name
 
 

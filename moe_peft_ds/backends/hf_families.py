@@ -1,5 +1,5 @@
 """The MoE families of the installed transformers, found from the experts interface, and tiny
-configs of each for tests and the README's family table.
+configs of each for tests and the family table of docs/sieve.md.
 
 A family is a causal-LM model type whose modeling module defines a fused experts class, i.e. one
 decorated with ``use_experts_implementation`` (its ``forward`` dispatches through the experts
