@@ -243,12 +243,13 @@ def serving_state(model: nn.Module, cfg: AdapterConfig, state: dict, fmt: str) -
         out[f"{PREFIX}{module}.lora_A.weight"], out[f"{PREFIX}{module}.lora_B.weight"] = a, b[hub.rows] * cfg.scaling
     experts = expert_adapters(state)
     blocks = _blocks(model)
+    dtype = next(iter(state.values())).dtype  # the export's (every tensor was cast to it)
     for layer in sorted({layer for layer, _ in experts}):
-        out.update(_serving_experts(model, cfg, blocks[layer], layer, experts, fmt))
+        out.update(_serving_experts(model, cfg, blocks[layer], layer, experts, fmt, dtype))
     return out
 
 
-def _serving_experts(model, cfg: AdapterConfig, block, layer: int, experts: dict, fmt: str) -> dict:
+def _serving_experts(model, cfg: AdapterConfig, block, layer: int, experts: dict, fmt: str, dtype) -> dict:
     """One MoE layer's experts for a server: every expert and every projection present."""
     path, module, layout = block
     shapes = {t: weight_out_in(module, t, layout.transposed).shape for t in (layout.up, "down_proj")}
@@ -256,7 +257,7 @@ def _serving_experts(model, cfg: AdapterConfig, block, layer: int, experts: dict
     out = {}
     for t, (num, out_f, in_f) in shapes.items():
         adapters = experts.get((layer, t), {})
-        zero = (torch.zeros(cfg.r, in_f), torch.zeros(out_f, cfg.r))
+        zero = (torch.zeros(cfg.r, in_f, dtype=dtype), torch.zeros(out_f, cfg.r, dtype=dtype))
         full = {e: adapters.get(e, zero) for e in range(num)}
         for h in hub[f"{path}.{t}"]:
             if h.expert is not None:

@@ -131,6 +131,10 @@ def test_vllm_keys_follow_the_checkpoint_names(tmp_path):
         keys[family] = set(
             load_file(export_adapter(adapter, "vllm", tmp_path / f"v-{family}") / "adapter_model.safetensors")
         )
+        half = load_file(
+            export_adapter(adapter, "vllm", tmp_path / f"bf16-{family}", dtype="bf16") / "adapter_model.safetensors"
+        )
+        assert half.keys() == keys[family] and {t.dtype for t in half.values()} == {torch.bfloat16}
         if family == "mixtral":
             sglang = export_adapter(adapter, "sglang", tmp_path / "sglang")
             assert set(load_file(sglang / "adapter_model.safetensors")) == keys[family]
