@@ -187,27 +187,35 @@ def _selection(experts: dict) -> dict[int, list[int]]:
     return {layer: sorted(ids) for layer, ids in sorted(selection.items())}
 
 
-def _place_linear(model, linear: dict, source) -> tuple[list[str], list[str]]:
-    """Split the plain LoRA modules into attention projections and shared-expert projections;
-    anything else cannot be held by an adapter of this project."""
+def _linear_modules(model) -> tuple[dict[str, nn.Linear], dict[str, nn.Linear]]:
+    """``({path: nn.Linear}, {path: nn.Linear})``: the projections of the attention modules, and
+    those of the shared experts: every plain LoRA place an adapter of this project can have."""
     names = {id(m): n for n, m in model.named_modules()}
     attention = {
-        f"{names[id(a)]}.{t}"
+        f"{names[id(a)]}.{t}": c
         for a in attention_modules(model)
         for t, c in a.named_children()
         if isinstance(c, nn.Linear)
     }
     shared = {
-        f"{names[id(s)]}.{n}" if n else names[id(s)]
+        f"{names[id(s)]}.{n}" if n else names[id(s)]: c
         for b in find_moe_blocks(model)
         for s in shared_experts(b)
         for n, c in s.named_modules()
         if isinstance(c, nn.Linear)
     }
-    other = sorted(set(linear) - attention - shared)
+    return attention, shared
+
+
+def _place_linear(model, linear: dict, source) -> tuple[list[str], list[str]]:
+    """Split the plain LoRA modules into attention projections and shared-expert projections;
+    anything else cannot be held by an adapter of this project."""
+    attention, shared = _linear_modules(model)
+    other = sorted(set(linear) - attention.keys() - shared.keys())
     if other:
         raise ConfigError(
-            f"{source} has LoRA on {other[:3]}{'...' if len(other) > 3 else ''}, which an adapter of this project cannot hold (it adapts experts, attention projections and shared experts)"
+            f"{source} has LoRA on {other[:3]}{'...' if len(other) > 3 else ''}, which an adapter of this project "
+            "cannot hold (it adapts experts, attention projections and shared experts)"
         )
     return [m for m in linear if m in attention], [m for m in linear if m in shared]
 
@@ -254,18 +262,9 @@ def _identity(r: int, in_f: int, out_f: int, g: torch.Generator) -> tuple[torch.
 
 def _linear_targets(model, cfg: AdapterConfig) -> dict[str, nn.Linear]:
     """``{path: nn.Linear}`` of every plain LoRA module ``cfg`` puts on ``model`` (as ``inject_sieve`` does)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    found = {
-        f"{names[id(a)]}.{t}": c
-        for a in attention_modules(model)
-        for t, c in a.named_children()
-        if t in cfg.attention_targets and isinstance(c, nn.Linear)
-    }
-    if cfg.shared_expert_lora:
-        for block in find_moe_blocks(model):
-            for s in shared_experts(block):
-                found.update({f"{names[id(s)]}.{n}": c for n, c in s.named_modules() if isinstance(c, nn.Linear)})
-    return found
+    attention, shared = _linear_modules(model)
+    found = {path: c for path, c in attention.items() if path.rsplit(".", 1)[1] in cfg.attention_targets}
+    return {**found, **shared} if cfg.shared_expert_lora else found
 
 
 def esft_selection(path: str | Path) -> tuple[dict[int, list[int]], bool, bool]:
