@@ -73,8 +73,18 @@ class LoRAConfig:
     )
     model_type: str = field(default="", metadata={"help": "transformers model_type of the base model (filled in)"})
     hidden_size: int = field(default=0, metadata={"help": "hidden size of the base model (filled in)"})
+    expert_placement: dict[int, list[list[int]]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "expert parallelism with a load-aware placement: per MoE layer, the experts each rank held in "
+            "training (filled in; informative: an adapter loads under any placement and EP degree)"
+        },
+    )
 
     def __post_init__(self):
+        self.expert_placement = {
+            int(k): [list(map(int, held)) for held in v] for k, v in self.expert_placement.items()
+        }
         if self.method not in self.METHODS:
             raise ConfigError(
                 f"method={self.method!r} is not supported by {type(self).__name__}; choose one of {self.METHODS}"

@@ -165,11 +165,18 @@ class ExpertLoRA(nn.Module):
     (MixLoRA): it is never copied per expert, DoRA included.
 
     Under expert parallelism the base tensor holds only this rank's experts, global ids
-    ``first_expert .. first_expert + E_local - 1`` (or any ascending ids, ``set_layout``);
-    ``expert_ids`` stay global.
+    ``first_expert .. first_expert + E_local - 1``, or the ascending ids ``held`` (a load-aware
+    placement, ``set_layout``); ``expert_ids`` stay global.
     """
 
-    def __init__(self, expert_ids: list[int], weight_out_in: torch.Tensor, cfg: LoRAConfig, first_expert: int = 0):
+    def __init__(
+        self,
+        expert_ids: list[int],
+        weight_out_in: torch.Tensor,
+        cfg: LoRAConfig,
+        first_expert: int = 0,
+        held: list[int] | None = None,
+    ):
         """``weight_out_in``: the (local) base tensor as ``[E, out, in]`` (a view is fine)."""
         super().__init__()
         num_experts, out_f, in_f = weight_out_in.shape
@@ -186,7 +193,7 @@ class ExpertLoRA(nn.Module):
         init_lora_pair(self.lora_A, self.lora_B, ranks)
         self.ranks = ranks
         self.magnitude = None
-        self.set_layout(range(first_expert, first_expert + num_experts))
+        self.set_layout(list(range(first_expert, first_expert + num_experts)) if held is None else held)
         if cfg.use_dora:
             # [n, out]: ||W|| as the forward computes it (B = 0); a shared weight is not copied per expert
             self.magnitude = nn.Parameter(

@@ -35,6 +35,7 @@ from .config import MixLoRAConfig
 from .dispatch import ExpertParallelDispatch, copy_expert_slots, tag_expert_local
 from .lora import ExpertLoRA, apply_expert_update
 from .modules import UnsupportedModelError, layer_index, read_in_forward, replace_module
+from .placement import check_placement, rank_major
 from .routes import Routes, add_unrouted, unrouted_tokens
 from .routing import RouterLosses, attach_loss, route, router_loss, router_stats
 
@@ -179,6 +180,7 @@ class MixLoRAFFN(nn.Module):
         self.adapter = MixLoRAExperts(mlp, cfg)
         self.dispatch = None  # expert parallel: a parallel.ExpertParallelDispatch (see shard)
         self.local_experts = list(range(cfg.num_experts))  # global ids of the LoRA experts held here
+        self.placement = None  # expert parallel: every rank's local_experts
         mlp.requires_grad_(False)
         self.aux_loss_scale = (
             1.0  # set per step under DeepSpeed: this rank's share of real tokens / accumulation steps
@@ -303,12 +305,13 @@ class MixLoRAFFN(nn.Module):
         gradient = lambda: pool.gradient(recorded, slot, aux_coef, z_coef) * scale  # noqa: E731 (every layer has recorded by then)
         return attach_loss(out, torch.cat([stats.probs, stats.z_sum.reshape(1)]), gradient)
 
-    def shard(self, group) -> None:
+    def shard(self, group, placement: list[list[int]] | None = None) -> None:
         """Keep only this rank's ``E/N`` LoRA experts, tagged for DeepSpeed; the router, the frozen
         FFN and attention stay replicated. Every expert group (one, or one per task after
-        ``continual.grow_experts``) is split evenly, rank ``r`` holding the ``r``-th slice of each,
-        so that every rank keeps its share of each task and frozen groups stay frozen. Routed
-        rows then reach their expert's rank by the dropless all-to-all
+        ``continual.grow_experts``) is split evenly, so that every rank keeps its share of each
+        task and frozen groups stay frozen: rank ``r`` holds ``placement[r]`` (default: the
+        ``r``-th slice of each group; ``placement.balanced(loads, N, groups)`` spreads measured
+        loads). Routed rows then reach their expert's rank by the dropless all-to-all
         (``parallel.ExpertParallelDispatch``) and run there row by row (``expert_rows``): a token's
         experts may sit on different ranks, so the fast path's once-per-token projections do not apply."""
         ep_size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -318,19 +321,19 @@ class MixLoRAFFN(nn.Module):
         sizes = [len(g.expert_ids) for g in groups["gate_proj"]]
         if any(size % ep_size for size in sizes):
             raise ValueError(f"LoRA expert groups of {sizes} experts cannot be split over ep_size={ep_size}")
-
-        def part(ids: list[int], r: int) -> list[int]:
-            share = len(ids) // ep_size
-            return ids[r * share : (r + 1) * share]
-
-        order = [e for r in range(ep_size) for g in groups["gate_proj"] for e in part(g.expert_ids, r)]
-        share = self.num_experts // ep_size
-        self.local_experts = order[rank * share : (rank + 1) * share]
+        placement = placement or [
+            [e for g in groups["gate_proj"] for e in _part(g.expert_ids, r, ep_size)] for r in range(ep_size)
+        ]
+        check_placement(placement, self.num_experts, ep_size)
+        for g in groups["gate_proj"]:
+            if any(len(set(g.expert_ids) & set(held)) != len(g.expert_ids) // ep_size for held in placement):
+                raise ValueError(f"placement {placement} does not give every rank an equal share of {g.expert_ids}")
+        self.local_experts = placement[rank]
         for name in PROJECTIONS:
             weight = getattr(self.base, name).weight
             local = []
             for full in groups[name]:
-                ids = part(full.expert_ids, rank)
+                ids = [e for e in full.expert_ids if e in self.local_experts]
                 with _rng_untouched(weight.device):  # overwritten below
                     shard = ExpertLoRA(ids, _shared(weight, ids[-1] + 1), self.cfg)
                 copy_expert_slots(full, shard)
@@ -339,8 +342,9 @@ class MixLoRAFFN(nn.Module):
                 local.append(shard)
             self.adapter.lora[name] = local[0] if len(local) == 1 else ExpertLoRAPool(local)
         self.dispatch = ExpertParallelDispatch(
-            group, self.num_experts, order, device=self.adapter.router.weight.device
+            group, self.num_experts, rank_major(placement), device=self.adapter.router.weight.device
         )
+        self.placement = placement
 
     @torch.no_grad()
     def unshard(self) -> None:
@@ -359,14 +363,44 @@ class MixLoRAFFN(nn.Module):
             weight = getattr(self.base, name).weight
             whole = []
             for shard in expert_groups(self.adapter.lora[name]):
-                ids = gathered(torch.tensor(shard.expert_ids, device=shard.lora_A.device)).tolist()
+                ids = gathered(torch.tensor(shard.expert_ids, device=shard.lora_A.device))
+                by_id = ids.argsort()  # ranks' slices side by side; a balanced placement interleaves them
                 with _rng_untouched(weight.device):  # overwritten below
-                    full = ExpertLoRA(ids, _shared(weight, self.num_experts), self.cfg)
+                    full = ExpertLoRA(ids.tolist(), _shared(weight, self.num_experts), self.cfg)
                 for pname, p in full.named_parameters():
-                    p.copy_(gathered(getattr(shard, pname)))
+                    p.copy_(gathered(getattr(shard, pname))[by_id])
                 whole.append(full.requires_grad_(shard.lora_A.requires_grad))
             self.adapter.lora[name] = whole[0] if len(whole) == 1 else ExpertLoRAPool(whole)
-        self.local_experts, self.dispatch = list(range(self.num_experts)), None
+        self.local_experts, self.dispatch, self.placement = list(range(self.num_experts)), None, None
+
+
+@torch.no_grad()
+def routing_counts(model: nn.Module, batches) -> dict[int, list[int]]:
+    """``{decoder layer: [E] routed assignments per LoRA expert}`` of ``model``'s MixLoRA routers
+    over ``batches`` (``input_ids``, ``attention_mask``; padding is routed nowhere), summed over
+    the ranks when ``torch.distributed`` is initialised: the loads of a balanced placement."""
+    layers = mixlora_layers(model)
+    device = layers[0][1].adapter.router.weight.device
+    totals = torch.zeros(len(layers), layers[0][1].num_experts, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            if batch.get("counted", True):
+                for row, (_, layer) in enumerate(layers):
+                    totals[row] += layer.router_losses.layers[layer.loss_slot].counts.double()
+    finally:
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return {index: [round(c) for c in row] for (index, _), row in zip(layers, totals.tolist())}
+
+
+def _part(ids: list[int], r: int, n: int) -> list[int]:
+    """The ``r``-th of ``n`` equal slices of ``ids``."""
+    share = len(ids) // n
+    return ids[r * share : (r + 1) * share]
 
 
 def mixlora_layers(model: nn.Module) -> list[tuple[int, MixLoRAFFN]]:

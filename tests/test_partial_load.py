@@ -51,7 +51,7 @@ def _train_like(rank, world, path, dora):
     # the partial load never held the other rank's experts, and holds the same local ones
     for a, b in zip(find_moe_blocks(full), find_moe_blocks(partial)):
         fa, fb = base_experts(a.experts), base_experts(b.experts)
-        assert fb.down_proj.shape[0] == 4 and fb.first_expert == 4 * rank
+        assert fb.down_proj.shape[0] == 4 and fb.held == list(range(4 * rank, 4 * rank + 4))
         for name, t in fa.named_parameters(recurse=False):
             assert torch.equal(getattr(fb, name), t), name
     named_full, named_partial = dict(full.named_parameters()), dict(partial.named_parameters())

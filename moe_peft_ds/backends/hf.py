@@ -25,6 +25,7 @@ from ..config import ATTENTION_TARGETS, AdapterConfig, ConfigError
 from ..dispatch import ExpertParallelDispatch, copy_expert_slots, gather_expert_state, tag_expert_local
 from ..lora import ExpertLoRA, LoRALinear, apply_expert_update, grouped_mm
 from ..modules import UnsupportedModelError, layer_index, read_in_forward, wrap_linears
+from ..placement import check_placement, contiguous, rank_major
 from ..routes import Routes
 
 SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")  # attributes of a block holding shared experts
@@ -151,19 +152,21 @@ class FusedExpertsWithLoRA(nn.Module):
     wraps_experts = True
 
     def __init__(
-        self, base: nn.Module, expert_ids: list[int], cfg: AdapterConfig | None = None, first_expert: int = 0
+        self, base: nn.Module, expert_ids: list[int], cfg: AdapterConfig | None = None, held: list[int] | None = None
     ):
-        """``base`` holds experts ``first_expert ..`` (all of them unless expert-parallel);
-        ``expert_ids`` are global ids among those, possibly none (a rank without adapters; then
-        ``cfg`` may be None)."""
+        """``base`` holds the experts ``held`` (global ids, ascending; default all of them, else
+        this rank's under expert parallelism); ``expert_ids`` are global ids among those, possibly
+        none (a rank without adapters; then ``cfg`` may be None)."""
         super().__init__()
         self.base = base
         self.layout = ExpertsLayout.of(base)
         self.num_experts = base.down_proj.shape[0]  # local experts
-        self.first_expert = first_expert
+        self.held = list(range(self.num_experts)) if held is None else list(held)
+        if len(self.held) != self.num_experts:
+            raise ValueError(f"held names {len(self.held)} experts; the experts module has {self.num_experts}")
         self.adapters = nn.ModuleDict(
             {
-                t: ExpertLoRA(expert_ids, weight_out_in(base, t, self.layout.transposed), cfg, first_expert)
+                t: ExpertLoRA(expert_ids, weight_out_in(base, t, self.layout.transposed), cfg, held=self.held)
                 for t in self.layout.tensors(cfg)
             }
             if expert_ids
@@ -226,7 +229,7 @@ class FusedExpertsWithLoRA(nn.Module):
         for tensor, adapter in self.adapters.items():
             w = weight_out_in(self.base, tensor, self.layout.transposed)
             for e in adapter.expert_ids:
-                local = e - self.first_expert
+                local = self.held.index(e)
                 w[local].copy_(adapter.merged_weight(e, w[local]))
         return self.base
 
@@ -234,16 +237,30 @@ class FusedExpertsWithLoRA(nn.Module):
 class ExpertParallelExperts(ExpertParallelDispatch):
     """The experts of one MoE block under expert parallelism; called like the module it replaces.
 
-    ``local`` computes this rank's experts (global ids ``local.first_expert ..``) on rows
-    sorted by local expert; the dispatch routes rows to and from the owning ranks.
+    ``local`` computes this rank's experts (global ids ``local.held``) on rows sorted by local
+    expert; the dispatch routes rows to and from the owning ranks. ``placement`` holds every
+    rank's experts (``placement.contiguous`` unless load-aware), the same on every rank.
     """
 
     wraps_experts = True
 
-    def __init__(self, local: FusedExpertsWithLoRA, group, num_experts: int, loaded: bool = False):
+    def __init__(
+        self,
+        local: FusedExpertsWithLoRA,
+        group,
+        num_experts: int,
+        placement: list[list[int]] | None = None,
+        loaded: bool = False,
+    ):
         """``loaded``: built by an expert-parallel load (``hf_load``), whose adapters come later;
         ``shard_moe_blocks`` then only tags them."""
-        super().__init__(group, num_experts)
+        ep_size = dist.get_world_size(group)
+        placement = placement or contiguous(num_experts, ep_size)
+        check_placement(placement, num_experts, ep_size)
+        if local.held != placement[dist.get_rank(group)]:
+            raise ValueError(f"this rank holds experts {local.held}; the placement gives it {placement}")
+        super().__init__(group, num_experts, rank_major(placement), device=local.base.down_proj.device)
+        self.placement = placement
         self.local = local
         self.loaded = loaded
 
@@ -251,16 +268,16 @@ class ExpertParallelExperts(ExpertParallelDispatch):
         """LoRA on the selected ``expert_ids`` (global, of the whole layer) that this rank holds,
         initialised exactly as ``FusedExpertsWithLoRA`` over the whole layer would be (the same
         random draws, in the same order, on every rank), then cut to the local experts."""
-        base, lo = self.local.base, self.local.first_expert
+        base, local_ids = self.local.base, self.local.held
         layout = ExpertsLayout.of(base)
         whole = dataclasses.replace(cfg, use_dora=False)  # DoRA's magnitude draws nothing; it is computed locally
         full = {}
         for t in layout.tensors(cfg):
             w = weight_out_in(base, t, layout.transposed)  # [E/N, out, in]
             full[t] = ExpertLoRA(expert_ids, w[:1].expand(self.num_experts, *w.shape[1:]), whole)
-        held = [e for e in expert_ids if lo <= e < lo + self.local.num_experts]
+        held = [e for e in expert_ids if e in local_ids]
         with no_random_draws(base.down_proj.device):
-            self.local = FusedExpertsWithLoRA(base, held, cfg, first_expert=lo)
+            self.local = FusedExpertsWithLoRA(base, held, cfg, held=local_ids)
         with torch.no_grad():
             for t, adapter in self.local.adapters.items():
                 slots = [full[t].slot[e] for e in held]
@@ -287,48 +304,67 @@ def expert_tensors(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == num]
 
 
-def _slice_experts(base: nn.Module, lo: int, hi: int) -> None:
-    """Keep only experts ``lo..hi-1`` of a fused experts module; the full tensors are released."""
+def _keep_experts(base: nn.Module, held: list[int]) -> None:
+    """Keep only the experts ``held`` (indices into its tensors) of a fused experts module; the
+    full tensors are released."""
+    index = torch.tensor(held, dtype=torch.long, device=base.down_proj.device)
     for name in expert_tensors(base):
         p = getattr(base, name)
-        setattr(base, name, nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=False))
-    base.num_experts = hi - lo
+        setattr(base, name, nn.Parameter(p.detach().index_select(0, index), requires_grad=False))
+    base.num_experts = len(held)
 
 
-def _shard_block(experts: nn.Module, cfg: AdapterConfig, lo: int, hi: int) -> FusedExpertsWithLoRA:
-    """This rank's share of one block's experts, adapters included (copied, so the
-    initialisation matches the unsharded model exactly)."""
+def _shard_block(experts: nn.Module, cfg: AdapterConfig, held: list[int]) -> FusedExpertsWithLoRA:
+    """This rank's share (global ids ``held``) of one block's experts, adapters included (copied,
+    so the initialisation matches the unsharded model exactly)."""
     full = experts if isinstance(experts, FusedExpertsWithLoRA) else None
     base = full.base if full else experts
-    local_ids = [e for e in (full.expert_ids if full else []) if lo <= e < hi]
-    _slice_experts(base, lo, hi)
+    local_ids = [e for e in (full.expert_ids if full else []) if e in held]
+    _keep_experts(base, held)
     with no_random_draws(base.down_proj.device):  # as a partial load's adapters: no draw beyond the whole layer's
-        local = FusedExpertsWithLoRA(base, local_ids, cfg, first_expert=lo)
+        local = FusedExpertsWithLoRA(base, local_ids, cfg, held=held)
     for tensor, adapter in local.adapters.items():
         copy_expert_slots(full.adapters[tensor], adapter)
     return local
 
 
-def shard_moe_blocks(model: nn.Module, cfg: AdapterConfig, group) -> None:
+def shard_moe_blocks(model: nn.Module, cfg: AdapterConfig, group, placements: dict | None = None) -> None:
     """Make every MoE block expert-parallel over ``group``: each rank keeps E/N experts per layer
-    (base tensors and adapters), tagged for DeepSpeed."""
+    (base tensors and adapters), tagged for DeepSpeed; which ones, per layer, ``placements``
+    says (``{layer: placement}``; default and missing layers: contiguous by id). A model loaded
+    expert-parallel (``hf_load``) holds its experts already: its adapters are only tagged."""
     ep_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    placements = placements or {}
     for block in find_moe_blocks(model):
         experts = block.experts
         if isinstance(experts, ExpertParallelExperts):
             if not experts.loaded or experts.group is not group:
                 raise ValueError("this model is already expert-parallel")
+            wanted = placements.get(block.layer)
+            if wanted is not None and wanted != experts.placement:
+                raise ValueError(f"layer {block.layer} was loaded with placement {experts.placement}, not {wanted}")
             tag_expert_local(experts.local.parameters(), ep_size)  # loaded expert-parallel: adapters added since
             continue
         num_experts = num_local_experts(experts)
         if num_experts % ep_size:
             raise ValueError(f"{num_experts} experts per layer cannot be split over ep_size={ep_size}")
-        per_rank = num_experts // ep_size
-        local = _shard_block(experts, cfg, rank * per_rank, (rank + 1) * per_rank)
+        placement = placements.get(block.layer) or contiguous(num_experts, ep_size)
+        check_placement(placement, num_experts, ep_size)
+        local = _shard_block(experts, cfg, placement[rank])
         # Expert-local, frozen base included: DeepSpeed must neither average these gradients over
         # all ranks nor broadcast rank 0's experts over the others at initialize.
         tag_expert_local(local.parameters(), ep_size)
-        block.experts = ExpertParallelExperts(local, group, num_experts)
+        block.experts = ExpertParallelExperts(local, group, num_experts, placement)
+
+
+def adapter_flops_share(model: nn.Module, cfg: AdapterConfig) -> float:
+    """The LoRA GEMMs' FLOPs per routed row of an expert with an adapter, over its frozen GEMMs'
+    (``r * (in + out)`` against ``in * out`` per tensor): the extra work a selected expert's rows cost."""
+    experts = base_experts(find_moe_blocks(model)[0].experts)
+    layout = ExpertsLayout.of(experts)
+    shapes = {t: weight_out_in(experts, t, layout.transposed).shape[1:] for t in (layout.up, "down_proj")}
+    frozen = sum(o * i for o, i in shapes.values())
+    return sum(cfg.r * (o + i) for t, (o, i) in shapes.items() if t in layout.tensors(cfg)) / frozen
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

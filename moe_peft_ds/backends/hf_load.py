@@ -47,7 +47,7 @@ def _shard_experts_on_meta(model: nn.Module, mesh) -> int:
 
 def _to_local(model: nn.Module, ep_rank: int) -> None:
     """Replace the loaded DTensor expert tensors by plain local parameters and record which global
-    experts each module holds (``first_expert``, ``global_experts``)."""
+    experts each module holds (``held``, ``global_experts``)."""
     from torch.distributed.tensor import DTensor
 
     for module in model.modules():
@@ -57,7 +57,8 @@ def _to_local(model: nn.Module, ep_rank: int) -> None:
         for name, p in params.items():
             setattr(module, name, nn.Parameter(p.to_local(), requires_grad=False))
         local = module.down_proj.shape[0]
-        module.first_expert, module.global_experts = ep_rank * local, next(iter(params.values())).shape[0]
+        module.held = list(range(ep_rank * local, (ep_rank + 1) * local))
+        module.global_experts = next(iter(params.values())).shape[0]
         module.num_experts = local
 
 
@@ -127,6 +128,47 @@ def load_local_experts(source: str, dtype: torch.dtype, group, device: torch.dev
     model.to(device)
     for block in find_moe_blocks(model):  # tokens reach the experts through the dispatch from the first forward
         base = block.experts
-        local = FusedExpertsWithLoRA(base, [], first_expert=base.first_expert)
+        local = FusedExpertsWithLoRA(base, [], held=base.held)
         block.experts = ExpertParallelExperts(local, group, base.global_experts, loaded=True)
     return model
+
+
+@torch.no_grad()
+def place_loaded_experts(model: nn.Module, placements: dict[int, list[list[int]]]) -> None:
+    """Move the experts of a model loaded expert-parallel (each rank holding a contiguous block)
+    to ``placements`` (``{layer: placement}``), before any adapter is added: every rank sends each
+    other rank the experts it will hold, one all-to-all per expert tensor (at most one layer's
+    tensor in flight beside the kept one). Call on every rank of the group."""
+    import torch.distributed as dist
+
+    for block in find_moe_blocks(model):
+        experts, placement = block.experts, placements.get(block.layer)
+        if not isinstance(experts, ExpertParallelExperts) or not experts.loaded:
+            raise ValueError("place_loaded_experts takes a model loaded expert-parallel (load_local_experts)")
+        if experts.local.adapters:
+            raise ValueError("place the experts before adding adapters")
+        if placement is None or placement == experts.placement:
+            continue
+        group, rank = experts.group, dist.get_rank(experts.group)
+        base, now = experts.local.base, experts.placement
+        # Rows sent: for each destination, the experts I hold now that it will hold (in my order).
+        sends = [[e for e in now[rank] if e in wanted] for wanted in placement]
+        recvs = [[e for e in held if e in placement[rank]] for held in now]
+        arrived = [e for ids in recvs for e in ids]  # grouped by source rank
+        order = torch.tensor(sorted(range(len(arrived)), key=arrived.__getitem__), device=base.down_proj.device)
+        for name in expert_tensors(base):
+            p = getattr(base, name)
+            index = torch.tensor([now[rank].index(e) for ids in sends for e in ids], device=p.device)
+            out = p.new_empty(p.shape)
+            dist.all_to_all_single(
+                out,
+                p.detach().index_select(0, index).contiguous(),
+                output_split_sizes=[len(i) for i in recvs],
+                input_split_sizes=[len(i) for i in sends],
+                group=group,
+            )
+            setattr(base, name, nn.Parameter(out.index_select(0, order), requires_grad=False))
+        base.held = placement[rank]
+        block.experts = ExpertParallelExperts(
+            FusedExpertsWithLoRA(base, [], held=placement[rank]), group, experts.num_experts, placement, loaded=True
+        )

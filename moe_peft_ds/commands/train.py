@@ -39,6 +39,7 @@ from moe_peft_ds import (
 )
 from moe_peft_ds.backends import backend_for
 from moe_peft_ds.backends.hf import FusedExpertsWithLoRA
+from moe_peft_ds.backends.hf_load import place_loaded_experts
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes
 from moe_peft_ds.cli import (
     add_model_data_args,
@@ -65,10 +66,11 @@ from moe_peft_ds.device import model_device, peak_memory, per_rank
 from moe_peft_ds.dispatch import deepspeed_expert_group, expert_parallel_group
 from moe_peft_ds.ds_config import load_deepspeed_config
 from moe_peft_ds.importing import read_selection_file
-from moe_peft_ds.mixlora import apply_mixlora
+from moe_peft_ds.mixlora import apply_mixlora, routing_counts
 from moe_peft_ds.models import DTYPES, load_model
 from moe_peft_ds.monitor import TrainingMonitor
-from moe_peft_ds.parallel import shard_experts
+from moe_peft_ds.parallel import plan_placements, shard_experts
+from moe_peft_ds.placement import PLACEMENTS, placement_summary
 from moe_peft_ds.profiling import format_skew, plot_heatmap
 from moe_peft_ds.resume import check_resume, resolve_resume
 from moe_peft_ds.tasks import get_task, load_items
@@ -315,6 +317,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "this many ranks, tokens reach them by all-to-all (default 1; needs --deepspeed_config; ZeRO-0/1/2 only)",
     )
     d.add_argument(
+        "--expert-placement",
+        choices=PLACEMENTS,
+        default=None,
+        help="with --ep-size > 1, which experts each rank holds: contiguous (by id) or balanced (the profiled "
+        "routed rows, and the adapter work of selected experts, spread evenly over the ranks; MixLoRA: its routers' "
+        "loads on the calibration samples). Default: balanced when the run profiles routing (--method sieve), "
+        "else contiguous. Recorded in adapter_config.json; adapters load under any placement",
+    )
+    d.add_argument(
         "--load-whole-model",
         action="store_true",
         help="with --ep-size > 1: every rank reads the whole checkpoint and keeps its experts afterwards, instead of "
@@ -425,6 +436,8 @@ def check_distributed(args) -> dict | None:
     """Reject flag combinations DeepSpeed cannot run, before any process group is created;
     returns the checked DeepSpeed config (None without one)."""
     check_positive(ep_size=args.ep_size, dist_timeout=args.dist_timeout)
+    if args.expert_placement is not None and args.ep_size == 1:
+        raise ConfigError("--expert-placement places experts on expert-parallel ranks; it needs --ep-size > 1")
     if args.deepspeed_config is None:
         if args.ep_size > 1:
             raise ConfigError("--ep-size > 1 needs --deepspeed_config (run under the deepspeed launcher)")
@@ -511,9 +524,10 @@ def clear_previous_run(out: Path) -> list[str]:
     return removed
 
 
-def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress):
-    """Profile (sieve: each rank its share, counts all-reduced), select and inject; returns the
-    routing profile (None unless sieve), the selection and the size report."""
+def inject_sieve(args, model, calib, sieve_cfg, adapter_cfg, world, log, progress):
+    """Profile (sieve: each rank its share of ``calib()``, counts all-reduced), select, place the
+    experts (expert parallel) and inject; returns the routing profile (None unless sieve), the
+    selection, the size report and the placements."""
     info = backend_for(model).describe(model)
     if info["num_experts"] % args.ep_size or world % args.ep_size:
         raise ConfigError(
@@ -525,19 +539,41 @@ def inject_sieve(args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank,
         selection = args.fixed_selection
         log(f"selection from {args.selection_file}: {sum(map(len, selection.values()))} experts, no profiling")
     elif args.method == "sieve":
-        calib = calibration_batches(examples[: args.calibration_samples], tokenizer, args.batch_size, rank, world)
-        profile = profile_routing(model, calib, model_id=args.model, data_id=args.data, progress=progress)
+        profile = profile_routing(model, calib(), model_id=args.model, data_id=args.data, progress=progress)
         log(f"routing profile: {profile.tokens} tokens from {profile.samples} samples\n{format_skew(profile)}")
         selection = select_experts(profile, sieve_cfg)
     else:
         selection = all_experts_selection(model)
+    placements = place_experts(args, model, profile, selection, adapter_cfg, calib, log, progress)
     apply_sieve_lora(model, selection, adapter_cfg)
     sizes = size_report(model, all_experts_selection(model))
     log(
         f"adapters on {sizes['selected_experts']} of {sizes['all_experts']} experts "
         f"({info['num_experts']} per layer, {len(info['moe_layers'])} MoE layers)"
     )
-    return profile, selection, sizes
+    return profile, selection, sizes, placements
+
+
+def placement_mode(args, profile) -> str:
+    """``--expert-placement``, or its default: balanced when routing was profiled."""
+    return args.expert_placement or ("balanced" if profile is not None else "contiguous")
+
+
+def place_experts(args, model, profile, selection, adapter_cfg, calib, log, progress) -> dict:
+    """The load-aware placement of a sieve / LoRA run (``{}``: by id), from its routing profile (one
+    is taken on the calibration samples if the run has none); a model loaded expert-parallel moves
+    its experts there now, before adapters are added."""
+    if args.ep_size == 1 or placement_mode(args, profile) == "contiguous":
+        return {}
+    if backend_for(model).NAME != "transformers":
+        raise ConfigError("--expert-placement balanced: DeepSpeed-MoE models keep DeepSpeed's placement by id")
+    if profile is None:
+        profile = profile_routing(model, calib(), progress=progress)
+    placements = plan_placements(model, profile.counts, args.ep_size, "balanced", adapter_cfg, selection)
+    log(placement_summary(profile.counts, placements))
+    if expert_parallel_group(model) is not None:  # loaded expert-parallel: each rank holds its contiguous block
+        place_loaded_experts(model, placements)
+    return placements
 
 
 def load_run_model(args, adapter_cfg, world: int):
@@ -564,7 +600,7 @@ def examples_digest(examples: list[dict]) -> str:
     return digest.hexdigest()[:12]
 
 
-def run_fingerprint(args, adapter_cfg, selection, examples, world: int) -> dict:
+def run_fingerprint(args, adapter_cfg, selection, examples, world: int, placements: dict | None = None) -> dict:
     """What a resumed run must share with the saved one (digests shortened to 12 hex digits): any
     difference means other weights, other experts, or another order of batches."""
     return {
@@ -580,6 +616,7 @@ def run_fingerprint(args, adapter_cfg, selection, examples, world: int) -> dict:
         "batch_size": args.batch_size,
         "world_size": world,
         "ep_size": args.ep_size,
+        "expert_placement": _digest(placements or {}),  # which experts each rank's optimizer state holds
     }
 
 
@@ -599,6 +636,10 @@ def run(args) -> int:
     )
     adapter_cfg.base_model = args.model
     profile, selection = None, None
+
+    def calib():  # this rank's share of the calibration samples
+        return calibration_batches(examples[: args.calibration_samples], tokenizer, args.batch_size, rank, world)
+
     if isinstance(adapter_cfg, MixLoRAConfig):
         if adapter_cfg.num_experts % args.ep_size or world % args.ep_size:
             raise ConfigError(
@@ -606,14 +647,19 @@ def run(args) -> int:
                 f"and the number of ranks ({world})"
             )
         apply_mixlora(model, adapter_cfg, fast=not args.reference_path)
+        placements = {}
+        if args.ep_size > 1 and args.expert_placement == "balanced":  # the routers' loads at the start
+            counts = routing_counts(model, calib())
+            placements = plan_placements(model, counts, args.ep_size, "balanced", adapter_cfg)
+            log(placement_summary(counts, placements))
         sizes = {"trainable_params": count_trainable(model), "adapter_bytes": adapter_nbytes(model)}
         log(
             f"{args.method}: {args.num_experts} LoRA experts per FFN, {args.routing} routing, "
             f"{sizes['trainable_params']:,} trainable parameters"
         )
     else:
-        profile, selection, sizes = inject_sieve(
-            args, model, tokenizer, examples, sieve_cfg, adapter_cfg, rank, world, log, progress
+        profile, selection, sizes, placements = inject_sieve(
+            args, model, calib, sieve_cfg, adapter_cfg, world, log, progress
         )
     if args.activation_checkpointing != "none":
         model.activation_checkpointing_enable(
@@ -623,7 +669,7 @@ def run(args) -> int:
 
     # world ranks with --batch-size B see the global batches of one process with B x world
     loader = make_train_loader(examples, tokenizer, args.batch_size, args.seed, rank, world)
-    fingerprint = run_fingerprint(args, adapter_cfg, selection, examples, world)
+    fingerprint = run_fingerprint(args, adapter_cfg, selection, examples, world, placements)
     # the saved run must be this one
     resumed = check_resume(args.resume, fingerprint, args.max_steps) if args.resume else None
     eval_examples, eval_tasks = evaluation_data(args, tokenizer)
@@ -651,7 +697,7 @@ def run(args) -> int:
         )
     else:
         if args.ep_size > 1:
-            shard_experts(model, deepspeed_expert_group(args.ep_size))
+            shard_experts(model, deepspeed_expert_group(args.ep_size), placements)
         config = dict(args.ds_config)
         if args.max_grad_norm is not None:
             config["gradient_clipping"] = args.max_grad_norm

@@ -1,0 +1,141 @@
+"""Which experts each expert-parallel rank holds, per MoE layer.
+
+Under expert parallelism every rank of an EP group of size N holds E/N experts of each layer and
+waits, at each layer's all-to-all, for the rank with the most routed rows. Routing is skewed
+(the sieve's premise), so holding experts by id (``contiguous``: rank r holds r*E/N ..) leaves
+the ranks holding hot experts doing most of the work. ``balanced`` spreads the profiled loads:
+longest processing time first under the constraint that every rank holds exactly E/N experts
+(the dispatch's split sizes are per rank and local expert), then pairwise swaps while they lower
+the busiest rank's load. It is deterministic, so every rank computes the same placement from the
+same (all-reduced) routing profile.
+
+One expert's rows cannot be split between ranks here, so no placement beats the hottest
+expert's load (and its rank's other experts): ``lower_bound`` says how close to 1.0 the busiest rank can get at all.
+
+A placement is ``list[list[int]]``: rank r's global expert ids, ascending. Checkpoints keep
+global ids, so an adapter trained under one placement loads under any other.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+PLACEMENTS = ("contiguous", "balanced")
+
+
+def contiguous(num_experts: int, ep_size: int) -> list[list[int]]:
+    """Rank r holds experts ``r*E/N .. (r+1)*E/N - 1``."""
+    _check_divides(num_experts, ep_size)
+    share = num_experts // ep_size
+    return [list(range(r * share, (r + 1) * share)) for r in range(ep_size)]
+
+
+def _check_divides(num_experts: int, ep_size: int) -> None:
+    if ep_size < 1 or num_experts % ep_size:
+        raise ValueError(f"ep_size {ep_size} must divide the {num_experts} experts per layer")
+
+
+def balanced(loads: Sequence[float], ep_size: int, groups: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+    """A placement of ``len(loads)`` experts on ``ep_size`` ranks, each holding E/N of them, whose
+    busiest rank carries as little of ``loads`` as LPT plus pairwise swaps find. With ``groups``
+    (a partition of the experts, e.g. a MixLoRA pool's tasks), every rank holds an equal share of
+    each group, and swaps stay within a group."""
+    num = len(loads)
+    _check_divides(num, ep_size)
+    groups = [list(g) for g in groups] if groups else [list(range(num))]
+    if sorted(e for g in groups for e in g) != list(range(num)):
+        raise ValueError(f"groups {groups} are not a partition of the {num} experts")
+    group_of = {e: i for i, g in enumerate(groups) for e in g}
+    room = [[len(g) // ep_size for g in groups] for _ in range(ep_size)]
+    if any(len(g) % ep_size for g in groups):
+        raise ValueError(f"ep_size {ep_size} must divide every group's size {[len(g) for g in groups]}")
+    held: list[list[int]] = [[] for _ in range(ep_size)]
+    total = [0.0] * ep_size
+    for e in sorted(range(num), key=lambda e: (-loads[e], e)):  # heaviest first; ties by id
+        g = group_of[e]
+        r = min((r for r in range(ep_size) if room[r][g]), key=lambda r: (total[r], r))
+        held[r].append(e)
+        total[r] += loads[e]
+        room[r][g] -= 1
+    _improve_by_swaps(held, total, loads, group_of)
+    return [sorted(h) for h in held]
+
+
+def _improve_by_swaps(held: list[list[int]], total: list[float], loads, group_of) -> None:
+    """Swap one expert of the busiest rank with one of another rank (same group) while that lowers
+    the larger of the two ranks' loads; each swap lowers the busiest load or the number of ranks
+    at it, so this ends."""
+    for _ in range(len(loads) ** 2):  # a bound; in practice a few swaps
+        busy = max(range(len(held)), key=lambda r: (total[r], -r))
+        best = None  # (new max of the pair, rank, expert out, expert in)
+        for r in range(len(held)):
+            if r == busy:
+                continue
+            for a in held[busy]:
+                for b in held[r]:
+                    if group_of[a] != group_of[b] or loads[a] <= loads[b]:
+                        continue
+                    delta = loads[a] - loads[b]
+                    pair = max(total[busy] - delta, total[r] + delta)
+                    if pair < total[busy] - 1e-12 and (best is None or pair < best[0]):
+                        best = (pair, r, a, b)
+        if best is None:
+            return
+        _, r, a, b = best
+        held[busy][held[busy].index(a)], held[r][held[r].index(b)] = b, a
+        delta = loads[a] - loads[b]
+        total[busy] -= delta
+        total[r] += delta
+
+
+def rank_loads(loads: Sequence[float], placement: list[list[int]]) -> list[float]:
+    """Each rank's summed load."""
+    return [float(sum(loads[e] for e in held)) for held in placement]
+
+
+def imbalance(loads: Sequence[float], placement: list[list[int]]) -> float:
+    """The busiest rank's load over the mean rank load (1.0: perfectly even)."""
+    per_rank = rank_loads(loads, placement)
+    mean = sum(per_rank) / len(per_rank)
+    return max(per_rank) / mean if mean else 1.0
+
+
+def lower_bound(loads: Sequence[float], ep_size: int) -> float:
+    """No placement that keeps each expert's rows on one rank, E/N experts per rank, does better
+    than this ``imbalance``: the hottest expert's rank also holds E/N - 1 others, at best the coldest."""
+    mean = sum(loads) / ep_size
+    if not mean:
+        return 1.0
+    hottest = max(range(len(loads)), key=lambda e: loads[e])
+    rest = sorted(load for e, load in enumerate(loads) if e != hottest)
+    return max(1.0, (loads[hottest] + sum(rest[: len(loads) // ep_size - 1])) / mean)
+
+
+def rank_major(placement: list[list[int]]) -> list[int]:
+    """Every rank's experts side by side, rank 0 first (the dispatch's ``order``)."""
+    return [e for held in placement for e in held]
+
+
+def check_placement(placement: list[list[int]], num_experts: int, ep_size: int) -> None:
+    """Raise unless ``placement`` gives each of ``ep_size`` ranks E/N ascending ids, every expert once."""
+    if len(placement) != ep_size or any(len(h) != num_experts // ep_size for h in placement):
+        raise ValueError(f"a placement needs {ep_size} ranks of {num_experts // ep_size} experts, got {placement}")
+    if sorted(rank_major(placement)) != list(range(num_experts)) or any(h != sorted(h) for h in placement):
+        raise ValueError(f"placement {placement} does not hold each of the {num_experts} experts once, ascending")
+
+
+def expert_loads(counts: Sequence[int], selected: Sequence[int] = (), adapter_share: float = 0.0) -> list[float]:
+    """An expert's work: its routed rows, times ``1 + adapter_share`` where it carries an adapter
+    (``adapter_share``: the LoRA GEMMs' FLOPs per row over the frozen expert's)."""
+    chosen = set(selected)
+    return [c * (1.0 + adapter_share if e in chosen else 1.0) for e, c in enumerate(counts)]
+
+
+def placement_summary(counts: dict[int, Sequence[int]], placements: dict[int, list[list[int]]]) -> str:
+    """One log line: per layer, the busiest rank's routed rows over the mean, balanced and by id."""
+    ep_size = len(next(iter(placements.values())))
+    parts = [
+        f"{layer}: {imbalance(counts[layer], p):.2f} (by id {imbalance(counts[layer], contiguous(len(p) * len(p[0]), ep_size)):.2f})"
+        for layer, p in sorted(placements.items())
+    ]
+    return "expert placement balanced; busiest rank / mean routed rows per layer: " + ", ".join(parts)

@@ -1,0 +1,191 @@
+"""Load-aware expert placement: the balancing itself, and expert parallelism under a placement
+other than by id (2 gloo ranks) computing what one process computes, with checkpoints that move
+between placements and EP degrees."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import randomize_adapters
+from distributed import run_ranks
+from safetensors.torch import load_file
+from tiny_models import tiny_model
+
+from moe_peft_ds import AdapterConfig, MixLoRAConfig, apply_mixlora, apply_sieve_lora, load_adapter, save_adapter
+from moe_peft_ds.backends.hf import base_experts, find_moe_blocks
+from moe_peft_ds.backends.hf_load import load_local_experts, place_loaded_experts
+from moe_peft_ds.mixlora import mixlora_layers, routing_counts
+from moe_peft_ds.parallel import plan_placements, shard_experts
+from moe_peft_ds.placement import balanced, check_placement, contiguous, imbalance, lower_bound
+
+# routed rows per expert of tiny-mixtral's layer 3 on demo:arithmetic (the benchmark's profile)
+SKEWED = [1671, 250, 718, 245, 581, 184, 59, 523, 489, 43, 60, 37, 115, 23, 13, 30]
+
+
+def test_balanced_gives_every_rank_its_share_and_beats_placement_by_id():
+    for ep in (2, 4, 8):
+        placement = balanced(SKEWED, ep)
+        check_placement(placement, 16, ep)
+        assert imbalance(SKEWED, placement) <= imbalance(SKEWED, contiguous(16, ep))
+        assert imbalance(SKEWED, placement) >= lower_bound(SKEWED, ep) - 1e-12
+        assert balanced(SKEWED, ep) == placement  # deterministic: every rank computes the same
+    assert imbalance(SKEWED, balanced(SKEWED, 2)) < 1.01 < 1.3 < imbalance(SKEWED, contiguous(16, 2))
+    # the hottest expert and the 3 coldest carry 1.38x a rank's mean at EP=4: no placement of whole experts does better
+    assert lower_bound(SKEWED, 4) == pytest.approx((1671 + 13 + 23 + 30) * 4 / sum(SKEWED))
+    assert imbalance(SKEWED, balanced(SKEWED, 4)) == pytest.approx(lower_bound(SKEWED, 4))
+
+
+def test_uniform_loads_and_groups():
+    assert imbalance([5.0] * 8, balanced([5.0] * 8, 4)) == 1.0
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]  # two tasks' pools: each rank keeps half of each
+    placement = balanced([9, 1, 1, 1, 1, 1, 1, 9], 2, groups)
+    for held in placement:
+        assert len(set(held) & set(groups[0])) == 2 and len(set(held) & set(groups[1])) == 2
+    assert {0, 7} not in [set(h) & {0, 7} for h in placement]  # the two hot experts on different ranks
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (([1.0] * 6, 4), "must divide"),
+        (([1.0] * 4, 2, [[0, 1, 2], [3]]), "every group"),
+        (([1.0] * 4, 2, [[0, 1]]), "partition"),
+    ],
+)
+def test_bad_placements_are_refused(args, match):
+    with pytest.raises(ValueError, match=match):
+        balanced(*args)
+
+
+def test_check_placement_refuses_a_wrong_layout():
+    for bad in ([[0, 1], [2, 3, 4, 5]], [[0, 0, 1], [2, 3, 4]], [[1, 0, 2], [3, 4, 5]]):
+        with pytest.raises(ValueError):
+            check_placement(bad, 6, 2)
+
+
+SELECTION = [1, 2, 5, 6]
+PLACEMENT = [[0, 2, 5, 7], [1, 3, 4, 6]]  # 8 experts: each rank holds two selected ones, not by id
+
+
+def _batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (2, 9), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _sieve():
+    model = tiny_model("mixtral")
+    layers = {b.layer for b in find_moe_blocks(model)}
+    apply_sieve_lora(model, {layer: SELECTION for layer in layers}, AdapterConfig(attention_targets=["q_proj"]))
+    randomize_adapters(model)
+    return model
+
+
+def _placed_on_rank(rank, world, out_dir):
+    model = _sieve()
+    reference = copy.deepcopy(model)
+    sum(reference(**_batch(10 + r)).loss for r in range(world)).backward()
+    placements = {b.layer: PLACEMENT for b in find_moe_blocks(model)}
+    shard_experts(model, dist.group.WORLD, placements)
+    assert model.moe_peft_config.expert_placement == placements
+    loss = model(**_batch(10 + rank)).loss
+    loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(loss, reference(**_batch(10 + rank)).loss, rtol=1e-6, atol=1e-6)
+    ref = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if ".local.adapters." in name:  # this rank's selected experts, in ascending global id
+            mine = [SELECTION.index(e) for e in SELECTION if e in PLACEMENT[rank]]
+            torch.testing.assert_close(p.grad, ref[name.replace(".local.adapters.", ".adapters.")].grad[mine])
+        else:
+            dist.all_reduce(p.grad)
+            torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-5, atol=1e-6)
+    for block in find_moe_blocks(model):  # the base experts this rank holds are those the placement names
+        held = base_experts(block.experts)
+        whole = base_experts(find_moe_blocks(reference)[0].experts)
+        assert torch.equal(held.down_proj, whole.down_proj[PLACEMENT[rank]])
+        break
+    save_adapter(model, f"{out_dir}/placed")
+    if rank == 0:
+        save_adapter(reference, f"{out_dir}/single")
+    dist.barrier()
+    with torch.no_grad():  # the adapter loads at EP=2 by id and at EP=1
+        logits = model(**_batch(20 + rank)).logits
+        by_id = shard_experts(load_adapter(tiny_model("mixtral"), f"{out_dir}/placed"), dist.group.WORLD)
+        torch.testing.assert_close(by_id(**_batch(20 + rank)).logits, logits, rtol=1e-5, atol=1e-6)
+        single = load_adapter(tiny_model("mixtral"), f"{out_dir}/placed")
+        torch.testing.assert_close(single(**_batch(20 + rank)).logits, logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_placement_not_by_id_computes_what_one_process_does_and_its_checkpoint_moves(tmp_path):
+    run_ranks(_placed_on_rank, world=2, args=(str(tmp_path),))
+    placed, single = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("placed", "single"))
+    assert placed.keys() == single.keys() and all(torch.equal(placed[k], single[k]) for k in single)
+    config = json.loads((tmp_path / "placed" / "adapter_config.json").read_text())
+    assert config["expert_placement"] == {str(layer): PLACEMENT for layer in (0, 1)}
+    assert json.loads((tmp_path / "single" / "adapter_config.json").read_text())["expert_placement"] == {}
+
+
+def _partial_placed_on_rank(rank, world, path):
+    group = dist.new_group(list(range(world)))
+    from transformers import AutoModelForCausalLM
+
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load_local_experts(path, torch.float32, group, torch.device("cpu"))
+    placements = {b.layer: PLACEMENT for b in find_moe_blocks(model)}
+    place_loaded_experts(model, placements)
+    for a, b in zip(find_moe_blocks(whole), find_moe_blocks(model)):
+        full, held = base_experts(a.experts), base_experts(b.experts)
+        for name, t in full.named_parameters(recurse=False):
+            assert torch.equal(getattr(held, name), t[PLACEMENT[rank]]), name
+    torch.manual_seed(0)
+    apply_sieve_lora(model, {0: SELECTION, 1: SELECTION}, AdapterConfig(r=4))
+    torch.manual_seed(0)
+    apply_sieve_lora(whole, {0: SELECTION, 1: SELECTION}, AdapterConfig(r=4))
+    randomize_adapters(whole)
+    state = {k: v for k, v in whole.state_dict().items() if "lora_" in k}
+    for name, p in model.named_parameters():  # this rank's slots of the whole model's adapters
+        if "lora_" in name:
+            mine = [SELECTION.index(e) for e in SELECTION if e in PLACEMENT[rank]]
+            p.data.copy_(state[name.replace(".local.adapters.", ".adapters.")][mine])
+    shard_experts(model, group, placements)  # loaded expert-parallel: tags, checks the placement
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_batch(rank)).loss, whole(**_batch(rank)).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_a_partial_load_moves_its_experts_to_the_placement(tmp_path):
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    run_ranks(_partial_placed_on_rank, 2, (str(tmp_path),))
+
+
+MIX = MixLoRAConfig(num_experts=4, top_k=2, r=4, alpha=8, router_init_range=0.5)
+
+
+def _mixlora_placed_on_rank(rank, world):
+    torch.manual_seed(0)
+    model = apply_mixlora(tiny_model("llama"), copy.deepcopy(MIX), fast=False)
+    randomize_adapters(model)
+    reference = copy.deepcopy(model)
+    counts = routing_counts(model, [_batch(40 + rank)])
+    placements = plan_placements(model, counts, world, "balanced", model.moe_peft_config)
+    assert placements == plan_placements(reference, counts, world, "balanced", model.moe_peft_config)
+    assert all(sum(counts[layer]) == 18 * 2 * world for layer in counts)  # top-2 of 18 tokens on each rank
+    placements = {layer: [[0, 3], [1, 2]] for layer in counts}  # a fixed layout not by id, whatever the loads
+    shard_experts(model, dist.group.WORLD, placements)
+    assert all(layer.local_experts == [[0, 3], [1, 2]][rank] for _, layer in mixlora_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**_batch(rank)).logits, reference(**_batch(rank)).logits, rtol=1e-5, atol=1e-6
+        )
+    for _, layer in mixlora_layers(model):
+        layer.unshard()  # gathered back in expert order
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_mixlora_under_a_placement_not_by_id_equals_one_process():
+    run_ranks(_mixlora_placed_on_rank, world=2)
