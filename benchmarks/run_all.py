@@ -44,6 +44,7 @@ BENCHMARKS = {
     "load_memory": ("load_memory.py", ["--quick"], [], "file"),
     "plans": ("plans.py", ["--quick"], [], "file"),
     "mixed_batch": ("mixed_batch.py", ["--quick"], [], "file"),
+    "placement": ("placement.py", ["--quick"], [], "file"),
 }
 
 

@@ -62,6 +62,8 @@ class TrainingMonitor:
     best: float = float("inf")
     history: list[dict] = field(default_factory=list)
     resumed_from: str | None = None  # a resumed run appends to the log, after a marker line
+    drift: object = None  # a drift.RoutingDrift (--reprofile-every), or None
+    grow_request: tuple | None = None  # (step, {layer: experts}): training stopped there for more adapters
 
     def __post_init__(self):
         self.rank = rank_world()[0]
@@ -80,6 +82,8 @@ class TrainingMonitor:
                 self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
             except ImportError:
                 self.writer = None  # tensorboard is not installed: the JSONL log and the console only
+        if self.drift is not None and self.resumed_from is None:
+            self._write(self.drift.history[0])  # the coverage the selection starts from
 
     def _write(self, record: dict) -> None:
         self.history.append(record)
@@ -93,15 +97,29 @@ class TrainingMonitor:
                     self.writer.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
-        """Flush TensorBoard's events (the JSONL log is written line by line)."""
+        """Flush TensorBoard's events (the JSONL log is written line by line); plot the routing drift."""
         if self.writer is not None:
             self.writer.close()
+        if self.drift is not None and self.rank == 0 and len(self.drift.history) > 1:
+            from .drift import plot_drift
 
-    def after_step(self, step: int, loss: float, model: nn.Module) -> None:
-        """Called after optimizer step ``step`` (1-based) with its loss."""
+            plot_drift(self.drift.history, self.output_dir / "routing_drift.png")
+
+    def evaluations(self) -> list[dict]:
+        """The records of ``evaluate`` (validation loss, task accuracy)."""
+        return [r for r in self.history if "train_loss" not in r and "event" not in r]
+
+    def after_step(self, step: int, loss: float, model: nn.Module) -> dict[int, list[int]]:
+        """Called after optimizer step ``step`` (1-based) with its loss; returns the experts the drift
+        monitor asks to grow adapters on (``{}``: none)."""
         self._write({"step": step, "train_loss": loss})
         if self.eval_every and step % self.eval_every == 0:
             self.evaluate(step, model)
+        grow = {}
+        if self.drift is not None and self.drift.due(step):
+            record, grow = self.drift.measure(step, model)
+            self._write(record)
+        return grow
 
     def evaluate(self, step: int, model: nn.Module) -> dict:
         from .checkpoint import save_adapter

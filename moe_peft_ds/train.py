@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,13 +100,24 @@ def _run_steps(
     ckpt: Checkpointing | None,
     monitor=None,
     micro: int = 1,
+    first_step: int = 0,
 ) -> list[float]:
     """Call ``step(batches) -> loss`` (``micro`` consecutive batches: gradient accumulation) until
     ``steps`` optimizer steps, cycling over ``loader``,
     with a progress bar; resumes and saves training state as ``ckpt`` asks, and hands every
-    step's loss to ``monitor`` (``monitor.TrainingMonitor``: logs, periodic evaluation)."""
+    step's loss to ``monitor`` (``monitor.TrainingMonitor``: logs, periodic evaluation). Starts
+    after step ``first_step`` (the data and the schedule where an earlier segment of the run left
+    them), and ends early when the monitor asks for adapters on more experts
+    (``monitor.grow_request``: the caller adds them and runs the rest)."""
     ckpt = ckpt or Checkpointing()
-    start = load_training_state(ckpt.resume, model, optimizer, scheduler, ckpt.fingerprint) if ckpt.resume else 0
+    start = first_step
+    if ckpt.resume:
+        start = load_training_state(ckpt.resume, model, optimizer, scheduler, ckpt.fingerprint)
+    elif scheduler is not None and first_step:
+        with warnings.catch_warnings():  # "step() before optimizer.step()": the schedule only catches up
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(first_step):
+                scheduler.step()
     if start >= steps:
         raise ResumeError(f"--resume {ckpt.resume} is at step {start}, not before the last step {steps}")
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
@@ -117,10 +129,12 @@ def _run_steps(
         losses.append(step([next(batches) for _ in range(micro)]))
         check_finite_loss(losses[-1], i + 1, ckpt)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-        if monitor is not None:
-            monitor.after_step(i + 1, losses[-1], model)
+        grow = monitor.after_step(i + 1, losses[-1], model) if monitor is not None else {}
         if ckpt.every and (i + 1) % ckpt.every == 0 and i + 1 < steps:
             save_training_state(ckpt.directory, model, optimizer, scheduler, i + 1, ckpt.fingerprint)
+        if grow and i + 1 < steps:
+            monitor.grow_request = (i + 1, grow)
+            break
     return losses
 
 
@@ -135,8 +149,10 @@ def train(
     ckpt: Checkpointing | None = None,
     monitor=None,
     extra_loss=None,
+    first_step: int = 0,
 ) -> list[float]:
-    """Train for ``steps`` optimizer steps in one process; returns the loss of every step run."""
+    """Train for ``steps`` optimizer steps in one process (from ``first_step``, see ``_run_steps``);
+    returns the loss of every step run."""
     optimizer = build_optimizer(model, lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
     model.train()
@@ -151,6 +167,7 @@ def train(
         scheduler,
         ckpt,
         monitor,
+        first_step=first_step,
     )
 
 
@@ -242,8 +259,10 @@ def train_deepspeed(
     monitor=None,
     extra_loss=None,
     release: bool = False,
+    first_step: int = 0,
 ) -> list[float]:
-    """Train under ``deepspeed.initialize``; returns the loss per step, averaged over ranks.
+    """Train under ``deepspeed.initialize`` (from ``first_step``, see ``_run_steps``); returns the
+    loss per step, averaged over ranks.
     ``extra_loss()`` is added to each step's loss before backward; ``release`` destroys the engine
     at the end (its gradient hooks go), for a process that trains several engines one after another.
 
@@ -319,6 +338,7 @@ def train_deepspeed(
         ckpt,
         monitor,
         micro=accumulation,
+        first_step=first_step,
     )
     if release:
         engine.destroy()

@@ -234,6 +234,7 @@ def test_run_all_quick_writes_a_well_formed_report(tmp_path):
         "load_memory",
         "plans",
         "mixed_batch",
+        "placement",
     ):
         assert f"## {name}" in report and (results / f"{name}.json").exists(), name
         json.loads((results / f"{name}.json").read_text())

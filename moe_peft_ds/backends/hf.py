@@ -357,6 +357,54 @@ def shard_moe_blocks(model: nn.Module, cfg: AdapterConfig, group, placements: di
         block.experts = ExpertParallelExperts(local, group, num_experts, placement)
 
 
+@torch.no_grad()
+def _grown(local: FusedExpertsWithLoRA, new_ids: list[int], num_experts: int, cfg: AdapterConfig):
+    """``local`` with adapters on ``new_ids`` (global ids of a layer of ``num_experts``) as well:
+    the trained adapters are copied, the new ones initialised with the draws a whole layer's
+    adapters on ``new_ids`` would take, on every rank alike (each keeps those it holds)."""
+    base, layout = local.base, ExpertsLayout.of(local.base)
+    whole = dataclasses.replace(cfg, use_dora=False)
+    fresh = {}
+    for t in layout.tensors(cfg):
+        w = weight_out_in(base, t, layout.transposed)
+        fresh[t] = ExpertLoRA(new_ids, w[:1].expand(num_experts, *w.shape[1:]), whole)
+    held = [e for e in new_ids if e in local.held]
+    with no_random_draws(base.down_proj.device):
+        grown = FusedExpertsWithLoRA(base, sorted(set(local.expert_ids) | set(held)), cfg, held=local.held)
+    for t, adapter in grown.adapters.items():
+        for e, slot in adapter.slot.items():
+            if e in local.expert_ids:
+                old = local.adapters[t]
+                for name, p in adapter.named_parameters():
+                    p[slot].copy_(getattr(old, name)[old.slot[e]])
+            else:  # a DoRA magnitude stays as computed (||W|| while B = 0)
+                adapter.lora_A[slot].copy_(fresh[t].lora_A[fresh[t].slot[e]])
+                adapter.lora_B[slot].copy_(fresh[t].lora_B[fresh[t].slot[e]])
+    return grown
+
+
+def grow_expert_adapters(model: nn.Module, experts: dict[int, list[int]], cfg: AdapterConfig) -> None:
+    """Add adapters on ``experts`` (``{layer: global ids}``, not yet selected) of a sieve model,
+    keeping the trained ones, expert-parallel or not; ``cfg.selection`` grows with them. The
+    optimizer must be built again afterwards (new parameters)."""
+    blocks = {b.layer: b for b in check_selection(model, experts)}
+    for layer, ids in experts.items():
+        block = blocks[layer]
+        wrapper = block.experts
+        parallel = isinstance(wrapper, ExpertParallelExperts)
+        local = wrapper.local if parallel else wrapper
+        if not isinstance(local, FusedExpertsWithLoRA):
+            raise ValueError(f"layer {layer} carries no expert adapters to grow")
+        total = wrapper.num_experts if parallel else local.num_experts
+        grown = _grown(local, [e for e in ids if e not in cfg.selection.get(layer, [])], total, cfg)
+        if parallel:
+            tag_expert_local(grown.parameters(), wrapper.ep_size)
+            wrapper.local = grown
+        else:
+            block.experts = grown
+        cfg.selection[layer] = sorted(set(cfg.selection.get(layer, [])) | set(ids))
+
+
 def adapter_flops_share(model: nn.Module, cfg: AdapterConfig) -> float:
     """The LoRA GEMMs' FLOPs per routed row of an expert with an adapter, over its frozen GEMMs'
     (``r * (in + out)`` against ``in * out`` per tensor): the extra work a selected expert's rows cost."""

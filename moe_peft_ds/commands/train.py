@@ -38,7 +38,7 @@ from moe_peft_ds import (
     select_experts,
 )
 from moe_peft_ds.backends import backend_for
-from moe_peft_ds.backends.hf import FusedExpertsWithLoRA
+from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, grow_expert_adapters
 from moe_peft_ds.backends.hf_load import place_loaded_experts
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes
 from moe_peft_ds.cli import (
@@ -64,6 +64,7 @@ from moe_peft_ds.config import (
 from moe_peft_ds.data import calibration_batches, load_examples, make_train_loader, resolve_data
 from moe_peft_ds.device import model_device, peak_memory, per_rank
 from moe_peft_ds.dispatch import deepspeed_expert_group, expert_parallel_group
+from moe_peft_ds.drift import RoutingDrift
 from moe_peft_ds.ds_config import load_deepspeed_config
 from moe_peft_ds.importing import read_selection_file
 from moe_peft_ds.mixlora import apply_mixlora, routing_counts
@@ -228,6 +229,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="FILE",
         help="sieve: train these experts instead of profiling: an ESFT expert_config.json, or an "
         "adapter_config.json (e.g. one launch/import_adapter.py --esft wrote, or an earlier adapter's)",
+    )
+    s.add_argument(
+        "--reprofile-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sieve: every N steps, profile routing on the calibration samples again and log, per layer, the "
+        "selected experts' share of routed tokens (coverage) and the overlap (Jaccard) of the selection with "
+        "today's hottest experts to train_log.jsonl, TensorBoard and routing_drift.png; not counted in the "
+        "reported training time (default 0: off)",
+    )
+    s.add_argument(
+        "--drift-warn",
+        type=float,
+        default=10.0,
+        metavar="POINTS",
+        help="with --reprofile-every: warn when a layer's coverage falls by more than this many percentage "
+        "points below its value before training (default 10)",
+    )
+    s.add_argument(
+        "--reselect-on-drift",
+        action="store_true",
+        help="with --reprofile-every: when a layer's coverage falls by more than --drift-warn, add adapters to "
+        "the experts that became hot in it (the trained adapters stay; the optimizer starts afresh for all)",
     )
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default 300)")
@@ -410,7 +435,10 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
     args.fixed_selection = read_selection_file(args.selection_file) if args.selection_file else None
     if args.fixed_selection is not None and args.method != "sieve":
         raise ConfigError(f"--selection-file chooses the experts of --method sieve, not of --method {args.method}")
+    check_drift_flags(args)
     args.ds_config = check_distributed(args)
+    if args.reselect_on_drift and (args.ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError("--reselect-on-drift cannot add adapters to a ZeRO-3 partitioned model; use ZeRO-0/1/2")
     if args.max_grad_norm is not None and not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
         raise ConfigError(f"--max-grad-norm={args.max_grad_norm} must be >= 0 (0: no clipping)")
     if args.eval_every < 0:
@@ -430,6 +458,23 @@ def build_configs(args) -> tuple[AdapterConfig | MixLoRAConfig, SieveConfig]:
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise ConfigError(f"{out} already holds an adapter; pass --overwrite or choose another --output-dir")
     return adapter, sieve
+
+
+def check_drift_flags(args) -> None:
+    """``--reprofile-every`` and its companions: a sieve selection to watch, sensible values."""
+    if args.reprofile_every < 0:
+        raise ConfigError(f"--reprofile-every={args.reprofile_every} must be >= 0 (0: off)")
+    if not (math.isfinite(args.drift_warn) and 0 < args.drift_warn <= 100):
+        raise ConfigError(f"--drift-warn={args.drift_warn} must be in (0, 100] percentage points")
+    if args.reselect_on_drift and not args.reprofile_every:
+        raise ConfigError("--reselect-on-drift needs --reprofile-every N (the re-profiling that detects drift)")
+    if args.reselect_on_drift and (args.save_every or args.resume):
+        raise ConfigError(
+            "--reselect-on-drift adds adapters mid-run, which a saved training state cannot replay; "
+            "drop --save-every / --resume"
+        )
+    if args.reprofile_every and args.method != "sieve":
+        raise ConfigError(f"--reprofile-every watches a sieve selection; --method {args.method} has none")
 
 
 def check_distributed(args) -> dict | None:
@@ -576,6 +621,47 @@ def place_experts(args, model, profile, selection, adapter_cfg, calib, log, prog
     return placements
 
 
+def run_training(args, model, loader, ckpt, monitor, placements, log, progress) -> list[float]:
+    """Every step, in one process or under DeepSpeed (expert-parallel: sharded first); with
+    ``--reselect-on-drift``, in segments: when the drift monitor stops a segment, adapters are added
+    on the newly hot experts and the next segment (a new optimizer) runs from that step."""
+    config = None
+    if args.deepspeed_config is not None:
+        if args.ep_size > 1:
+            shard_experts(model, deepspeed_expert_group(args.ep_size), placements)
+        config = dict(args.ds_config)
+        if args.max_grad_norm is not None:
+            config["gradient_clipping"] = args.max_grad_norm
+    clip = 1.0 if args.max_grad_norm is None else args.max_grad_norm
+    losses, first = [], 0
+    while True:
+        kw = dict(progress=progress, ckpt=ckpt, monitor=monitor, first_step=first)
+        if config is None:
+            losses += train(model, loader, args.max_steps, args.lr, clip=clip, **kw)
+        else:
+            losses += train_deepspeed(
+                model, loader, args.max_steps, args.lr, config, release=args.reselect_on_drift, **kw
+            )
+        if monitor.grow_request is None:
+            return losses
+        (first, grow), monitor.grow_request = monitor.grow_request, None
+        grow_expert_adapters(model, grow, model.moe_peft_config)
+        monitor.drift.grew(first, grow)
+        log(f"step {first}: adapters added on newly hot experts {grow}; training goes on with a new optimizer")
+
+
+def drift_monitor(args, model, profile, selection, calib, log, progress) -> RoutingDrift | None:
+    """``--reprofile-every``'s monitor, its baseline the profile the selection came from (a
+    ``--selection-file`` run profiles the calibration samples now)."""
+    if not args.reprofile_every:
+        return None
+    if args.reselect_on_drift and backend_for(model).NAME != "transformers":
+        raise ConfigError("--reselect-on-drift grows adapters on transformers MoE models only")
+    baseline = profile or profile_routing(model, calib(), progress=progress)
+    watched = {layer: ids for layer, ids in selection.items() if ids}
+    return RoutingDrift(args.reprofile_every, calib, watched, baseline, args.drift_warn, args.reselect_on_drift, log)
+
+
 def load_run_model(args, adapter_cfg, world: int):
     """The model and tokenizer; an expert-parallel sieve/LoRA run reads on each rank only its
     E/N experts of every MoE layer (``models.load_model(experts_group=...)``) unless
@@ -687,24 +773,15 @@ def run(args) -> int:
         args.batch_size,
         args.keep_best,
         resumed_from=str(resumed) if resumed else None,
+        drift=drift_monitor(args, model, profile, selection, calib, log, progress),
     )
     ckpt = Checkpointing(out / "checkpoints", args.save_every, Path(args.resume) if args.resume else None, fingerprint)
     start = time.perf_counter()
-    if args.deepspeed_config is None:
-        clip = 1.0 if args.max_grad_norm is None else args.max_grad_norm
-        losses = train(
-            model, loader, args.max_steps, args.lr, clip=clip, progress=progress, ckpt=ckpt, monitor=monitor
-        )
-    else:
-        if args.ep_size > 1:
-            shard_experts(model, deepspeed_expert_group(args.ep_size), placements)
-        config = dict(args.ds_config)
-        if args.max_grad_norm is not None:
-            config["gradient_clipping"] = args.max_grad_norm
-        losses = train_deepspeed(
-            model, loader, args.max_steps, args.lr, config, progress=progress, ckpt=ckpt, monitor=monitor
-        )
-    elapsed = time.perf_counter() - start
+    losses = run_training(args, model, loader, ckpt, monitor, placements, log, progress)
+    if monitor.drift is not None and monitor.drift.grown:  # more experts carry adapters now
+        sizes = size_report(model, all_experts_selection(model))
+    reprofiling = monitor.drift.seconds if monitor.drift is not None else 0.0
+    elapsed = time.perf_counter() - start - reprofiling  # the drift monitor's profiles are not training
     monitor.close()
 
     save_adapter(model, out)  # expert-parallel: every rank takes part, rank 0 writes
@@ -716,9 +793,11 @@ def run(args) -> int:
         plot_heatmap(profile, out / "routing_heatmap.png")
     record = {
         "losses": losses,
-        "evaluations": [r for r in monitor.history if "train_loss" not in r],
+        "evaluations": monitor.evaluations(),
         "first_step": args.max_steps - len(losses),
         "seconds": elapsed,
+        "reprofile_seconds": reprofiling,
+        "reselections": monitor.drift.grown if monitor.drift is not None else [],
         "sizes": sizes,
         "world_size": world,
         "peak_host_memory_bytes": [p["host"] for p in peak],  # per rank, loading included
