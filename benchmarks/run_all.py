@@ -45,6 +45,7 @@ BENCHMARKS = {
     "plans": ("plans.py", ["--quick"], [], "file"),
     "mixed_batch": ("mixed_batch.py", ["--quick"], [], "file"),
     "placement": ("placement.py", ["--quick"], [], "file"),
+    "drift_study": ("drift_study.py", ["--quick"], [], "file"),
 }
 
 
@@ -212,7 +213,17 @@ def plot_continual_study(result: dict, results: Path) -> list[str]:
     return names
 
 
-PLOTS = {"sieve_study": plot_sieve_study, "mixlora_study": plot_mixlora_study, "continual_study": plot_continual_study}
+def own_plot(name: str):
+    """A benchmark that draws its own ``<name>.png`` beside its results."""
+    return lambda result, results: [f"{name}.png"] if (results / f"{name}.png").exists() else []
+
+
+PLOTS = {
+    "sieve_study": plot_sieve_study,
+    "mixlora_study": plot_mixlora_study,
+    "continual_study": plot_continual_study,
+    "drift_study": own_plot("drift_study"),
+}
 
 
 def machine() -> str:

@@ -171,6 +171,24 @@ def train(
     )
 
 
+def train_reselecting(train_segment, model: nn.Module, monitor, log=print) -> list[float]:
+    """``train_segment(first_step) -> losses`` until the run's last step, where the drift monitor
+    (``monitor.drift``, ``--reselect-on-drift``) may stop a segment to ask for adapters on newly hot
+    experts: they are added (the trained ones kept) and the next segment, with a new optimizer, runs
+    from that step. Returns the losses of every step."""
+    from .backends.hf import grow_expert_adapters
+
+    losses, first = [], 0
+    while True:
+        losses += train_segment(first)
+        if monitor is None or monitor.grow_request is None:
+            return losses
+        (first, grow), monitor.grow_request = monitor.grow_request, None
+        grow_expert_adapters(model, grow, model.moe_peft_config)
+        monitor.drift.grew(first, grow)
+        log(f"step {first}: adapters added on newly hot experts {grow}; training goes on with a new optimizer")
+
+
 def train_multi_adapter(
     model: nn.Module,
     loaders: dict,

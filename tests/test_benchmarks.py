@@ -235,6 +235,7 @@ def test_run_all_quick_writes_a_well_formed_report(tmp_path):
         "plans",
         "mixed_batch",
         "placement",
+        "drift_study",
     ):
         assert f"## {name}" in report and (results / f"{name}.json").exists(), name
         json.loads((results / f"{name}.json").read_text())

@@ -124,6 +124,30 @@ def test_two_ranks_train_the_adapter_of_one_process_with_the_global_batch(tmp_pa
 
 
 @pytest.mark.slow
+def test_placements_and_reselection_under_expert_parallel_train_the_adapter_of_one_process(tmp_path):
+    """EP=2 ZeRO-2 with experts placed by id, and with the drift monitor growing adapters mid-run
+    (balanced placement, the default; a new engine per segment), each train what one process
+    trains with the global batch."""
+    zero2, per_rank = ROOT / "ds_configs" / "zero2_fp32.json", ("--batch-size", "4", *CLIP)
+    single = launch(tmp_path / "single", None, 1, 0, "--batch-size", "8", *CLIP)
+    by_id = launch(tmp_path / "by-id", zero2, 2, 29571, *per_rank, "--expert-placement", "contiguous")
+    assert_same_adapter(by_id, single, "EP=2 by id")
+    assert by_id["config"]["expert_placement"] == {}
+    drift = ("--reprofile-every", "3", "--reselect-on-drift", "--drift-warn", "0.001")
+    drift += ("--attention-lora", "q_proj", "v_proj", "--lr", "1e-2")
+    single = launch(tmp_path / "single-drift", None, 1, 0, "--batch-size", "8", *CLIP, *drift)
+    reselecting = launch(tmp_path / "ep2-drift", zero2, 2, 29572, *per_rank, *drift)
+    assert single["log"]["reselections"] and reselecting["log"]["reselections"] == single["log"]["reselections"]
+    assert_same_adapter(reselecting, single, "EP=2 reselecting")
+    placement = reselecting["config"]["expert_placement"]
+    assert sorted(placement) == ["0", "1", "2", "3"]
+    assert all(
+        sorted(p[0] + p[1]) == list(range(16)) and p != [list(range(8)), list(range(8, 16))]
+        for p in placement.values()
+    )
+
+
+@pytest.mark.slow
 def test_gradient_accumulation_steps_make_one_optimizer_step_of_the_whole_global_batch(tmp_path):
     """--max-steps counts optimizer steps: 2 accumulated micro-batches of 4 == one process with 8."""
     config = preset_with("zero0_fp32.json", tmp_path, "gas2", gradient_accumulation_steps=2)

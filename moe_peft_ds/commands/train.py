@@ -38,7 +38,7 @@ from moe_peft_ds import (
     select_experts,
 )
 from moe_peft_ds.backends import backend_for
-from moe_peft_ds.backends.hf import FusedExpertsWithLoRA, grow_expert_adapters
+from moe_peft_ds.backends.hf import FusedExpertsWithLoRA
 from moe_peft_ds.backends.hf_load import place_loaded_experts
 from moe_peft_ds.checkpoint import CONFIG_NAME, adapter_nbytes
 from moe_peft_ds.cli import (
@@ -75,7 +75,7 @@ from moe_peft_ds.placement import PLACEMENTS, placement_summary
 from moe_peft_ds.profiling import format_skew, plot_heatmap
 from moe_peft_ds.resume import check_resume, resolve_resume
 from moe_peft_ds.tasks import get_task, load_items
-from moe_peft_ds.train import Checkpointing, count_trainable, train, train_deepspeed
+from moe_peft_ds.train import Checkpointing, count_trainable, train, train_deepspeed, train_reselecting
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -633,21 +633,14 @@ def run_training(args, model, loader, ckpt, monitor, placements, log, progress) 
         if args.max_grad_norm is not None:
             config["gradient_clipping"] = args.max_grad_norm
     clip = 1.0 if args.max_grad_norm is None else args.max_grad_norm
-    losses, first = [], 0
-    while True:
+
+    def segment(first: int) -> list[float]:
         kw = dict(progress=progress, ckpt=ckpt, monitor=monitor, first_step=first)
         if config is None:
-            losses += train(model, loader, args.max_steps, args.lr, clip=clip, **kw)
-        else:
-            losses += train_deepspeed(
-                model, loader, args.max_steps, args.lr, config, release=args.reselect_on_drift, **kw
-            )
-        if monitor.grow_request is None:
-            return losses
-        (first, grow), monitor.grow_request = monitor.grow_request, None
-        grow_expert_adapters(model, grow, model.moe_peft_config)
-        monitor.drift.grew(first, grow)
-        log(f"step {first}: adapters added on newly hot experts {grow}; training goes on with a new optimizer")
+            return train(model, loader, args.max_steps, args.lr, clip=clip, **kw)
+        return train_deepspeed(model, loader, args.max_steps, args.lr, config, release=args.reselect_on_drift, **kw)
+
+    return train_reselecting(segment, model, monitor, log)
 
 
 def drift_monitor(args, model, profile, selection, calib, log, progress) -> RoutingDrift | None:
