@@ -124,7 +124,7 @@ def run_one(base, tokenizer, examples, items, calib, baseline, selection, varian
                 model, loader, args.steps, args.lr, clip=1.0, progress=False, monitor=monitor, first_step=first
             )
 
-        losses = train_reselecting(segment, model, monitor, log=lambda line: None)
+        losses = train_reselecting(segment, model, monitor, log=lambda line: None, seed=seed)
         monitor.close()
     history = drift.history
     falls = [

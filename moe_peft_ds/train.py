@@ -171,11 +171,11 @@ def train(
     )
 
 
-def train_reselecting(train_segment, model: nn.Module, monitor, log=print) -> list[float]:
+def train_reselecting(train_segment, model: nn.Module, monitor, log=print, seed: int = 0) -> list[float]:
     """``train_segment(first_step) -> losses`` until the run's last step, where the drift monitor
     (``monitor.drift``, ``--reselect-on-drift``) may stop a segment to ask for adapters on newly hot
-    experts: they are added (the trained ones kept) and the next segment, with a new optimizer, runs
-    from that step. Returns the losses of every step."""
+    experts: they are added (the trained ones kept; the new ones drawn from ``seed`` and the step)
+    and the next segment, with a new optimizer, runs from that step. Returns every step's loss."""
     from .backends.hf import grow_expert_adapters
 
     losses, first = [], 0
@@ -184,7 +184,7 @@ def train_reselecting(train_segment, model: nn.Module, monitor, log=print) -> li
         if monitor is None or monitor.grow_request is None:
             return losses
         (first, grow), monitor.grow_request = monitor.grow_request, None
-        grow_expert_adapters(model, grow, model.moe_peft_config)
+        grow_expert_adapters(model, grow, model.moe_peft_config, seed=seed * 100_003 + first)
         monitor.drift.grew(first, grow)
         log(f"step {first}: adapters added on newly hot experts {grow}; training goes on with a new optimizer")
 

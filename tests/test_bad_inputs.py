@@ -417,7 +417,7 @@ CASES = [
         "resume-other-data",
         "train",
         f"{TRAIN} --resume {ADAPTER}/checkpoints --data {{d}}/data/good.jsonl",
-        "error: --resume {d}/runs/sieve/checkpoints/step_2 was saved by a different run: adapter_config (saved '147ad1863c96', now 'c9c740a08126'); selection (saved '3b54893b0838', now 'fab37b45a00c'); data (saved 'demo:arithmetic (split train)', now '{d}/data/good.jsonl (split train)'); examples (saved 'f1f98bb6bd59', now '134bc8403914'); resume with the saved run's flags, data and number of ranks",
+        "error: --resume {d}/runs/sieve/checkpoints/step_2 was saved by a different run: adapter_config (saved 'e93eaade731a', now '362cc0ed35ec'); selection (saved '3b54893b0838', now 'fab37b45a00c'); data (saved 'demo:arithmetic (split train)', now '{d}/data/good.jsonl (split train)'); examples (saved 'f1f98bb6bd59', now '134bc8403914'); resume with the saved run's flags, data and number of ranks",
     ),
     (
         "resume-other-batch-size",
@@ -429,19 +429,19 @@ CASES = [
         "resume-other-fraction",
         "train",
         f"{TRAIN} --resume {ADAPTER}/checkpoints --sieve-fraction 0.5",
-        "error: --resume {d}/runs/sieve/checkpoints/step_2 was saved by a different run: adapter_config (saved '147ad1863c96', now 'c289c8189d89'); selection (saved '3b54893b0838', now '041afb8398d8'); resume with the saved run's flags, data and number of ranks",
+        "error: --resume {d}/runs/sieve/checkpoints/step_2 was saved by a different run: adapter_config (saved 'e93eaade731a', now '9ddb64438654'); selection (saved '3b54893b0838', now '041afb8398d8'); resume with the saved run's flags, data and number of ranks",
     ),
     (
         "resume-a-lora-run",
         "train",
         f"{TRAIN} --resume {{d}}/runs/lora/checkpoints",
-        "error: --resume {d}/runs/lora/checkpoints/step_2 was saved by a different run: method (saved 'lora', now 'sieve'); adapter_config (saved '9c43d146f88a', now '147ad1863c96'); selection (saved '97a044172e3f', now '3b54893b0838'); resume with the saved run's flags, data and number of ranks",
+        "error: --resume {d}/runs/lora/checkpoints/step_2 was saved by a different run: method (saved 'lora', now 'sieve'); adapter_config (saved 'd842eddb8efd', now 'e93eaade731a'); selection (saved '97a044172e3f', now '3b54893b0838'); resume with the saved run's flags, data and number of ranks",
     ),
     (
         "resume-a-mixlora-run",
         "train",
         f"{TRAIN} --resume {{d}}/runs/mixlora/checkpoints",
-        "error: --resume {d}/runs/mixlora/checkpoints/step_2 was saved by a different run: model (saved 'tiny-llama', now 'tiny-mixtral'); method (saved 'mixlora', now 'sieve'); adapter_config (saved '350a492bdcae', now '147ad1863c96'); selection (saved '74234e98afe7', now '3b54893b0838'); resume with the saved run's flags, data and number of ranks",
+        "error: --resume {d}/runs/mixlora/checkpoints/step_2 was saved by a different run: model (saved 'tiny-llama', now 'tiny-mixtral'); method (saved 'mixlora', now 'sieve'); adapter_config (saved 'c9cffd2803e6', now 'e93eaade731a'); selection (saved '74234e98afe7', now '3b54893b0838'); resume with the saved run's flags, data and number of ranks",
     ),
     (
         "resume-past-max-steps",

@@ -134,7 +134,7 @@ def test_placements_and_reselection_under_expert_parallel_train_the_adapter_of_o
     assert_same_adapter(by_id, single, "EP=2 by id")
     assert by_id["config"]["expert_placement"] == {}
     drift = ("--reprofile-every", "3", "--reselect-on-drift", "--drift-warn", "0.001")
-    drift += ("--attention-lora", "q_proj", "v_proj", "--lr", "1e-2")
+    drift += ("--attention-lora", "q_proj", "v_proj")  # attention LoRA moves the routing of every layer
     single = launch(tmp_path / "single-drift", None, 1, 0, "--batch-size", "8", *CLIP, *drift)
     reselecting = launch(tmp_path / "ep2-drift", zero2, 2, 29572, *per_rank, *drift)
     assert single["log"]["reselections"] and reselecting["log"]["reselections"] == single["log"]["reselections"]

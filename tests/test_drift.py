@@ -108,8 +108,8 @@ def _grow_on_rank(rank, world, out_dir):
     apply_sieve_lora(model, SELECTION, AdapterConfig(r=4))
     randomize_adapters(model)
     shard_experts(model, dist.group.WORLD, {1: [[0, 2, 5, 7], [1, 3, 4, 6]]})
-    torch.manual_seed(1)
-    grow_expert_adapters(model, {1: [0, 3, 7]}, model.moe_peft_config)
+    torch.manual_seed(1 + rank)  # the generators differ from rank to rank: the growth draws from its seed
+    grow_expert_adapters(model, {1: [0, 3, 7]}, model.moe_peft_config, seed=4)
     local = find_moe_blocks(model)[1].experts.local
     assert local.expert_ids == [[0, 5, 7], [3, 6]][rank]
     assert all(getattr(p, "allreduce", True) is False for p in local.parameters())  # tagged expert-local
@@ -122,8 +122,8 @@ def test_growing_expert_parallel_equals_one_process(tmp_path):
     model = tiny_model("mixtral")
     apply_sieve_lora(model, SELECTION, AdapterConfig(r=4))
     randomize_adapters(model)
-    torch.manual_seed(1)
-    grow_expert_adapters(model, {1: [0, 3, 7]}, model.moe_peft_config)
+    torch.manual_seed(99)
+    grow_expert_adapters(model, {1: [0, 3, 7]}, model.moe_peft_config, seed=4)
     save_adapter(model, tmp_path / "single")
     single, ep2 = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("single", "ep2"))
     assert single.keys() == ep2.keys() and all(torch.equal(single[k], ep2[k]) for k in single)

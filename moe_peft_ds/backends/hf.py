@@ -358,16 +358,19 @@ def shard_moe_blocks(model: nn.Module, cfg: AdapterConfig, group, placements: di
 
 
 @torch.no_grad()
-def _grown(local: FusedExpertsWithLoRA, new_ids: list[int], num_experts: int, cfg: AdapterConfig):
+def _grown(local: FusedExpertsWithLoRA, new_ids: list[int], num_experts: int, cfg: AdapterConfig, seed: int):
     """``local`` with adapters on ``new_ids`` (global ids of a layer of ``num_experts``) as well:
-    the trained adapters are copied, the new ones initialised with the draws a whole layer's
-    adapters on ``new_ids`` would take, on every rank alike (each keeps those it holds)."""
+    the trained adapters are copied, the new ones initialised from ``seed`` with the draws a whole
+    layer's adapters on ``new_ids`` would take, on every rank alike (each keeps those it holds),
+    whatever else has drawn from the random generators before."""
     base, layout = local.base, ExpertsLayout.of(local.base)
     whole = dataclasses.replace(cfg, use_dora=False)
     fresh = {}
-    for t in layout.tensors(cfg):
-        w = weight_out_in(base, t, layout.transposed)
-        fresh[t] = ExpertLoRA(new_ids, w[:1].expand(num_experts, *w.shape[1:]), whole)
+    with no_random_draws(base.down_proj.device):
+        torch.manual_seed(seed)
+        for t in layout.tensors(cfg):
+            w = weight_out_in(base, t, layout.transposed)
+            fresh[t] = ExpertLoRA(new_ids, w[:1].expand(num_experts, *w.shape[1:]), whole)
     held = [e for e in new_ids if e in local.held]
     with no_random_draws(base.down_proj.device):
         grown = FusedExpertsWithLoRA(base, sorted(set(local.expert_ids) | set(held)), cfg, held=local.held)
@@ -383,10 +386,10 @@ def _grown(local: FusedExpertsWithLoRA, new_ids: list[int], num_experts: int, cf
     return grown
 
 
-def grow_expert_adapters(model: nn.Module, experts: dict[int, list[int]], cfg: AdapterConfig) -> None:
+def grow_expert_adapters(model: nn.Module, experts: dict[int, list[int]], cfg: AdapterConfig, seed: int = 0) -> None:
     """Add adapters on ``experts`` (``{layer: global ids}``, not yet selected) of a sieve model,
-    keeping the trained ones, expert-parallel or not; ``cfg.selection`` grows with them. The
-    optimizer must be built again afterwards (new parameters)."""
+    keeping the trained ones, expert-parallel or not, the new ones drawn from ``seed`` (and the
+    layer); ``cfg.selection`` grows with them. The optimizer must be built again afterwards."""
     blocks = {b.layer: b for b in check_selection(model, experts)}
     for layer, ids in experts.items():
         block = blocks[layer]
@@ -396,7 +399,8 @@ def grow_expert_adapters(model: nn.Module, experts: dict[int, list[int]], cfg: A
         if not isinstance(local, FusedExpertsWithLoRA):
             raise ValueError(f"layer {layer} carries no expert adapters to grow")
         total = wrapper.num_experts if parallel else local.num_experts
-        grown = _grown(local, [e for e in ids if e not in cfg.selection.get(layer, [])], total, cfg)
+        new = [e for e in ids if e not in cfg.selection.get(layer, [])]
+        grown = _grown(local, new, total, cfg, seed * 1000 + layer)
         if parallel:
             tag_expert_local(grown.parameters(), wrapper.ep_size)
             wrapper.local = grown

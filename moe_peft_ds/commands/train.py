@@ -640,7 +640,7 @@ def run_training(args, model, loader, ckpt, monitor, placements, log, progress) 
             return train(model, loader, args.max_steps, args.lr, clip=clip, **kw)
         return train_deepspeed(model, loader, args.max_steps, args.lr, config, release=args.reselect_on_drift, **kw)
 
-    return train_reselecting(segment, model, monitor, log)
+    return train_reselecting(segment, model, monitor, log, seed=args.seed)
 
 
 def drift_monitor(args, model, profile, selection, calib, log, progress) -> RoutingDrift | None:
