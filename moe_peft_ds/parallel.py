@@ -55,3 +55,16 @@ def plan_placements(
     share = adapter_flops_share(model, cfg) if isinstance(cfg, AdapterConfig) else 0.0
     selection = selection or {}
     return {layer: balanced(expert_loads(c, selection.get(layer, ()), share), ep_size) for layer, c in counts.items()}
+
+
+def place_mixlora_experts(model: nn.Module, placements: dict[int, list[list[int]]]) -> None:
+    """Move the LoRA experts of an expert-parallel MixLoRA model to ``placements`` (``{layer:
+    placement}``; every rank calls this): each layer gathers its experts and keeps those the
+    placement gives it (``MixLoRAFFN.unshard`` / ``shard``)."""
+    for index, layer in mixlora_layers(model):
+        if layer.dispatch is None:
+            raise ValueError("place_mixlora_experts takes an expert-parallel MixLoRA model (shard_experts first)")
+        group = layer.dispatch.group
+        layer.unshard()
+        layer.shard(group, placements.get(index))
+    model.moe_peft_config.expert_placement = dict(placements)

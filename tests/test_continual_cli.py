@@ -143,6 +143,7 @@ def test_help_explains_every_flag(capsys):
         "--strategies",
         "--train-old-router",
         "--ep-size",
+        "--expert-placement",
         "--dtype",
     ):
         assert flag in text
@@ -173,8 +174,13 @@ def test_deepspeed_ranks_data_and_expert_parallel_train_what_one_process_trains(
     ]
     runs = {0: tmp_path / "single"}
     assert continual_main([*flags, "--batch-size", "8", "--output-dir", str(runs[0])]) == 0
-    layouts = {"dp2": (2, 1, 29611), "ep2": (2, 2, 29612), "ep2x2": (4, 2, 29613)}  # ranks, ep size, port
-    for name, (ranks, ep, port) in layouts.items():
+    # ranks, ep size, port, placement: EP=2 with the experts of each task placed by the routers' loads
+    layouts = {
+        "dp2": (2, 1, 29611, []),
+        "ep2": (2, 2, 29612, ["--expert-placement", "balanced"]),
+        "ep2x2": (4, 2, 29613, []),
+    }
+    for name, (ranks, ep, port, placement) in layouts.items():
         out = runs[name] = tmp_path / name
         cmd = [
             "deepspeed",
@@ -190,12 +196,18 @@ def test_deepspeed_ranks_data_and_expert_parallel_train_what_one_process_trains(
             str(ROOT / "ds_configs" / "zero2_fp32.json"),
             "--ep-size",
             str(ep),
+            *placement,
             "--output-dir",
             str(out),
         ]
         proc = run_deepspeed(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _frozen_experts_unchanged(runs["dp2"] / "dynamic", "stage_0_arith", "stage_1_code", [0, 1])
+    placed = json.loads((runs["ep2"] / "dynamic" / "stage_1_code" / "adapter_config.json").read_text())
+    tasks = placed["expert_tasks"]
+    for layer in placed["expert_placement"].values():  # every rank holds an equal share of each task's experts
+        assert sorted(layer[0] + layer[1]) == list(range(len(tasks)))
+        assert all(sum(tasks[e] == t for e in held) * 2 == tasks.count(t) for held in layer for t in set(tasks))
     single = json.loads((runs[0] / "dynamic" / "metrics.json").read_text())
     assert [len(row) for row in single["accuracy"]] == [1, 2]
     for ep in layouts:

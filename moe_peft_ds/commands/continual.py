@@ -59,15 +59,18 @@ from moe_peft_ds.continual import (
     router_kl,
     router_targets,
 )
-from moe_peft_ds.data import load_examples, make_loader, make_train_loader, resolve_data
+from moe_peft_ds.data import calibration_batches, load_examples, make_loader, make_train_loader, resolve_data
 from moe_peft_ds.dispatch import deepspeed_expert_group
 from moe_peft_ds.ds_config import load_deepspeed_config
 from moe_peft_ds.evaluate import exact_match
+from moe_peft_ds.mixlora import routing_counts
 from moe_peft_ds.models import DTYPES, load_model, load_tokenizer
-from moe_peft_ds.parallel import shard_experts
+from moe_peft_ds.parallel import place_mixlora_experts, plan_placements, shard_experts
+from moe_peft_ds.placement import PLACEMENTS
 from moe_peft_ds.train import train, train_deepspeed
 
 STRATEGIES = ("dynamic", "lora", "mixlora")
+PLACEMENT_SAMPLES = 256  # training samples whose routing a balanced placement spreads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -180,6 +183,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--deepspeed_config; the lora baseline (one expert) stays data parallel (default 1)",
     )
     d.add_argument(
+        "--expert-placement",
+        choices=PLACEMENTS,
+        default="contiguous",
+        help="with --ep-size > 1, which LoRA experts each rank holds from each task on: contiguous (every task's "
+        "experts in equal slices by id) or balanced (the routers' loads on the task's first "
+        f"{PLACEMENT_SAMPLES} training samples spread evenly, each task's experts still split equally) "
+        "(default contiguous)",
+    )
+    d.add_argument(
         "--dist-timeout",
         type=int,
         default=1800,
@@ -238,6 +250,8 @@ def check_args(args) -> list[tuple[str, str]]:
         check_positive(train_samples=args.train_samples)
     if args.ep_size > 1 and args.deepspeed_config is None:
         raise ConfigError("--ep-size > 1 needs --deepspeed_config (run under the deepspeed launcher)")
+    if args.expert_placement == "balanced" and args.ep_size == 1:
+        raise ConfigError("--expert-placement places experts on expert-parallel ranks; it needs --ep-size > 1")
     if args.experts_per_task % args.ep_size:
         raise ConfigError(
             f"--experts-per-task {args.experts_per_task} must be a multiple of --ep-size {args.ep_size}: "
@@ -340,6 +354,9 @@ def run_strategy(args, strategy: str, tasks, data, rank: int, world: int, log) -
                 shard_experts(model, deepspeed_expert_group(args.ep_size))
         elif strategy == "dynamic":
             grow_experts(model, args.experts_per_task, name, args.train_old_router)
+        balance = args.expert_placement == "balanced" and args.ep_size > 1 and strategy != "lora"
+        if balance:
+            place_balanced(args, model, train_ex, tokenizer, rank, world)
         replay = [x for n in seen for x in data[n][0][: args.replay_size]] if protect else []
         loader = make_train_loader(train_ex + replay, tokenizer, args.batch_size, args.seed + i, rank, world)
         kw = dict(progress=not args.no_progress and rank == 0, extra_loss=extra)
@@ -355,6 +372,8 @@ def run_strategy(args, strategy: str, tasks, data, rank: int, world: int, log) -
             changes = manage_pool(
                 args, model, tokenizer, [x for n in seen for x in data[n][0][: args.profile_samples]], log
             )
+            if balance and changes:  # pruning or merging re-split the pool by id
+                place_balanced(args, model, train_ex, tokenizer, rank, world)
         scores = {n: exact_match(model, make_loader(data[n][1], tokenizer, args.batch_size)) for n in seen}
         record["accuracy"].append([scores[n]["exact_match"] for n in seen])
         record["exact_match_detail"].append(scores)
@@ -372,6 +391,14 @@ def run_strategy(args, strategy: str, tasks, data, rank: int, world: int, log) -
     if rank == 0:
         (out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def place_balanced(args, model, examples, tokenizer, rank, world) -> None:
+    """Spread the MixLoRA routers' loads on ``examples`` (the task's first training samples) over
+    the expert-parallel ranks, each task's experts still split equally (every rank calls this)."""
+    calib = calibration_batches(examples[:PLACEMENT_SAMPLES], tokenizer, args.batch_size, rank, world)
+    counts = routing_counts(model, calib)
+    place_mixlora_experts(model, plan_placements(model, counts, args.ep_size, "balanced", model.moe_peft_config))
 
 
 def plot(records: dict[str, dict], path: Path) -> None:
