@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -37,7 +36,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 from measure import fill_defaults, write_result  # noqa: E402
-from testbed import mean_std, task_pairs  # noqa: E402
+from testbed import mean_std, study_machine, task_pairs  # noqa: E402
 
 from moe_peft_ds.commands.continual import main as continual_main  # noqa: E402
 
@@ -184,7 +183,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "continual_study",
         "date": _dt.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": study_machine(),
         "settings": {
             "tasks": list(TASKS),
             "seeds": args.seeds,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,10 +39,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from measure import fill_defaults, write_result  # noqa: E402
 from sieve_study import DEFAULTS as SIEVE  # noqa: E402
-from testbed import held_out_accuracy, mean_std, task_pairs  # noqa: E402
+from testbed import held_out_accuracy, mean_std, profiled_task, study_machine  # noqa: E402
 
-from moe_peft_ds import AdapterConfig, apply_sieve_lora, profile_routing, select_experts  # noqa: E402
-from moe_peft_ds.data import encode, make_loader, make_train_loader  # noqa: E402
+from moe_peft_ds import AdapterConfig, apply_sieve_lora, select_experts  # noqa: E402
+from moe_peft_ds.data import make_train_loader  # noqa: E402
 from moe_peft_ds.drift import RoutingDrift  # noqa: E402
 from moe_peft_ds.models import load_model  # noqa: E402
 from moe_peft_ds.monitor import TrainingMonitor  # noqa: E402
@@ -217,10 +216,9 @@ def main(argv=None) -> int:
     base.requires_grad_(False)
     runs = []
     for task in args.tasks:
-        pairs, items = task_pairs(task, seed=0, n_train=args.n_train, n_eval=args.n_eval)
-        examples = [encode(p, tokenizer, 128) for p in pairs]
-        calib = list(make_loader(examples[: args.calibration], tokenizer, 32))
-        baseline = profile_routing(base, calib, progress=False, model_id="tiny-mixtral", data_id=f"{task}:train")
+        examples, items, calib, baseline = profiled_task(
+            base, tokenizer, task, args.n_train, args.n_eval, args.calibration
+        )
         selection = select_experts(baseline, policy="topk", fraction=0.25)
         for seed in args.seeds:
             for variant in VARIANTS:
@@ -234,7 +232,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "drift_study",
         "date": _dt.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": study_machine(),
         "settings": {k: getattr(args, k) for k in DEFAULTS},
         "table": summarise(runs),
         "runs": runs,

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import platform
 import random
 import statistics
 import sys
@@ -48,7 +47,7 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 from measure import fill_defaults, write_result  # noqa: E402
-from testbed import TASK_NAMES, fine_tune, held_out_accuracy, mean_std, task_pairs  # noqa: E402
+from testbed import TASK_NAMES, fine_tune, held_out_accuracy, mean_std, study_machine, task_pairs  # noqa: E402
 
 from moe_peft_ds import MixLoRAConfig, apply_mixlora  # noqa: E402
 from moe_peft_ds.data import encode  # noqa: E402
@@ -355,7 +354,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "mixlora_study",
         "date": _dt.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": study_machine(),
         "settings": {
             k: getattr(args, k)
             for k in (

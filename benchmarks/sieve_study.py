@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -40,11 +39,10 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 from measure import fill_defaults, write_result  # noqa: E402
-from testbed import TASK_NAMES, fine_tune, held_out_accuracy, mean_std, task_pairs  # noqa: E402
+from testbed import TASK_NAMES, fine_tune, held_out_accuracy, mean_std, profiled_task, study_machine  # noqa: E402
 
-from moe_peft_ds import AdapterConfig, all_experts_selection, apply_sieve_lora, profile_routing, select_experts  # noqa: E402
+from moe_peft_ds import AdapterConfig, all_experts_selection, apply_sieve_lora, select_experts  # noqa: E402
 from moe_peft_ds.checkpoint import adapter_nbytes  # noqa: E402
-from moe_peft_ds.data import encode, make_loader  # noqa: E402
 from moe_peft_ds.models import load_model  # noqa: E402
 from moe_peft_ds.train import count_trainable  # noqa: E402
 
@@ -294,17 +292,7 @@ def main(argv=None) -> int:
     base.requires_grad_(False)
     runs, base_accuracy, profiles = [], {}, {}
     for task in args.tasks:
-        pairs, items = task_pairs(
-            task, seed=0, n_train=args.n_train, n_eval=args.n_eval
-        )  # the data is fixed; seeds vary training
-        examples = [encode(p, tokenizer, 128) for p in pairs]
-        profile = profile_routing(
-            base,
-            make_loader(examples[: args.calibration], tokenizer, 32),
-            progress=False,
-            model_id="tiny-mixtral",
-            data_id=f"{task}:train",
-        )
+        examples, items, _, profile = profiled_task(base, tokenizer, task, args.n_train, args.n_eval, args.calibration)
         profiles[task] = profile.skew()
         base_accuracy[task] = held_out_accuracy(base, tokenizer, items)
         for seed in args.seeds:
@@ -321,7 +309,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "sieve_study",
         "date": _dt.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": study_machine(),
         "settings": {
             k: getattr(args, k)
             for k in (

@@ -18,6 +18,7 @@ chosen on the eval split.
 from __future__ import annotations
 
 import itertools
+import platform
 import random
 import statistics
 import time
@@ -26,8 +27,9 @@ from typing import Callable
 from measure import peak_rss_delta  # benchmarks/ is on sys.path: the studies import this module from there
 from transformers import get_cosine_schedule_with_warmup
 
-from moe_peft_ds.data import make_train_loader
+from moe_peft_ds.data import encode, make_loader, make_train_loader
 from moe_peft_ds.evaluate import accuracy, score_items
+from moe_peft_ds.profiling import RoutingProfile, profile_routing
 from moe_peft_ds.tasks import MCItem
 from moe_peft_ds.train import build_optimizer, train_step
 
@@ -180,3 +182,24 @@ def fine_tune(
 def _evaluated(model, evaluate):
     model.eval()
     return evaluate()
+
+
+def study_machine() -> str:
+    """The machine line of a study's result."""
+    import torch
+
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+
+
+def profiled_task(base, tokenizer, task: str, n_train: int, n_eval: int, calibration: int):
+    """A task's training examples (encoded), held-out items, calibration batches (the first
+    ``calibration`` training samples) and the base model's routing profile on them."""
+    pairs, items = task_pairs(task, seed=0, n_train=n_train, n_eval=n_eval)  # the data is fixed; seeds vary training
+    examples = [encode(p, tokenizer, 128) for p in pairs]
+    calib = list(make_loader(examples[:calibration], tokenizer, 32))
+    profile: RoutingProfile = profile_routing(
+        base, calib, progress=False, model_id="tiny-mixtral", data_id=f"{task}:train"
+    )
+    return examples, items, calib, profile

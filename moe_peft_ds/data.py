@@ -227,9 +227,15 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def make_loader(examples: list[dict], tokenizer, batch_size: int) -> DataLoader:
-    """Batches of ``examples`` in order, the last one possibly short (calibration, evaluation)."""
+    """Batches of ``examples`` in order, the last one possibly short (calibration, evaluation). Its
+    own generator: iterating a DataLoader draws a seed, which must not move the training run's
+    random stream (a rank that profiles for its expert placement would then draw other adapters)."""
     return DataLoader(
-        examples, batch_size=batch_size, shuffle=False, collate_fn=lambda b: collate(b, tokenizer.pad_token_id)
+        examples,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=lambda b: collate(b, tokenizer.pad_token_id),
+        generator=torch.Generator(),
     )
 
 

@@ -397,6 +397,17 @@ def routing_counts(model: nn.Module, batches) -> dict[int, list[int]]:
     return {index: [round(c) for c in row] for (index, _), row in zip(layers, totals.tolist())}
 
 
+def pool_groups(layer: MixLoRAFFN) -> list[list[int]]:
+    """The global ids of each expert group of ``layer`` (one per task of a continual pool), gathered
+    from every rank when it is expert-parallel (every rank of its group must call this)."""
+    local = [g.expert_ids for g in expert_groups(layer.adapter.lora["gate_proj"])]
+    if layer.dispatch is None:
+        return local
+    parts = [None] * dist.get_world_size(layer.dispatch.group)
+    dist.all_gather_object(parts, local, group=layer.dispatch.group)
+    return [sorted(e for part in parts for e in part[i]) for i in range(len(local))]
+
+
 def _part(ids: list[int], r: int, n: int) -> list[int]:
     """The ``r``-th of ``n`` equal slices of ``ids``."""
     share = len(ids) // n

@@ -7,7 +7,7 @@ from torch import nn
 
 from .backends.hf import adapter_flops_share, shard_moe_blocks
 from .config import AdapterConfig
-from .mixlora import expert_groups, mixlora_layers
+from .mixlora import mixlora_layers, pool_groups
 from .placement import PLACEMENTS, balanced, expert_loads
 
 
@@ -46,12 +46,7 @@ def plan_placements(
         return {}
     mixlora = dict(mixlora_layers(model))
     if mixlora:
-        return {
-            layer: balanced(
-                counts[layer], ep_size, [g.expert_ids for g in expert_groups(ffn.adapter.lora["gate_proj"])]
-            )
-            for layer, ffn in mixlora.items()
-        }
+        return {layer: balanced(counts[layer], ep_size, pool_groups(ffn)) for layer, ffn in mixlora.items()}
     share = adapter_flops_share(model, cfg) if isinstance(cfg, AdapterConfig) else 0.0
     selection = selection or {}
     return {layer: balanced(expert_loads(c, selection.get(layer, ()), share), ep_size) for layer, c in counts.items()}

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -44,6 +45,20 @@ def parameters_to_train(model: nn.Module, lr: float) -> list[nn.Parameter]:
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     params = parameters_to_train(model, lr)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def learning_rate_schedule(optimizer, warmup: int, steps: int, restart: int = 0):
+    """transformers' warm-up then cosine decay over ``steps``; with ``restart`` (a later segment of a
+    reselecting run, whose optimizer starts afresh at that step) a second warm-up from there into
+    the same cosine: Adam's first steps move every parameter by about the learning rate, which at
+    full rate would undo what the adapters learnt."""
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
+    if not restart:
+        return schedule
+    cosine = schedule.lr_lambdas[0]
+    return LambdaLR(
+        optimizer, lambda s: cosine(s) * (1.0 if s < restart else min(1.0, (s - restart + 1) / (warmup + 1)))
+    )
 
 
 def train_step(model: nn.Module, batch: dict, optimizer, scheduler, clip: float, extra_loss=None) -> float:
@@ -154,7 +169,7 @@ def train(
     """Train for ``steps`` optimizer steps in one process (from ``first_step``, see ``_run_steps``);
     returns the loss of every step run."""
     optimizer = build_optimizer(model, lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
+    scheduler = learning_rate_schedule(optimizer, warmup, steps, restart=first_step)
     model.train()
     device = model_device(model)
     return _run_steps(
@@ -313,7 +328,7 @@ def train_deepspeed(
     else:
         optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     # A factory: the schedule must drive the optimizer DeepSpeed hands back (ZeRO wraps it).
-    schedule = lambda opt: get_cosine_schedule_with_warmup(opt, min(warmup, steps), steps)  # noqa: E731
+    schedule = lambda opt: learning_rate_schedule(opt, warmup, steps, restart=first_step)  # noqa: E731
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=config
     )

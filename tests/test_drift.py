@@ -35,6 +35,25 @@ def test_measures():
     assert falling_layers(record, 20.0) == {}
 
 
+def test_a_restarted_optimizer_warms_up_again_into_the_same_cosine():
+    from moe_peft_ds.train import learning_rate_schedule
+
+    def rates(restart):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = learning_rate_schedule(opt, 10, 100, restart=restart)
+        seen = []
+        for _ in range(100):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            schedule.step()
+        return seen
+
+    plain, restarted = rates(0), rates(40)
+    assert restarted[:40] == plain[:40]
+    assert restarted[40] == pytest.approx(plain[40] / 11) and restarted[45] == pytest.approx(plain[45] * 6 / 11)
+    assert restarted[50:] == pytest.approx(plain[50:])
+
+
 def _batches(n=4):
     g = torch.Generator().manual_seed(5)
     return [

@@ -133,6 +133,7 @@ def test_two_ranks_data_and_expert_parallel_train_the_mixlora_of_one_process(lla
             str(ROOT / "ds_configs" / "zero2_fp32.json"),
             "--ep-size",
             str(ep),
+            *(["--expert-placement", "balanced"] if ep == 2 else []),  # the LoRA experts placed by the routers' loads
             "--output-dir",
             str(out),
         ]
@@ -144,6 +145,10 @@ def test_two_ranks_data_and_expert_parallel_train_the_mixlora_of_one_process(lla
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"EP={ep} {key}")
         log = json.loads((out / "train_log.json").read_text())
         assert log["losses"] == pytest.approx(la, rel=1e-4)
+        placement = json.loads((out / "adapter_config.json").read_text())["expert_placement"]
+        assert (len(placement) == 2 and all(sorted(p[0] + p[1]) == list(range(4)) for p in placement.values())) == (
+            ep == 2
+        )
         for got, expected in zip(log["evaluations"], evals, strict=True):  # evaluation is collective, and exact
             assert got == pytest.approx(expected, rel=1e-4)
 

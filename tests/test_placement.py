@@ -189,3 +189,52 @@ def _mixlora_placed_on_rank(rank, world):
 
 def test_mixlora_under_a_placement_not_by_id_equals_one_process():
     run_ranks(_mixlora_placed_on_rank, world=2)
+
+
+def _pool_placed_on_rank(rank, world):
+    from test_continual import batch, continual_model
+    from test_continual_parallel import _same_adapter
+
+    from moe_peft_ds.continual import grow_experts
+    from moe_peft_ds.parallel import place_mixlora_experts
+
+    model = continual_model("mixlora")  # 2 experts of task t0
+    reference = copy.deepcopy(model)
+    shard_experts(model, dist.group.WORLD)
+    for m in (model, reference):
+        torch.manual_seed(5)
+        grow_experts(m, 2, "t1")
+    placements = {layer: [[0, 3], [1, 2]] for layer, _ in mixlora_layers(model)}  # one expert of each task per rank
+    place_mixlora_experts(model, placements)
+    assert model.moe_peft_config.expert_placement == placements
+    _same_adapter(model, reference)
+    for step in range(2):  # plain SGD on this rank's batch, one process on both ranks' batches
+        model(**batch(10 + rank)).loss.backward()
+        sum(reference(**batch(10 + r)).loss for r in range(world)).backward()
+        with torch.no_grad():
+            for p in (p for p in model.parameters() if p.grad is not None):
+                if getattr(p, "allreduce", True):
+                    dist.all_reduce(p.grad)
+                p -= 0.5 * p.grad
+            for p in (p for p in reference.parameters() if p.grad is not None):
+                p -= 0.5 * p.grad
+        model.zero_grad(set_to_none=True), reference.zero_grad(set_to_none=True)
+    _same_adapter(model, reference)
+
+
+def test_a_continual_pool_placed_by_load_trains_like_one_process():
+    run_ranks(_pool_placed_on_rank, world=2)
+
+
+def test_calibration_batches_leave_the_random_stream_alone():
+    """A rank that profiles for its placement (and one process that does not) must draw the same
+    adapters afterwards: iterating the calibration loader draws nothing from torch's generator."""
+    from moe_peft_ds.data import calibration_batches
+
+    tokenizer = type("Tok", (), {"pad_token_id": 0})()
+    examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 5
+    torch.manual_seed(0)
+    calibration_batches(examples, tokenizer, 2, 0, 2)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after)
