@@ -252,7 +252,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--reselect-on-drift",
         action="store_true",
         help="with --reprofile-every: when a layer's coverage falls by more than --drift-warn, add adapters to "
-        "the experts that became hot in it (the trained adapters stay; the optimizer starts afresh for all)",
+        "the experts that became hot in it (the trained adapters stay; a new optimizer goes on from that step, "
+        "its learning rate warming up again over 10 steps); not with --save-every/--resume or ZeRO-3",
     )
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default 300)")
