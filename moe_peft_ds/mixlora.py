@@ -180,7 +180,6 @@ class MixLoRAFFN(nn.Module):
         self.adapter = MixLoRAExperts(mlp, cfg)
         self.dispatch = None  # expert parallel: a parallel.ExpertParallelDispatch (see shard)
         self.local_experts = list(range(cfg.num_experts))  # global ids of the LoRA experts held here
-        self.placement = None  # expert parallel: every rank's local_experts
         mlp.requires_grad_(False)
         self.aux_loss_scale = (
             1.0  # set per step under DeepSpeed: this rank's share of real tokens / accumulation steps
@@ -344,7 +343,6 @@ class MixLoRAFFN(nn.Module):
         self.dispatch = ExpertParallelDispatch(
             group, self.num_experts, rank_major(placement), device=self.adapter.router.weight.device
         )
-        self.placement = placement
 
     @torch.no_grad()
     def unshard(self) -> None:
@@ -371,7 +369,7 @@ class MixLoRAFFN(nn.Module):
                     p.copy_(gathered(getattr(shard, pname))[by_id])
                 whole.append(full.requires_grad_(shard.lora_A.requires_grad))
             self.adapter.lora[name] = whole[0] if len(whole) == 1 else ExpertLoRAPool(whole)
-        self.local_experts, self.dispatch, self.placement = list(range(self.num_experts)), None, None
+        self.local_experts, self.dispatch = list(range(self.num_experts)), None
 
 
 @torch.no_grad()
