@@ -54,6 +54,21 @@ def _drop_deepspeed_shm(port: str) -> None:
 ABORT = "terminate called without an active exception"
 
 
+def _clear_output_dir(cmd: list[str]) -> None:
+    """Before a retry: what the aborted attempt wrote to ``--output-dir`` goes (the abort can come
+    at exit, after the adapter was saved, and a second run refuses a directory holding one),
+    unless the run resumes from inside it."""
+    import shutil
+    from pathlib import Path
+
+    if "--output-dir" not in cmd:
+        return
+    out = Path(cmd[cmd.index("--output-dir") + 1]).resolve()
+    resume = Path(cmd[cmd.index("--resume") + 1]).resolve() if "--resume" in cmd else None
+    if resume is None or not resume.is_relative_to(out):
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def run_deepspeed(cmd: list[str], **kwargs):
     """``subprocess.run`` of a ``deepspeed --master_port P ...`` command. DeepSpeed's CPU
     shared-memory allreduce buffers (``/dev/shm/deepspeed_allreduce_buffer_*_P_*``, 66 MiB
@@ -63,6 +78,8 @@ def run_deepspeed(cmd: list[str], **kwargs):
 
     port = cmd[cmd.index("--master_port") + 1]
     for attempt in range(2):
+        if attempt:
+            _clear_output_dir(cmd)
         _drop_deepspeed_shm(port)
         try:
             proc = subprocess.run(cmd, **kwargs)
