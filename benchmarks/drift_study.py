@@ -19,7 +19,7 @@ routed tokens) below its value before training, at any re-profile and at the end
 Jaccard overlap of a selection with the hottest experts of the moment; held-out accuracy; the
 experts added. Plus a plot of coverage against the step.
 
-    python benchmarks/drift_study.py            # 3 tasks x 2 seeds x 3 variants (~20 min on 2 cores)
+    python benchmarks/drift_study.py            # 3 tasks x 2 seeds x 3 variants (~8 min on 2 cores)
     python benchmarks/drift_study.py --quick
 """
 
