@@ -269,12 +269,7 @@ class ExpertParallelExperts(ExpertParallelDispatch):
         initialised exactly as ``FusedExpertsWithLoRA`` over the whole layer would be (the same
         random draws, in the same order, on every rank), then cut to the local experts."""
         base, local_ids = self.local.base, self.local.held
-        layout = ExpertsLayout.of(base)
-        whole = dataclasses.replace(cfg, use_dora=False)  # DoRA's magnitude draws nothing; it is computed locally
-        full = {}
-        for t in layout.tensors(cfg):
-            w = weight_out_in(base, t, layout.transposed)  # [E/N, out, in]
-            full[t] = ExpertLoRA(expert_ids, w[:1].expand(self.num_experts, *w.shape[1:]), whole)
+        full = whole_layer_lora(base, expert_ids, self.num_experts, cfg)
         held = [e for e in expert_ids if e in local_ids]
         with no_random_draws(base.down_proj.device):
             self.local = FusedExpertsWithLoRA(base, held, cfg, held=local_ids)
@@ -288,6 +283,20 @@ class ExpertParallelExperts(ExpertParallelDispatch):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         return super().forward(hidden_states, top_k_index, top_k_weights, self.local.expert_rows)
+
+
+def whole_layer_lora(base: nn.Module, expert_ids: list[int], num_experts: int, cfg: AdapterConfig) -> dict:
+    """``{tensor: ExpertLoRA}`` on ``expert_ids`` of a whole layer of ``num_experts`` whose ``base``
+    holds only some (one of them stands for all, expanded, never copied): the random draws that
+    initialising the whole layer takes, the same on every rank, to cut each rank's slots from.
+    Without DoRA: its magnitude draws nothing and is computed where the slots land."""
+    layout = ExpertsLayout.of(base)
+    whole = dataclasses.replace(cfg, use_dora=False)
+    out = {}
+    for t in layout.tensors(cfg):
+        w = weight_out_in(base, t, layout.transposed)  # [E held, out, in]
+        out[t] = ExpertLoRA(expert_ids, w[:1].expand(num_experts, *w.shape[1:]), whole)
+    return out
 
 
 @contextmanager
@@ -363,14 +372,10 @@ def _grown(local: FusedExpertsWithLoRA, new_ids: list[int], num_experts: int, cf
     the trained adapters are copied, the new ones initialised from ``seed`` with the draws a whole
     layer's adapters on ``new_ids`` would take, on every rank alike (each keeps those it holds),
     whatever else has drawn from the random generators before."""
-    base, layout = local.base, ExpertsLayout.of(local.base)
-    whole = dataclasses.replace(cfg, use_dora=False)
-    fresh = {}
+    base = local.base
     with no_random_draws(base.down_proj.device):
         torch.manual_seed(seed)
-        for t in layout.tensors(cfg):
-            w = weight_out_in(base, t, layout.transposed)
-            fresh[t] = ExpertLoRA(new_ids, w[:1].expand(num_experts, *w.shape[1:]), whole)
+        fresh = whole_layer_lora(base, new_ids, num_experts, cfg)
     held = [e for e in new_ids if e in local.held]
     with no_random_draws(base.down_proj.device):
         grown = FusedExpertsWithLoRA(base, sorted(set(local.expert_ids) | set(held)), cfg, held=local.held)
