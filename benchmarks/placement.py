@@ -2,13 +2,15 @@
 
 1. Balance, from routing profiles: the busiest rank's routed rows over the mean rank's, per MoE
    layer, for experts placed by id (``contiguous``) and ``balanced``, beside the best any
-   placement of whole experts can do (``placement.lower_bound``), at EP=2, 4 and 8: on the demo
-   model's profiles (tiny-mixtral on demo:arithmetic and demo:code, profiled here) and on a
-   skewed synthetic profile (64 experts, Zipf shares).
+   placement of whole experts can do (``placement.lower_bound``), and ``balanced`` with 1 and 2
+   redundant slots per rank (copies of hot experts, rows split over the copies), at EP=2, 4 and 8:
+   on the demo model's profiles (tiny-mixtral on demo:arithmetic and demo:code, profiled here)
+   and on a skewed synthetic profile (64 experts, Zipf shares).
 2. Step time at EP=2 and EP=4 (gloo ranks, one thread each): a stack of MoE layers (hidden 256,
    intermediate 512, 16 experts top-2, LoRA on every expert) whose routing is drawn from the demo
-   profile's per-layer shares, forward + backward of the experts through the dispatch, the two
-   placements interleaved step by step in one launch. Per step: the slowest rank's time, and the
+   profile's per-layer shares, forward + backward of the experts through the dispatch, the three
+   placements (by id, balanced, balanced with one redundant slot per rank) interleaved step by
+   step in one launch. Per step: the slowest rank's time, and the
    time the least-loaded rank spends inside the all-to-alls (waiting for the busiest, plus the
    transfer itself).
 
@@ -38,7 +40,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from measure import fill_defaults, write_result  # noqa: E402
 
-from moe_peft_ds.placement import balanced, contiguous, imbalance, lower_bound  # noqa: E402
+from moe_peft_ds.placement import balanced, contiguous, imbalance, lower_bound, rank_loads  # noqa: E402
+
+MODES = {"contiguous": "by id", "balanced": "balanced", "redundant": "balanced + 1 copy slot"}
 
 FULL = dict(calibration_samples=256, hidden=256, intermediate=512, tokens=2048, steps=12, ep_sizes=[2, 4])
 QUICK = dict(calibration_samples=16, hidden=32, intermediate=64, tokens=64, steps=2, ep_sizes=[2])
@@ -103,6 +107,8 @@ def balance(profiles: dict[str, dict[int, list[int]]], ep_sizes: list[int]) -> l
                         "contiguous": imbalance(c, contiguous(len(c), ep)),
                         "balanced": imbalance(c, balanced(c, ep)),
                         "lower_bound": lower_bound(c, ep),
+                        "redundant_1": imbalance(c, balanced(c, ep, redundant=1)),
+                        "redundant_2": imbalance(c, balanced(c, ep, redundant=2)),
                     }
                 )
     return rows
@@ -124,7 +130,7 @@ def _timed_all_to_all():
 
 
 def _stack(a: argparse.Namespace, shares: list[list[float]]):
-    """One adapted Mixtral per placement mode, its MoE blocks' experts sharded by that placement."""
+    """One adapted Mixtral per placement mode (``MODES``), its MoE blocks' experts sharded by that placement."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     import moe_peft_ds as mpd
@@ -144,11 +150,13 @@ def _stack(a: argparse.Namespace, shares: list[list[float]]):
     ep = dist.get_world_size()
     expected = {layer: [s * a.tokens * 2 * ep for s in row] for layer, row in enumerate(shares)}
     blocks = {}
-    for mode in ("contiguous", "balanced"):
+    for mode in MODES:
         torch.manual_seed(0)
         model = MixtralForCausalLM(cfg)
         mpd.apply_sieve_lora(model, mpd.all_experts_selection(model), mpd.AdapterConfig())
-        placements = {} if mode == "contiguous" else {l: balanced(c, ep) for l, c in expected.items()}
+        redundant = int(mode == "redundant")
+        placements = {l: balanced(c, ep, redundant=redundant) for l, c in expected.items()}
+        placements = {} if mode == "contiguous" else placements
         shard_experts(model, dist.group.WORLD, placements)
         blocks[mode] = [b.experts for b in find_moe_blocks(model)]
     return blocks
@@ -167,7 +175,7 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, shares: list[
         x = torch.randn(a.tokens, a.hidden, generator=g)
         routes = [torch.multinomial(p.expand(a.tokens, -1), 2, generator=g) for p in probs]
         weights = torch.softmax(torch.randn(a.tokens, 2, generator=g), -1)
-        for mode in list(blocks) if step % 2 else list(blocks)[::-1]:
+        for mode in list(blocks)[step % 3 :] + list(blocks)[: step % 3]:  # each mode first in turn
             h = x.clone().requires_grad_(True)
             dist.barrier()
             spent["s"], t0 = 0.0, time.perf_counter()
@@ -180,8 +188,9 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace, shares: list[
                 result[mode]["step_s"].append(time.perf_counter() - t0)
                 result[mode]["all_to_all_s"].append(spent["s"])
     for mode, layers in blocks.items():  # expected rows this rank's experts receive per step, per layer
-        held = [m.placement[rank] for m in layers]
-        result[mode]["rows"] = [float(sum(p[e] for e in h)) * a.tokens * 2 * world for p, h in zip(shares, held)]
+        result[mode]["rows"] = [
+            rank_loads(p, m.placement)[rank] * a.tokens * 2 * world for p, m in zip(shares, layers)
+        ]
     Path(f"{out}/rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
@@ -195,7 +204,7 @@ def step_times(a: argparse.Namespace, shares: list[list[float]], ep: int) -> dic
         mp.spawn(_rank, args=(ep, port, a, shares, tmp), nprocs=ep, join=True)
         ranks = [json.loads(Path(f"{tmp}/rank{r}.json").read_text()) for r in range(ep)]
     summary = {}
-    for mode in ("contiguous", "balanced"):
+    for mode in MODES:
         rows = [r[mode]["rows"] for r in ranks]  # [rank][layer]
         per_layer = list(zip(*rows))
         total = [sum(r) for r in rows]
@@ -208,21 +217,23 @@ def step_times(a: argparse.Namespace, shares: list[list[float]], ep: int) -> dic
             "raw": [r[mode] for r in ranks],
         }
     summary["balanced_over_contiguous"] = summary["balanced"]["step_s"] / summary["contiguous"]["step_s"]
+    summary["redundant_over_contiguous"] = summary["redundant"]["step_s"] / summary["contiguous"]["step_s"]
     return summary
 
 
 def markdown(r: dict) -> str:
     lines = [
         f"Routed rows of the busiest EP rank over the mean rank's, per MoE layer ({r['date']}); "
-        "`bound`: the best any placement of whole experts (E/N per rank) can do.",
+        "`bound`: the best any placement of whole experts (E/N per rank) can do; `+R copies`: balanced with R "
+        "redundant slots per rank holding copies of hot experts (their rows split evenly over the copies).",
         "",
-        "| profile | EP | layer | by id | balanced | bound |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| profile | EP | layer | by id | balanced | bound | +1 copy | +2 copies |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["balance"]:
         lines.append(
             f"| {row['profile']} | {row['ep']} | {row['layer']} | {row['contiguous']:.3f} | {row['balanced']:.3f} | "
-            f"{row['lower_bound']:.3f} |"
+            f"{row['lower_bound']:.3f} | {row['redundant_1']:.3f} | {row['redundant_2']:.3f} |"
         )
     s = r["sizes"]
     lines += [
@@ -236,13 +247,14 @@ def markdown(r: dict) -> str:
         "|---:|---|---:|---:|---:|",
     ]
     for ep, t in r["step_time"].items():
-        for mode in ("contiguous", "balanced"):
+        for mode, label in MODES.items():
             m = t[mode]
             lines.append(
-                f"| {ep} | {'by id' if mode == 'contiguous' else mode} | {m['expected_rows_max_over_mean']:.2f} | "
+                f"| {ep} | {label} | {m['expected_rows_max_over_mean']:.2f} | "
                 f"{m['step_s'] * 1000:.0f} ms | {m['lightest_rank_all_to_all_s'] * 1000:.0f} ms |"
             )
         lines.append(f"| {ep} | balanced / by id | | {t['balanced_over_contiguous']:.2f} | |")
+        lines.append(f"| {ep} | balanced + 1 copy / by id | | {t['redundant_over_contiguous']:.2f} | |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,8 @@ layer (base weights and adapters); the router and everything else stay replicate
 rank routes its own tokens, sends every (token, expert) assignment to the rank that owns
 the expert through one all-to-all with uneven split sizes (no capacity, no padding, no
 dropped tokens), the owner runs its experts, and a second all-to-all brings the outputs
-back for the weighted combine. Both all-to-alls are differentiable.
+back for the weighted combine. Both all-to-alls are differentiable. A load-aware placement may
+give hot experts copies on several ranks (``placement.replicated``); rows then go to one copy each.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ class ExpertParallelDispatch(MoE):
     and reduces expert-local gradients over the expert-data-parallel group; DeepSpeed's own
     gate and capacity-padded dispatch are not used (``MoE.__init__`` is not called).
 
-    Rank ``r`` owns the experts ``order[r * E/N : (r+1) * E/N]`` (ascending; default: the
-    contiguous block ``r * E/N ..``), its local expert ``i`` being the ``i``-th of them. A
-    MixLoRA pool grown task by task (``continual``) spreads every task's experts over the ranks.
+    Rank ``r`` holds the experts ``order[r * S : (r+1) * S]`` (ascending; default: the contiguous
+    block ``r * E/N ..``, S = E/N), its local expert ``i`` being the ``i``-th of them. A MixLoRA
+    pool grown task by task (``continual``) spreads every task's experts over the ranks. An expert
+    may be held by several ranks (``placement.replicated``: S = E/N + R slots per rank); its rows
+    are then split over its copies by token index (token t goes to copy ``t mod copies``).
     """
 
     def __init__(self, group, num_experts: int, order: list[int] | None = None, device=None):
@@ -64,19 +67,18 @@ class ExpertParallelDispatch(MoE):
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.num_experts = num_experts  # global
-        self.num_local_experts = num_experts // self.ep_size
+        order = list(range(num_experts)) if order is None else list(order)
+        if len(order) % self.ep_size or sorted(set(order)) != list(range(num_experts)):
+            raise ValueError(f"order {order} does not hold each of the {num_experts} experts, in equal shares")
+        self.num_slots = len(order)  # every rank's slots, rank-major
+        self.num_local_experts = self.num_slots // self.ep_size
         self.expert_group_name = ep_group_name(self.ep_size)
         self.enable_expert_tensor_parallelism = False
         self.sent_rows = 0  # rows this rank sent by all-to-all since the last reset (for benchmarks)
-        position = None  # [E + 1]: each global expert's rank-major position (E, "no expert", stays E)
-        if order is not None and list(order) != list(range(num_experts)):
-            if sorted(order) != list(range(num_experts)):
-                raise ValueError(f"order {order} is not a permutation of the {num_experts} experts")
-            position = torch.empty(num_experts + 1, dtype=torch.long, device=device)
-            position[torch.tensor(list(order) + [num_experts], device=device)] = torch.arange(
-                num_experts + 1, device=device
-            )
-        self.register_buffer("position", position, persistent=False)
+        self.register_buffer("slot_of", _slot_table(order, num_experts, device), persistent=False)
+        self.register_buffer("copies", None, persistent=False)
+        if self.slot_of is not None and self.slot_of.shape[1] > 1:
+            self.copies = (self.slot_of[:, :1] != self.slot_of).sum(1) + 1  # [E + 1]
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by ``deepspeed.initialize``: the groups exist already (``deepspeed_expert_group``)."""
@@ -94,17 +96,16 @@ class ExpertParallelDispatch(MoE):
         it receives (sorted by local expert). Tokens routed to no expert get ``fallback(rows)``
         (MixLoRA: the frozen FFN) when it is given. One host sync: the split sizes."""
         n_local, ep = self.num_local_experts, self.ep_size
-        if self.position is not None:  # rank-major positions: each rank's experts side by side
-            top_k_index = self.position[top_k_index]
-        counts = expert_counts(top_k_index, self.num_experts)
+        top_k_index = self.slots(top_k_index)
+        counts = expert_counts(top_k_index, self.num_slots)
         send_counts = counts.view(ep, n_local)  # [destination rank, its local expert]
         recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        unrouted = unrouted_tokens(top_k_index, self.num_experts) if fallback is not None else None
+        unrouted = unrouted_tokens(top_k_index, self.num_slots) if fallback is not None else None
         sizes = [send_counts.sum(1), recv_counts.sum(1)] + ([unrouted.sum().view(1)] if fallback is not None else [])
         host = torch.cat(sizes).tolist()  # the one host sync
         send, recv = host[:ep], host[ep : 2 * ep]
-        routes = Routes.of(top_k_index, self.num_experts, rows=sum(send), counts=counts)
+        routes = Routes.of(top_k_index, self.num_slots, rows=sum(send), counts=counts)
         x = all_to_all_v(routes.gather(hidden_states), send, recv, self.group)  # grouped by source, then expert
         # Regroup the received rows by local expert (stable: sources stay in rank order).
         local_expert = torch.arange(n_local, device=x.device).repeat(ep)
@@ -115,6 +116,25 @@ class ExpertParallelDispatch(MoE):
         self.sent_rows += sum(send) + sum(recv)
         out = routes.combine(hidden_states, y, top_k_weights)
         return out if fallback is None else add_unrouted(out, hidden_states, unrouted, host[-1], fallback)
+
+    def slots(self, top_k_index: torch.Tensor) -> torch.Tensor:
+        """``[T, k]`` global expert ids (E: masked) -> rank-major slots (``num_slots``: masked)."""
+        if self.slot_of is None:  # experts by id: slot = id
+            return top_k_index
+        if self.copies is None:
+            return self.slot_of[top_k_index, 0]
+        token = torch.arange(top_k_index.shape[0], device=top_k_index.device)[:, None]
+        return self.slot_of[top_k_index, token % self.copies[top_k_index]]
+
+
+def _slot_table(order: list[int], num_experts: int, device) -> torch.Tensor | None:
+    """``[E + 1, C]``: row e lists expert e's rank-major slots (C: the most copies; an expert with
+    fewer repeats its first slot, unused), row E the masked slot ``len(order)``. None for experts by id."""
+    if order == list(range(num_experts)):
+        return None
+    slots = [[s for s, e in enumerate(order) if e == expert] for expert in range(num_experts)] + [[len(order)]]
+    width = max(len(s) for s in slots)
+    return torch.tensor([s + s[:1] * (width - len(s)) for s in slots], dtype=torch.long, device=device)
 
 
 def ep_group_name(ep_size: int) -> str:

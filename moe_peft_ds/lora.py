@@ -109,6 +109,42 @@ def init_lora_pair(A: torch.Tensor, B: torch.Tensor, ranks: list[int] | None = N
         B.zero_()
 
 
+def stacked_lora_update(
+    x: torch.Tensor,
+    expert_of_row: torch.Tensor,
+    counts: torch.Tensor,
+    stacked: tuple,
+    slots: torch.Tensor | None,
+    num_local: int,
+    dropout=None,
+    base: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``ExpertLoRA.forward``'s update of rows ``x [S, in]`` sorted by expert, from the ``stacked``
+    adapters ``(A [n, r, in], B [n, out, r], scaling [n], magnitude [n, out] or None)`` of the
+    experts at local indices ``slots [n]`` (None: every one of the ``num_local``, in order); ``base``
+    ``[n, out, in]``: their base weights (DoRA only)."""
+    A, B, scaling, magnitude = stacked
+    # The scaling goes into B (a small [n, out, r] product), not onto the [S, out] output.
+    A_all, B_all = _spread(A, slots, num_local), _spread(B * scaling[:, None, None], slots, num_local)
+    offsets = counts.cumsum(0).to(torch.int32)
+    x = dropout(x) if dropout is not None else x
+    hidden = grouped_mm(x.to(A_all.dtype), A_all.transpose(1, 2), offsets)  # [S, r]
+    delta = grouped_mm(hidden, B_all.transpose(1, 2), offsets)  # [S, out]
+    if magnitude is None:
+        return delta, None
+    scale = dora_scale(base, A, B, scaling, magnitude)  # [n, out]
+    return delta, _spread(scale, slots, num_local, fill=1.0)[expert_of_row]
+
+
+def _spread(t: torch.Tensor, slots: torch.Tensor | None, num_local: int, fill: float = 0.0) -> torch.Tensor:
+    """``t [n, ...]`` (one row per adapted expert) laid out over the ``num_local`` experts of the base
+    tensor at ``slots``, ``fill`` elsewhere (zero A, B and scaling give an expert no update). A small
+    copy of the adapter, not of any activation; ``t`` itself when ``slots`` is None (every expert)."""
+    if slots is None:
+        return t
+    return t.new_full((num_local, *t.shape[1:]), fill).index_copy(0, slots, t)
+
+
 class LoRALinear(nn.Module):
     """``nn.Linear`` plus a LoRA (optionally DoRA) update; the base layer stays frozen."""
 
@@ -235,25 +271,16 @@ class ExpertLoRA(nn.Module):
         is never read) and no copy of ``x`` kept for backward. Picking the selected experts' rows
         instead would need either their count on the host or a gathered copy of the rows.
         """
-        # The scaling goes into B (a small [n, out, r] product), not onto the [S, out] output.
-        A, B = self._spread(self.lora_A), self._spread(self.lora_B * self.scaling[:, None, None])
-        offsets = counts.cumsum(0).to(torch.int32)
-        hidden = grouped_mm(self.dropout(x).to(A.dtype), A.transpose(1, 2), offsets)  # [S, r]
-        delta = grouped_mm(hidden, B.transpose(1, 2), offsets)  # [S, out]
-        if self.magnitude is None:
-            return delta, None
-        scale = dora_scale(
-            self._base(weight_out_in), self.lora_A, self.lora_B, self.scaling, self.magnitude
-        )  # [n, out]
-        return delta, self._spread(scale, fill=1.0)[expert_of_row]
-
-    def _spread(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """``t [n, ...]`` (one slot per selected expert) laid out over every expert of the base tensor,
-        ``fill`` where an expert has no adapter (zero A, B and scaling give it a zero update). A small
-        copy of the adapter, not of any activation; ``t`` itself when every expert has an adapter."""
-        if self.all_experts:
-            return t
-        return t.new_full((self.num_local, *t.shape[1:]), fill).index_copy(0, self.ids, t)
+        return stacked_lora_update(
+            x,
+            expert_of_row,
+            counts,
+            (self.lora_A, self.lora_B, self.scaling, self.magnitude),
+            None if self.all_experts else self.ids,
+            self.num_local,
+            self.dropout,
+            self._base(weight_out_in) if self.dora else None,
+        )
 
     @property
     def dora(self) -> bool:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from torch import nn
 
 from .backends.hf import adapter_flops_share, shard_moe_blocks
-from .config import AdapterConfig
+from .config import AdapterConfig, ConfigError
 from .mixlora import mixlora_layers, pool_groups
-from .placement import PLACEMENTS, balanced, expert_loads
+from .placement import PLACEMENTS, balanced, check_redundant, expert_loads
 
 
 def shard_experts(model: nn.Module, group=None, placements: dict | None = None) -> nn.Module:
@@ -34,22 +34,39 @@ def shard_experts(model: nn.Module, group=None, placements: dict | None = None) 
 
 
 def plan_placements(
-    model: nn.Module, counts: dict[int, list[int]], ep_size: int, mode: str, cfg, selection: dict | None = None
+    model: nn.Module,
+    counts: dict[int, list[int]],
+    ep_size: int,
+    mode: str,
+    cfg,
+    selection: dict | None = None,
+    redundant: int = 0,
 ) -> dict[int, list[list[int]]]:
     """``{layer: placement}`` for ``shard_experts``: empty for ``contiguous``; for ``balanced``,
     each layer's routed ``counts`` (a routing profile's, or MixLoRA routers' on calibration data)
     spread over the ``ep_size`` ranks, a selected expert's rows weighted by its adapter's extra
-    work, a MixLoRA pool's task groups each split evenly."""
+    work, a MixLoRA pool's task groups each split evenly; ``redundant`` slots per rank hold copies
+    of the hottest experts (transformers experts only)."""
     if mode not in PLACEMENTS:
         raise ValueError(f"expert placement {mode!r} is not one of {PLACEMENTS}")
     if mode == "contiguous" or ep_size == 1:
         return {}
     mixlora = dict(mixlora_layers(model))
+    if mixlora and redundant:
+        raise ConfigError("redundant expert slots copy a model's experts; MixLoRA's LoRA experts take none")
     if mixlora:
         return {layer: balanced(counts[layer], ep_size, pool_groups(ffn)) for layer, ffn in mixlora.items()}
+    num_experts = len(next(iter(counts.values())))
+    try:
+        check_redundant(num_experts, ep_size, redundant)
+    except ValueError as err:
+        raise ConfigError(f"--redundant-experts: {err}") from None
     share = adapter_flops_share(model, cfg) if isinstance(cfg, AdapterConfig) else 0.0
     selection = selection or {}
-    return {layer: balanced(expert_loads(c, selection.get(layer, ()), share), ep_size) for layer, c in counts.items()}
+    return {
+        layer: balanced(expert_loads(c, selection.get(layer, ()), share), ep_size, redundant=redundant)
+        for layer, c in counts.items()
+    }
 
 
 def place_mixlora_experts(model: nn.Module, placements: dict[int, list[list[int]]]) -> None:

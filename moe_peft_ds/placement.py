@@ -9,8 +9,12 @@ longest processing time first under the constraint that every rank holds exactly
 the busiest rank's load. It is deterministic, so every rank computes the same placement from the
 same (all-reduced) routing profile.
 
-One expert's rows cannot be split between ranks here, so no placement beats the hottest
-expert's load (and its rank's other experts): ``lower_bound`` says how close to 1.0 the busiest rank can get at all.
+An expert held once keeps its rows on one rank, so no such placement beats the hottest expert's
+load (and its rank's other experts): ``lower_bound`` says how close to 1.0 the busiest rank can
+get at all. ``redundant`` slots lift that bound (as DeepSeek's EPLB does): every rank holds E/N + R
+experts, the hottest ones on several ranks, and the dispatch splits an expert's rows evenly over its
+copies (``copies``). One of them, the expert's owner (``owners``), alone holds the expert's adapter;
+the other copies read it from the owner every step.
 
 A placement is ``list[list[int]]``: rank r's global expert ids, ascending. Checkpoints keep
 global ids, so an adapter trained under one placement loads under any other.
@@ -35,13 +39,20 @@ def _check_divides(num_experts: int, ep_size: int) -> None:
         raise ValueError(f"ep_size {ep_size} must divide the {num_experts} experts per layer")
 
 
-def balanced(loads: Sequence[float], ep_size: int, groups: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+def balanced(
+    loads: Sequence[float], ep_size: int, groups: Sequence[Sequence[int]] | None = None, redundant: int = 0
+) -> list[list[int]]:
     """A placement of ``len(loads)`` experts on ``ep_size`` ranks, each holding E/N of them, whose
     busiest rank carries as little of ``loads`` as LPT plus pairwise swaps find. With ``groups``
     (a partition of the experts, e.g. a MixLoRA pool's tasks), every rank holds an equal share of
-    each group, and swaps stay within a group."""
+    each group, and swaps stay within a group. With ``redundant`` R, every rank holds E/N + R
+    experts (``replicated``)."""
     num = len(loads)
     _check_divides(num, ep_size)
+    if redundant:
+        if groups:
+            raise ValueError("redundant expert slots are not supported with expert groups (MixLoRA pools)")
+        return replicated(loads, ep_size, redundant)
     groups = [list(g) for g in groups] if groups else [list(range(num))]
     if sorted(e for g in groups for e in g) != list(range(num)):
         raise ValueError(f"groups {groups} are not a partition of the {num} experts")
@@ -73,8 +84,8 @@ def _improve_by_swaps(held: list[list[int]], total: list[float], loads, group_of
                 continue
             for a in held[busy]:
                 for b in held[r]:
-                    if group_of[a] != group_of[b] or loads[a] <= loads[b]:
-                        continue
+                    if group_of[a] != group_of[b] or loads[a] <= loads[b] or a in held[r] or b in held[busy]:
+                        continue  # (a rank holds an expert at most once)
                     delta = loads[a] - loads[b]
                     pair = max(total[busy] - delta, total[r] + delta)
                     if pair < total[busy] - 1e-12 and (best is None or pair < best[0]):
@@ -88,9 +99,74 @@ def _improve_by_swaps(held: list[list[int]], total: list[float], loads, group_of
         total[r] += delta
 
 
+def check_redundant(num_experts: int, ep_size: int, redundant: int) -> None:
+    """Raise unless ``redundant`` extra slots per rank fit: at most E/N (a rank holds at most twice its
+    share) and no more than the experts it does not hold."""
+    share = num_experts // ep_size
+    if not 0 <= redundant <= min(share, num_experts - share):
+        raise ValueError(
+            f"{redundant} redundant expert slots per rank: must be in [0, {min(share, num_experts - share)}] "
+            f"with {num_experts} experts over {ep_size} ranks (at most E/N, and only experts a rank does not hold)"
+        )
+
+
+def replicated(loads: Sequence[float], ep_size: int, redundant: int) -> list[list[int]]:
+    """E/N + ``redundant`` experts per rank: the N*R extra slots go one by one to the expert whose
+    load per copy is largest (at most one copy per rank), then the copies are packed, each copy
+    carrying its expert's load over its copies: experts with several copies first, each on the
+    least-loaded ranks with room, then the single ones by LPT, then pairwise swaps."""
+    num = len(loads)
+    _check_divides(num, ep_size)
+    check_redundant(num, ep_size, redundant)
+    copies = [1] * num
+    for _ in range(ep_size * redundant):
+        e = max((e for e in range(num) if copies[e] < ep_size), key=lambda e: (loads[e] / copies[e], -e))
+        copies[e] += 1
+    room = [num // ep_size + redundant] * ep_size
+    held: list[list[int]] = [[] for _ in range(ep_size)]
+    total = [0.0] * ep_size
+    by_load = sorted(range(num), key=lambda e: (-loads[e] / copies[e], e))
+    for e in [e for e in by_load if copies[e] > 1] + [e for e in by_load if copies[e] == 1]:
+        free = sorted((r for r in range(ep_size) if room[r]), key=lambda r: (total[r], r))
+        if len(free) < copies[e]:
+            raise ValueError(f"cannot place {copies[e]} copies of expert {e}: {len(free)} ranks have room")
+        for r in free[: copies[e]]:
+            held[r].append(e)
+            total[r] += loads[e] / copies[e]
+            room[r] -= 1
+    _improve_by_swaps(held, total, [loads[e] / copies[e] for e in range(num)], {e: 0 for e in range(num)})
+    return [sorted(h) for h in held]
+
+
+def copies(placement: list[list[int]]) -> dict[int, int]:
+    """How many ranks hold each expert (1 everywhere without redundant slots)."""
+    count: dict[int, int] = {}
+    for held in placement:
+        for e in held:
+            count[e] = count.get(e, 0) + 1
+    return count
+
+
+def owners(placement: list[list[int]]) -> dict[int, int]:
+    """Each expert's owner, the rank that holds its adapter: its only holder, or, for an expert with
+    copies, the holder that owns the fewest experts with copies so far (in id order; ties: the lower
+    rank). Copies are the hot experts, which the sieve selects: spreading their ownership spreads
+    the adapters and their optimizer states over the ranks. A function of the placement alone, so a
+    growing selection never moves an adapter."""
+    count = copies(placement)
+    owner = {e: r for r, held in enumerate(placement) for e in held if count[e] == 1}
+    owned = [0] * len(placement)
+    for e in sorted(e for e in count if count[e] > 1):
+        r = min((r for r, held in enumerate(placement) if e in held), key=lambda r: (owned[r], r))
+        owner[e] = r
+        owned[r] += 1
+    return owner
+
+
 def rank_loads(loads: Sequence[float], placement: list[list[int]]) -> list[float]:
-    """Each rank's summed load."""
-    return [float(sum(loads[e] for e in held)) for held in placement]
+    """Each rank's summed load, an expert's load split evenly over its copies."""
+    count = copies(placement)
+    return [float(sum(loads[e] / count[e] for e in held)) for held in placement]
 
 
 def imbalance(loads: Sequence[float], placement: list[list[int]]) -> float:
@@ -116,12 +192,16 @@ def rank_major(placement: list[list[int]]) -> list[int]:
     return [e for held in placement for e in held]
 
 
-def check_placement(placement: list[list[int]], num_experts: int, ep_size: int) -> None:
-    """Raise unless ``placement`` gives each of ``ep_size`` ranks E/N ascending ids, every expert once."""
-    if len(placement) != ep_size or any(len(h) != num_experts // ep_size for h in placement):
-        raise ValueError(f"a placement needs {ep_size} ranks of {num_experts // ep_size} experts, got {placement}")
-    if sorted(rank_major(placement)) != list(range(num_experts)) or any(h != sorted(h) for h in placement):
-        raise ValueError(f"placement {placement} does not hold each of the {num_experts} experts once, ascending")
+def check_placement(placement: list[list[int]], num_experts: int, ep_size: int, redundant: bool = False) -> None:
+    """Raise unless ``placement`` gives each of ``ep_size`` ranks E/N ascending ids, every expert once;
+    with ``redundant``, E/N + R ascending distinct ids each (R within ``check_redundant``), every expert at least once."""
+    slots = len(placement[0]) if redundant and placement else num_experts // ep_size
+    if len(placement) != ep_size or any(len(h) != slots for h in placement):
+        raise ValueError(f"a placement needs {ep_size} ranks of {slots} experts, got {placement}")
+    if redundant:
+        check_redundant(num_experts, ep_size, slots - num_experts // ep_size)
+    if any(h != sorted(set(h)) for h in placement) or sorted(copies(placement)) != list(range(num_experts)):
+        raise ValueError(f"placement {placement} does not hold each of the {num_experts} experts, ascending")
 
 
 def expert_loads(counts: Sequence[int], selected: Sequence[int] = (), adapter_share: float = 0.0) -> list[float]:
@@ -134,8 +214,10 @@ def expert_loads(counts: Sequence[int], selected: Sequence[int] = (), adapter_sh
 def placement_summary(counts: dict[int, Sequence[int]], placements: dict[int, list[list[int]]]) -> str:
     """One log line: per layer, the busiest rank's routed rows over the mean, balanced and by id."""
     ep_size = len(next(iter(placements.values())))
+    extra = len(next(iter(placements.values()))[0]) - len(next(iter(counts.values()))) // ep_size
     parts = [
-        f"{layer}: {imbalance(counts[layer], p):.2f} (by id {imbalance(counts[layer], contiguous(len(p) * len(p[0]), ep_size)):.2f})"
+        f"{layer}: {imbalance(counts[layer], p):.2f} (by id {imbalance(counts[layer], contiguous(len(counts[layer]), ep_size)):.2f})"
         for layer, p in sorted(placements.items())
     ]
-    return "expert placement balanced; busiest rank / mean routed rows per layer: " + ", ".join(parts)
+    kind = f"balanced with {extra} redundant slot(s) per rank" if extra else "balanced"
+    return f"expert placement {kind}; busiest rank / mean routed rows per layer: " + ", ".join(parts)

@@ -125,26 +125,26 @@ def test_two_ranks_train_the_adapter_of_one_process_with_the_global_batch(tmp_pa
 
 @pytest.mark.slow
 def test_placements_and_reselection_under_expert_parallel_train_the_adapter_of_one_process(tmp_path):
-    """EP=2 ZeRO-2 with experts placed by id, and with the drift monitor growing adapters mid-run
-    (balanced placement, the default; a new engine per segment), each train what one process
-    trains with the global batch."""
+    """EP=2 ZeRO-2 with experts placed by id, with copies of hot experts (redundant slots), and with
+    the drift monitor growing adapters mid-run (balanced placement, the default, with a copy per rank;
+    a new engine per segment), each train what one process trains with the global batch."""
     zero2, per_rank = ROOT / "ds_configs" / "zero2_fp32.json", ("--batch-size", "4", *CLIP)
     single = launch(tmp_path / "single", None, 1, 0, "--batch-size", "8", *CLIP)
     by_id = launch(tmp_path / "by-id", zero2, 2, 29571, *per_rank, "--expert-placement", "contiguous")
     assert_same_adapter(by_id, single, "EP=2 by id")
     assert by_id["config"]["expert_placement"] == {}
+    copies = launch(tmp_path / "copies", zero2, 2, 29573, *per_rank, "--redundant-experts", "2")
+    assert_same_adapter(copies, single, "EP=2 with 2 redundant slots")
+    assert all(len(held) == 10 for p in copies["config"]["expert_placement"].values() for held in p)
     drift = ("--reprofile-every", "3", "--reselect-on-drift", "--drift-warn", "0.001")
     drift += ("--attention-lora", "q_proj", "v_proj")  # attention LoRA moves the routing of every layer
     single = launch(tmp_path / "single-drift", None, 1, 0, "--batch-size", "8", *CLIP, *drift)
-    reselecting = launch(tmp_path / "ep2-drift", zero2, 2, 29572, *per_rank, *drift)
+    reselecting = launch(tmp_path / "ep2-drift", zero2, 2, 29572, *per_rank, *drift, "--redundant-experts", "1")
     assert single["log"]["reselections"] and reselecting["log"]["reselections"] == single["log"]["reselections"]
     assert_same_adapter(reselecting, single, "EP=2 reselecting")
     placement = reselecting["config"]["expert_placement"]
     assert sorted(placement) == ["0", "1", "2", "3"]
-    assert all(
-        sorted(p[0] + p[1]) == list(range(16)) and p != [list(range(8)), list(range(8, 16))]
-        for p in placement.values()
-    )
+    assert all(set(p[0]) | set(p[1]) == set(range(16)) and len(p[0]) == len(p[1]) == 9 for p in placement.values())
 
 
 @pytest.mark.slow
@@ -181,6 +181,13 @@ def test_invalid_combinations_are_rejected_before_any_work(tmp_path):
         (["--deepspeed_config", str(tmp_path / "missing.json")], "does not exist"),
         (["--ep-size", "0"], "ep-size"),
         (["--max-grad-norm", "-1"], "max-grad-norm"),
+        (["--redundant-experts", "1"], "--redundant-experts adds expert slots on expert-parallel ranks"),
+        (
+            ["--deepspeed_config", str(ROOT / "ds_configs" / "zero0_fp32.json"), "--ep-size", "2"]
+            + ["--redundant-experts", "1", "--expert-placement", "contiguous"],
+            "needs --expert-placement balanced",
+        ),
+        (["--redundant-experts", "-1"], "--redundant-experts=-1 must be >= 0"),
         (["--deepspeed_config", str(ROOT / "ds_configs" / "zero0_fp32.json"), "--ep-size", "3"], "must divide"),
     ):
         proc = subprocess.run(

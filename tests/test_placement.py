@@ -18,7 +18,7 @@ from moe_peft_ds.backends.hf import base_experts, find_moe_blocks
 from moe_peft_ds.backends.hf_load import load_local_experts, place_loaded_experts
 from moe_peft_ds.mixlora import mixlora_layers, routing_counts
 from moe_peft_ds.parallel import plan_placements, shard_experts
-from moe_peft_ds.placement import balanced, check_placement, contiguous, imbalance, lower_bound
+from moe_peft_ds.placement import balanced, check_placement, contiguous, copies, imbalance, lower_bound, owners
 
 # routed rows per expert of tiny-mixtral's layer 3 on demo:arithmetic (the benchmark's profile)
 SKEWED = [1671, 250, 718, 245, 581, 184, 59, 523, 489, 43, 60, 37, 115, 23, 13, 30]
@@ -75,10 +75,10 @@ def _batch(seed):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def _sieve():
+def _sieve(**cfg):
     model = tiny_model("mixtral")
     layers = {b.layer for b in find_moe_blocks(model)}
-    apply_sieve_lora(model, {layer: SELECTION for layer in layers}, AdapterConfig(attention_targets=["q_proj"]))
+    apply_sieve_lora(model, {layer: SELECTION for layer in layers}, AdapterConfig(attention_targets=["q_proj"], **cfg))
     randomize_adapters(model)
     return model
 
@@ -130,36 +130,38 @@ def test_a_placement_not_by_id_computes_what_one_process_does_and_its_checkpoint
     assert json.loads((tmp_path / "single" / "adapter_config.json").read_text())["expert_placement"] == {}
 
 
-def _partial_placed_on_rank(rank, world, path):
+def _partial_placed_on_rank(rank, world, path, placements):
     group = dist.new_group(list(range(world)))
     from transformers import AutoModelForCausalLM
 
     whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = load_local_experts(path, torch.float32, group, torch.device("cpu"))
-    placements = {b.layer: PLACEMENT for b in find_moe_blocks(model)}
     place_loaded_experts(model, placements)
     for a, b in zip(find_moe_blocks(whole), find_moe_blocks(model)):
         full, held = base_experts(a.experts), base_experts(b.experts)
         for name, t in full.named_parameters(recurse=False):
-            assert torch.equal(getattr(held, name), t[PLACEMENT[rank]]), name
+            assert torch.equal(getattr(held, name), t[placements[a.layer][rank]]), name
     torch.manual_seed(0)
     apply_sieve_lora(model, {0: SELECTION, 1: SELECTION}, AdapterConfig(r=4))
     torch.manual_seed(0)
     apply_sieve_lora(whole, {0: SELECTION, 1: SELECTION}, AdapterConfig(r=4))
     randomize_adapters(whole)
     state = {k: v for k, v in whole.state_dict().items() if "lora_" in k}
-    for name, p in model.named_parameters():  # this rank's slots of the whole model's adapters
+    for name, p in model.named_parameters():  # the slots of the whole model's adapters this rank owns
         if "lora_" in name:
-            mine = [SELECTION.index(e) for e in SELECTION if e in PLACEMENT[rank]]
+            layer = int(name.split("layers.")[1].split(".")[0])
+            mine = [SELECTION.index(e) for e in SELECTION if owners(placements[layer])[e] == rank]
             p.data.copy_(state[name.replace(".local.adapters.", ".adapters.")][mine])
     shard_experts(model, group, placements)  # loaded expert-parallel: tags, checks the placement
     with torch.no_grad():
         torch.testing.assert_close(model(**_batch(rank)).loss, whole(**_batch(rank)).loss, rtol=1e-6, atol=1e-6)
 
 
-def test_a_partial_load_moves_its_experts_to_the_placement(tmp_path):
+@pytest.mark.parametrize("redundant", [False, True], ids=["once", "copies"])
+def test_a_partial_load_moves_its_experts_to_the_placement(tmp_path, redundant):
     tiny_model("mixtral").save_pretrained(tmp_path)
-    run_ranks(_partial_placed_on_rank, 2, (str(tmp_path),))
+    placements = REPLICATED if redundant else {layer: PLACEMENT for layer in (0, 1)}
+    run_ranks(_partial_placed_on_rank, 2, (str(tmp_path), placements))
 
 
 MIX = MixLoRAConfig(num_experts=4, top_k=2, r=4, alpha=8, router_init_range=0.5)
@@ -238,3 +240,80 @@ def test_calibration_batches_leave_the_random_stream_alone():
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(torch.rand(3), after)
+
+
+# Redundant slots (one per rank): experts 2 and 6 on both ranks; of the selection rank 0 owns 2 and 5
+# and sends 2 to rank 1's copy, rank 1 owns 1 and 6 and sends 6 to rank 0's. Layer 1: copies of 6 and 7.
+REPLICATED = {0: [[0, 2, 5, 6, 7], [1, 2, 3, 4, 6]], 1: [[1, 2, 5, 6, 7], [0, 3, 4, 6, 7]]}
+
+
+def test_replicated_placements_lift_the_bound_of_whole_experts():
+    for ep in (2, 4, 8):
+        for redundant in (1, 2):
+            placement = balanced(SKEWED, ep, redundant=redundant)
+            check_placement(placement, 16, ep, redundant=True)
+            assert all(len(held) == 16 // ep + redundant for held in placement)
+            assert imbalance(SKEWED, placement) < lower_bound(SKEWED, ep) or lower_bound(SKEWED, ep) == 1.0
+    # at EP=4 the hottest expert alone is 1.38x a rank's mean; copies of it bring every rank near the mean
+    assert imbalance(SKEWED, balanced(SKEWED, 4, redundant=1)) < 1.05 < lower_bound(SKEWED, 4)
+    assert copies(balanced(SKEWED, 4, redundant=1))[0] > 1
+    assert owners(REPLICATED[0]) == {
+        0: 0,
+        1: 1,
+        2: 0,
+        3: 1,
+        4: 1,
+        5: 0,
+        6: 1,
+        7: 0,
+    }  # copied experts' owners alternate
+    with pytest.raises(ValueError, match="redundant"):
+        balanced(SKEWED, 4, redundant=5)  # more than E/N
+    with pytest.raises(ValueError, match="2 ranks of 4 experts"):
+        check_placement(REPLICATED[0], 8, 2)  # copies need redundant=True
+
+
+# EP=4, 3 slots per rank: rank 0 sends expert 1 to rank 1, rank 1 sends 2 to rank 3, rank 3 sends 6 to
+# rank 1; rank 2 holds no selected expert at all (it still takes part in every exchange, forward and backward).
+REPLICATED_4 = {layer: [[0, 1, 5], [1, 2, 6], [3, 4, 7], [2, 6, 7]] for layer in (0, 1)}
+
+
+def _replicated_on_rank(rank, world, out_dir, dora, placements):
+    model = _sieve() if not dora else _sieve(use_dora=True)
+    reference = copy.deepcopy(model)
+    sum(reference(**_batch(10 + r)).loss for r in range(world)).backward()
+    shard_experts(model, dist.group.WORLD, placements)
+    loss = model(**_batch(10 + rank)).loss
+    loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(loss, reference(**_batch(10 + rank)).loss, rtol=1e-6, atol=1e-6)
+    ref = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if ".local.adapters." in name:  # the adapters this rank owns get every copy's gradient
+            layer = int(name.split("layers.")[1].split(".")[0])
+            owned = [e for e, r in owners(placements[layer]).items() if r == rank and e in SELECTION]
+            mine = [SELECTION.index(e) for e in sorted(owned)]
+            torch.testing.assert_close(
+                p.grad, ref[name.replace(".local.adapters.", ".adapters.")].grad[mine], rtol=1e-5, atol=1e-6
+            )
+        else:
+            dist.all_reduce(p.grad)
+            torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-5, atol=1e-6)
+    save_adapter(model, f"{out_dir}/replicated")
+    dist.barrier()
+    with torch.no_grad():  # the adapter loads by id at EP=2 and at EP=1
+        logits = model(**_batch(20 + rank)).logits
+        by_id = shard_experts(load_adapter(tiny_model("mixtral"), f"{out_dir}/replicated"), dist.group.WORLD)
+        torch.testing.assert_close(by_id(**_batch(20 + rank)).logits, logits, rtol=1e-5, atol=1e-6)
+        single = load_adapter(tiny_model("mixtral"), f"{out_dir}/replicated")
+        torch.testing.assert_close(single(**_batch(20 + rank)).logits, logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world,dora", [(2, False), (2, True), (4, False)], ids=["ep2-lora", "ep2-dora", "ep4-lora"])
+def test_redundant_expert_copies_compute_what_one_process_does(tmp_path, world, dora):
+    placements = REPLICATED if world == 2 else REPLICATED_4
+    run_ranks(_replicated_on_rank, world=world, args=(str(tmp_path), dora, placements))
+    config = json.loads((tmp_path / "replicated" / "adapter_config.json").read_text())
+    assert config["expert_placement"] == {str(layer): p for layer, p in placements.items()}

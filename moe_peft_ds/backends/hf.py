@@ -25,8 +25,9 @@ from ..config import ATTENTION_TARGETS, AdapterConfig, ConfigError
 from ..dispatch import ExpertParallelDispatch, copy_expert_slots, gather_expert_state, tag_expert_local
 from ..lora import ExpertLoRA, LoRALinear, apply_expert_update, grouped_mm
 from ..modules import UnsupportedModelError, layer_index, read_in_forward, wrap_linears
-from ..placement import check_placement, contiguous, rank_major
+from ..placement import check_placement, contiguous, owners, rank_major
 from ..routes import Routes
+from .hf_replicas import ReplicaAdapters
 
 SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")  # attributes of a block holding shared experts
 
@@ -239,7 +240,9 @@ class ExpertParallelExperts(ExpertParallelDispatch):
 
     ``local`` computes this rank's experts (global ids ``local.held``) on rows sorted by local
     expert; the dispatch routes rows to and from the owning ranks. ``placement`` holds every
-    rank's experts (``placement.contiguous`` unless load-aware), the same on every rank.
+    rank's experts (``placement.contiguous`` unless load-aware), the same on every rank. An expert
+    several ranks hold (redundant slots) has its adapter on its owner only; the others fetch it
+    every forward (``hf_replicas``).
     """
 
     wraps_experts = True
@@ -251,26 +254,43 @@ class ExpertParallelExperts(ExpertParallelDispatch):
         num_experts: int,
         placement: list[list[int]] | None = None,
         loaded: bool = False,
+        selected: list[int] | None = None,
+        cfg: AdapterConfig | None = None,
     ):
         """``loaded``: built by an expert-parallel load (``hf_load``), whose adapters come later;
-        ``shard_moe_blocks`` then only tags them."""
+        ``shard_moe_blocks`` then only tags them. ``selected``: the layer's experts with adapters
+        (global ids; default those ``local`` carries), ``cfg`` their adapter config."""
         ep_size = dist.get_world_size(group)
         placement = placement or contiguous(num_experts, ep_size)
-        check_placement(placement, num_experts, ep_size)
+        check_placement(placement, num_experts, ep_size, redundant=True)
         if local.held != placement[dist.get_rank(group)]:
             raise ValueError(f"this rank holds experts {local.held}; the placement gives it {placement}")
         super().__init__(group, num_experts, rank_major(placement), device=local.base.down_proj.device)
         self.placement = placement
         self.local = local
         self.loaded = loaded
+        self.plan_replicas(local.expert_ids if selected is None else selected, cfg)
+
+    @property
+    def owned(self) -> list[int]:
+        """The experts this rank holds whose adapters live here (all it holds, without redundant slots)."""
+        rank, owner = dist.get_rank(self.group), owners(self.placement)
+        return [e for e in self.local.held if owner[e] == rank]
+
+    def plan_replicas(self, selected: list[int], cfg: AdapterConfig | None) -> None:
+        """Which adapters go to which copies, for the layer's ``selected`` experts (after each change)."""
+        tensors = ExpertsLayout.of(self.local.base).tensors(cfg) if cfg is not None else []
+        rank = dist.get_rank(self.group)
+        self.replicas = ReplicaAdapters(self.placement, rank, selected, cfg, tensors, self.group)
+        self.replicas.to(self.local.base.down_proj.device)
 
     def add_adapters(self, expert_ids: list[int], cfg: AdapterConfig) -> None:
-        """LoRA on the selected ``expert_ids`` (global, of the whole layer) that this rank holds,
+        """LoRA on the selected ``expert_ids`` (global, of the whole layer) that this rank owns,
         initialised exactly as ``FusedExpertsWithLoRA`` over the whole layer would be (the same
         random draws, in the same order, on every rank), then cut to the local experts."""
         base, local_ids = self.local.base, self.local.held
         full = whole_layer_lora(base, expert_ids, self.num_experts, cfg)
-        held = [e for e in expert_ids if e in local_ids]
+        held = [e for e in expert_ids if e in self.owned]
         with no_random_draws(base.down_proj.device):
             self.local = FusedExpertsWithLoRA(base, held, cfg, held=local_ids)
         with torch.no_grad():
@@ -278,11 +298,21 @@ class ExpertParallelExperts(ExpertParallelDispatch):
                 slots = [full[t].slot[e] for e in held]
                 adapter.lora_A.copy_(full[t].lora_A[slots])
                 adapter.lora_B.copy_(full[t].lora_B[slots])
+        self.plan_replicas(expert_ids, cfg)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        return super().forward(hidden_states, top_k_index, top_k_weights, self.local.expert_rows)
+        return super().forward(hidden_states, top_k_index, top_k_weights, self._expert_rows)
+
+    def _expert_rows(self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if not self.replicas.active:
+            return self.local.expert_rows(x, expert_of_row, counts)
+        return self.local.expert_rows(x, expert_of_row, counts, self._replica_update)
+
+    def _replica_update(self, tensor: str, y, x, expert_of_row, counts, w) -> torch.Tensor:
+        own = self.local.adapters[tensor] if tensor in self.local.adapters else None
+        return self.replicas.update(own, tensor, y, x, expert_of_row, counts, w)
 
 
 def whole_layer_lora(base: nn.Module, expert_ids: list[int], num_experts: int, cfg: AdapterConfig) -> dict:
@@ -323,12 +353,12 @@ def _keep_experts(base: nn.Module, held: list[int]) -> None:
     base.num_experts = len(held)
 
 
-def _shard_block(experts: nn.Module, cfg: AdapterConfig, held: list[int]) -> FusedExpertsWithLoRA:
-    """This rank's share (global ids ``held``) of one block's experts, adapters included (copied,
-    so the initialisation matches the unsharded model exactly)."""
+def _shard_block(experts: nn.Module, cfg: AdapterConfig, held: list[int], owned: list[int]) -> FusedExpertsWithLoRA:
+    """This rank's share (global ids ``held``) of one block's experts, the adapters of those it
+    ``owned`` included (copied, so the initialisation matches the unsharded model exactly)."""
     full = experts if isinstance(experts, FusedExpertsWithLoRA) else None
     base = full.base if full else experts
-    local_ids = [e for e in (full.expert_ids if full else []) if e in held]
+    local_ids = [e for e in (full.expert_ids if full else []) if e in owned]
     _keep_experts(base, held)
     with no_random_draws(base.down_proj.device):  # as a partial load's adapters: no draw beyond the whole layer's
         local = FusedExpertsWithLoRA(base, local_ids, cfg, held=held)
@@ -358,25 +388,30 @@ def shard_moe_blocks(model: nn.Module, cfg: AdapterConfig, group, placements: di
         if num_experts % ep_size:
             raise ValueError(f"{num_experts} experts per layer cannot be split over ep_size={ep_size}")
         placement = placements.get(block.layer) or contiguous(num_experts, ep_size)
-        check_placement(placement, num_experts, ep_size)
-        local = _shard_block(experts, cfg, placement[rank])
+        check_placement(placement, num_experts, ep_size, redundant=True)
+        owned = [e for e, r in owners(placement).items() if r == rank]
+        selected = experts.expert_ids if isinstance(experts, FusedExpertsWithLoRA) else []
+        local = _shard_block(experts, cfg, placement[rank], owned)
         # Expert-local, frozen base included: DeepSpeed must neither average these gradients over
         # all ranks nor broadcast rank 0's experts over the others at initialize.
         tag_expert_local(local.parameters(), ep_size)
-        block.experts = ExpertParallelExperts(local, group, num_experts, placement)
+        block.experts = ExpertParallelExperts(local, group, num_experts, placement, selected=selected, cfg=cfg)
 
 
 @torch.no_grad()
-def _grown(local: FusedExpertsWithLoRA, new_ids: list[int], num_experts: int, cfg: AdapterConfig, seed: int):
+def _grown(
+    local: FusedExpertsWithLoRA, new_ids: list[int], num_experts: int, cfg: AdapterConfig, seed: int, owned: list[int]
+):
     """``local`` with adapters on ``new_ids`` (global ids of a layer of ``num_experts``) as well:
     the trained adapters are copied, the new ones initialised from ``seed`` with the draws a whole
     layer's adapters on ``new_ids`` would take, on every rank alike (each keeps those it holds),
-    whatever else has drawn from the random generators before."""
+    whatever else has drawn from the random generators before. ``owned``: the experts whose
+    adapters live in ``local`` (those it holds, but for copies of another rank's)."""
     base = local.base
     with no_random_draws(base.down_proj.device):
         torch.manual_seed(seed)
         fresh = whole_layer_lora(base, new_ids, num_experts, cfg)
-    held = [e for e in new_ids if e in local.held]
+    held = [e for e in new_ids if e in owned]
     with no_random_draws(base.down_proj.device):
         grown = FusedExpertsWithLoRA(base, sorted(set(local.expert_ids) | set(held)), cfg, held=local.held)
     for t, adapter in grown.adapters.items():
@@ -405,13 +440,15 @@ def grow_expert_adapters(model: nn.Module, experts: dict[int, list[int]], cfg: A
             raise ValueError(f"layer {layer} carries no expert adapters to grow")
         total = wrapper.num_experts if parallel else local.num_experts
         new = [e for e in ids if e not in cfg.selection.get(layer, [])]
-        grown = _grown(local, new, total, cfg, seed * 1000 + layer)
+        owned = wrapper.owned if parallel else local.held
+        grown = _grown(local, new, total, cfg, seed * 1000 + layer, owned)
+        cfg.selection[layer] = sorted(set(cfg.selection.get(layer, [])) | set(ids))
         if parallel:
             tag_expert_local(grown.parameters(), wrapper.ep_size)
             wrapper.local = grown
+            wrapper.plan_replicas(cfg.selection[layer], cfg)
         else:
             block.experts = grown
-        cfg.selection[layer] = sorted(set(cfg.selection.get(layer, [])) | set(ids))
 
 
 def adapter_flops_share(model: nn.Module, cfg: AdapterConfig) -> float:

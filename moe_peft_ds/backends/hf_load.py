@@ -136,8 +136,8 @@ def load_local_experts(source: str, dtype: torch.dtype, group, device: torch.dev
 @torch.no_grad()
 def place_loaded_experts(model: nn.Module, placements: dict[int, list[list[int]]]) -> None:
     """Move the experts of a model loaded expert-parallel (each rank holding a contiguous block)
-    to ``placements`` (``{layer: placement}``), before any adapter is added: every rank sends each
-    other rank the experts it will hold, one all-to-all per expert tensor (at most one layer's
+    to ``placements`` (``{layer: placement}``, redundant slots allowed), before any adapter is added:
+    every rank sends each other rank the experts it will hold (an expert with copies to each of them), one all-to-all per expert tensor (at most one layer's
     tensor in flight beside the kept one). Call on every rank of the group."""
     import torch.distributed as dist
 
@@ -159,7 +159,7 @@ def place_loaded_experts(model: nn.Module, placements: dict[int, list[list[int]]
         for name in expert_tensors(base):
             p = getattr(base, name)
             index = torch.tensor([now[rank].index(e) for ids in sends for e in ids], device=p.device)
-            out = p.new_empty(p.shape)
+            out = p.new_empty((len(placement[rank]), *p.shape[1:]))  # more with redundant slots
             dist.all_to_all_single(
                 out,
                 p.detach().index_select(0, index).contiguous(),

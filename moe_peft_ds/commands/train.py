@@ -352,6 +352,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "else contiguous. Recorded in adapter_config.json; adapters load under any placement",
     )
     d.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        metavar="R",
+        help="with a balanced placement: R more expert slots per rank and MoE layer, holding copies of the hottest "
+        "experts, whose routed rows are split evenly over their copies (one hot expert no longer sets the busiest "
+        "rank's load). Costs R experts' frozen weights per rank and layer, and one small exchange of the copied "
+        "experts' adapters per layer and step; the adapters, and the checkpoint, stay one per expert. Sieve and "
+        "LoRA on transformers models; at most E/N (default 0)",
+    )
+    d.add_argument(
         "--load-whole-model",
         action="store_true",
         help="with --ep-size > 1: every rank reads the whole checkpoint and keeps its experts afterwards, instead of "
@@ -484,11 +495,28 @@ def check_distributed(args) -> dict | None:
     check_positive(ep_size=args.ep_size, dist_timeout=args.dist_timeout)
     if args.expert_placement is not None and args.ep_size == 1:
         raise ConfigError("--expert-placement places experts on expert-parallel ranks; it needs --ep-size > 1")
+    check_redundant_flags(args)
     if args.deepspeed_config is None:
         if args.ep_size > 1:
             raise ConfigError("--ep-size > 1 needs --deepspeed_config (run under the deepspeed launcher)")
         return None
     return load_deepspeed_config(args.deepspeed_config, args.batch_size, args.ep_size)
+
+
+def check_redundant_flags(args) -> None:
+    """``--redundant-experts``: copies of hot experts under a balanced expert-parallel placement."""
+    if args.redundant_experts < 0:
+        raise ConfigError(f"--redundant-experts={args.redundant_experts} must be >= 0")
+    if not args.redundant_experts:
+        return
+    if args.ep_size == 1:
+        raise ConfigError("--redundant-experts adds expert slots on expert-parallel ranks; it needs --ep-size > 1")
+    if args.method not in ("sieve", "lora"):
+        raise ConfigError(
+            f"--redundant-experts copies a model's experts (sieve, lora); --method {args.method} has none"
+        )
+    if args.expert_placement == "contiguous":
+        raise ConfigError("--redundant-experts places copies by load; it needs --expert-placement balanced")
 
 
 def size_report(model, selection_all: dict[int, list[int]]) -> dict:
@@ -601,8 +629,8 @@ def inject_sieve(args, model, calib, sieve_cfg, adapter_cfg, world, log, progres
 
 
 def placement_mode(args, profile) -> str:
-    """``--expert-placement``, or its default: balanced when routing was profiled."""
-    return args.expert_placement or ("balanced" if profile is not None else "contiguous")
+    """``--expert-placement``, or its default: balanced when routing was profiled or copies are asked for."""
+    return args.expert_placement or ("balanced" if profile is not None or args.redundant_experts else "contiguous")
 
 
 def place_experts(args, model, profile, selection, adapter_cfg, calib, log, progress) -> dict:
@@ -615,7 +643,9 @@ def place_experts(args, model, profile, selection, adapter_cfg, calib, log, prog
         raise ConfigError("--expert-placement balanced: DeepSpeed-MoE models keep DeepSpeed's placement by id")
     if profile is None:
         profile = profile_routing(model, calib(), progress=progress)
-    placements = plan_placements(model, profile.counts, args.ep_size, "balanced", adapter_cfg, selection)
+    placements = plan_placements(
+        model, profile.counts, args.ep_size, "balanced", adapter_cfg, selection, args.redundant_experts
+    )
     log(placement_summary(profile.counts, placements))
     if expert_parallel_group(model) is not None:  # loaded expert-parallel: each rank holds its contiguous block
         place_loaded_experts(model, placements)
