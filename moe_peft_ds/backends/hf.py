@@ -279,10 +279,13 @@ class ExpertParallelExperts(ExpertParallelDispatch):
 
     def plan_replicas(self, selected: list[int], cfg: AdapterConfig | None) -> None:
         """Which adapters go to which copies, for the layer's ``selected`` experts (after each change)."""
-        tensors = ExpertsLayout.of(self.local.base).tensors(cfg) if cfg is not None else []
+        base = self.local.base
+        layout = ExpertsLayout.of(base)
+        tensors = layout.tensors(cfg) if cfg is not None else []
+        shapes = {t: tuple(weight_out_in(base, t, layout.transposed).shape[1:]) for t in tensors}
         rank = dist.get_rank(self.group)
-        self.replicas = ReplicaAdapters(self.placement, rank, selected, cfg, tensors, self.group)
-        self.replicas.to(self.local.base.down_proj.device)
+        self.replicas = ReplicaAdapters(self.placement, rank, selected, cfg, shapes, base.down_proj.dtype, self.group)
+        self.replicas.to(base.down_proj.device)
 
     def add_adapters(self, expert_ids: list[int], cfg: AdapterConfig) -> None:
         """LoRA on the selected ``expert_ids`` (global, of the whole layer) that this rank owns,
@@ -290,7 +293,8 @@ class ExpertParallelExperts(ExpertParallelDispatch):
         random draws, in the same order, on every rank), then cut to the local experts."""
         base, local_ids = self.local.base, self.local.held
         full = whole_layer_lora(base, expert_ids, self.num_experts, cfg)
-        held = [e for e in expert_ids if e in self.owned]
+        owned = self.owned
+        held = [e for e in expert_ids if e in owned]
         with no_random_draws(base.down_proj.device):
             self.local = FusedExpertsWithLoRA(base, held, cfg, held=local_ids)
         with torch.no_grad():
@@ -311,8 +315,7 @@ class ExpertParallelExperts(ExpertParallelDispatch):
         return self.local.expert_rows(x, expert_of_row, counts, self._replica_update)
 
     def _replica_update(self, tensor: str, y, x, expert_of_row, counts, w) -> torch.Tensor:
-        own = self.local.adapters[tensor] if tensor in self.local.adapters else None
-        return self.replicas.update(own, tensor, y, x, expert_of_row, counts, w)
+        return self.replicas.update(self.local.adapters, tensor, y, x, expert_of_row, counts, w)
 
 
 def whole_layer_lora(base: nn.Module, expert_ids: list[int], num_experts: int, cfg: AdapterConfig) -> dict:
