@@ -21,6 +21,7 @@ from torch import nn
 
 from .backends.hf import ExpertsLayout, find_moe_blocks, weight_out_in
 from .config import AdapterConfig, ConfigError, SieveConfig
+from .placement import check_redundant
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32
@@ -118,6 +119,7 @@ class Run:
     batch_size: int = 1
     max_length: int = 2048
     activation_checkpointing: bool = False
+    redundant_experts: int = 0  # copies of hot experts per rank and layer (expert parallel only)
 
 
 def check_layout(shapes: ModelShapes, layout: Layout) -> None:
@@ -127,6 +129,19 @@ def check_layout(shapes: ModelShapes, layout: Layout) -> None:
         raise ConfigError(f"--ep-size {layout.ep} must divide --world-size {layout.world}")
     if shapes.num_experts % layout.ep:
         raise ConfigError(f"--ep-size {layout.ep} does not divide the {shapes.num_experts} experts per layer")
+
+
+def expert_slots(shapes: ModelShapes, layout: Layout, run: Run) -> int:
+    """Experts each rank holds per MoE layer: E/N, plus ``run.redundant_experts`` copies under
+    expert parallelism (``placement.replicated``)."""
+    share = shapes.num_experts // layout.ep
+    if layout.ep == 1:
+        return share
+    try:
+        check_redundant(shapes.num_experts, layout.ep, run.redundant_experts)
+    except ValueError as err:
+        raise ConfigError(f"--redundant-experts: {err}") from None
+    return share + run.redundant_experts
 
 
 def plan(shapes: ModelShapes, layout: Layout, run: Run) -> dict:
@@ -157,7 +172,7 @@ def plan(shapes: ModelShapes, layout: Layout, run: Run) -> dict:
     exchanges = 4 + (2 if run.activation_checkpointing else 0)
     a2a = exchanges * shapes.moe_layers * tokens * shapes.top_k * shapes.hidden * base * (layout.ep - 1) // layout.ep
     out = {
-        "base_experts": shapes.expert_params * base // layout.ep,
+        "base_experts": shapes.expert_params * base * expert_slots(shapes, layout, run) // shapes.num_experts,
         "base_other": shapes.other_params * base,
         "adapter_params": expert_adapter + attention,
         "adapter_params_all_ranks": expert_adapter_all + attention,
@@ -186,7 +201,7 @@ def smallest_fit(shapes: ModelShapes, run: Run, budget: int, max_world: int = 40
     world = 1
     while world <= max_world:
         for ep in range(1, world + 1):
-            if world % ep or shapes.num_experts % ep:
+            if world % ep or shapes.num_experts % ep or (ep > 1 and run.redundant_experts > shapes.num_experts // ep):
                 continue
             for zero in (0, 1, 2):
                 layout = Layout(world, ep, zero)

@@ -159,13 +159,16 @@ def _ep_syncs(rank, world, method):
 
     mpatch = pytest.MonkeyPatch()  # no fixture in a spawned rank
     torch.manual_seed(0)
-    if method == "sieve":
+    placements = None
+    if method.startswith("sieve"):
         model = mp.apply_sieve_lora(tiny_model("mixtral"), {0: [1, 5], 1: [0, 2, 7]}, mp.AdapterConfig(r=8))
         types, layers = (ExpertParallelExperts,), 2
     else:
         model = mp.apply_mixlora(_llama(), MixLoRAConfig(num_experts=4, top_k=2, r=8))
         types, layers = (MixLoRAFFN,), model.config.num_hidden_layers
-    shard_experts(model)
+    if method == "sieve-copies":  # selected experts held by both ranks: their adapters are exchanged, no sync
+        placements = {0: [[0, 1, 2, 5, 6], [1, 3, 4, 5, 7]], 1: [[0, 2, 4, 6, 7], [0, 1, 3, 5, 7]]}
+    shard_experts(model, None, placements)
     model.train()
     try:
         forward, backward, ops = _forward_backward_syncs(model, types, mpatch)
@@ -174,7 +177,7 @@ def _ep_syncs(rank, world, method):
     assert forward == layers and backward == 0, ops
 
 
-@pytest.mark.parametrize("method", ["sieve", "mixlora"])
+@pytest.mark.parametrize("method", ["sieve", "sieve-copies", "mixlora"])
 def test_expert_parallel_dispatch_syncs_once_per_layer(method):
     from distributed import run_ranks
 

@@ -70,6 +70,9 @@ def test_expert_parallel_and_zero_divide_what_they_shard():
     assert zero1["optimizer_states"] * 2 == ep2["optimizer_states"] * 3 // 2
     assert zero1["gradients"] == ep2["gradients"] and zero2["gradients"] * 2 == ep2["gradients"]
     assert one["all_to_all_per_step"] == 0 < ep2["all_to_all_per_step"]
+    copies = plan(shapes, Layout(4, 2, 0), Run(dtype="bf16", method="lora", r=4, redundant_experts=1))
+    assert copies["base_experts"] * 8 == one["base_experts"] * 5  # 4 + 1 of the 8 experts per rank
+    assert plan(shapes, Layout(1, 1, 0), Run(dtype="bf16", method="lora", r=4, redundant_experts=1)) == one
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
@@ -97,6 +100,11 @@ def test_the_cli_prints_a_plan_and_the_smallest_fit_as_json():
         (["--sieve-k", "17"], "error: k=17 exceeds the 16 experts per layer"),
         (["--attention-lora", "q_a_proj"], "error: --attention-lora ['q_a_proj']: not attention projections"),
         (["--gpu-memory", "0"], "error: --gpu-memory 0.0 must be > 0 (GiB)"),
+        (
+            ["--world-size", "2", "--ep-size", "2", "--redundant-experts", "9"],
+            "error: --redundant-experts: 9 redundant expert slots per rank: must be in [0, 8]",
+        ),
+        (["--redundant-experts", "-1"], "error: --redundant-experts=-1 must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line(args, line):

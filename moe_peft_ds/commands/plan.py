@@ -74,6 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")
     p.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        metavar="R",
+        help="with --ep-size > 1: R more expert slots per rank and MoE layer holding copies of hot experts, as "
+        "train --redundant-experts (their frozen weights count here; default 0)",
+    )
+    p.add_argument(
         "--gpu-memory", type=float, default=None, help="GiB per GPU: also print the smallest layout that fits"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -127,6 +135,8 @@ def run(args) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
     )
+    if args.redundant_experts < 0:
+        raise ConfigError(f"--redundant-experts={args.redundant_experts} must be >= 0")
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         raise ConfigError(f"--gpu-memory {args.gpu_memory} must be > 0 (GiB)")
     sieve = SieveConfig(fraction=args.sieve_fraction, k=args.sieve_k)
@@ -142,6 +152,7 @@ def run(args) -> int:
         args.batch_size,
         args.max_length,
         args.activation_checkpointing,
+        args.redundant_experts,
     )
     missing = sorted(set(spec.attention_targets) - set(shapes.attention_lora))
     if missing:
