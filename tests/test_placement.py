@@ -83,11 +83,10 @@ def _sieve(**cfg):
     return model
 
 
-def _placed_on_rank(rank, world, out_dir):
-    model = _sieve()
+def _placed_on_rank(rank, world, out_dir, placements, dora=False):
+    model = _sieve(use_dora=dora)
     reference = copy.deepcopy(model)
     sum(reference(**_batch(10 + r)).loss for r in range(world)).backward()
-    placements = {b.layer: PLACEMENT for b in find_moe_blocks(model)}
     shard_experts(model, dist.group.WORLD, placements)
     assert model.moe_peft_config.expert_placement == placements
     loss = model(**_batch(10 + rank)).loss
@@ -98,17 +97,18 @@ def _placed_on_rank(rank, world, out_dir):
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        if ".local.adapters." in name:  # this rank's selected experts, in ascending global id
-            mine = [SELECTION.index(e) for e in SELECTION if e in PLACEMENT[rank]]
-            torch.testing.assert_close(p.grad, ref[name.replace(".local.adapters.", ".adapters.")].grad[mine])
+        if ".local.adapters." in name:  # the selected experts this rank owns (ascending id) get every copy's gradient
+            layer = int(name.split("layers.")[1].split(".")[0])
+            mine = [SELECTION.index(e) for e in SELECTION if owners(placements[layer])[e] == rank]
+            whole = ref[name.replace(".local.adapters.", ".adapters.")].grad[mine]
+            torch.testing.assert_close(p.grad, whole, rtol=1e-5, atol=1e-6)
         else:
             dist.all_reduce(p.grad)
             torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-5, atol=1e-6)
-    for block in find_moe_blocks(model):  # the base experts this rank holds are those the placement names
-        held = base_experts(block.experts)
-        whole = base_experts(find_moe_blocks(reference)[0].experts)
-        assert torch.equal(held.down_proj, whole.down_proj[PLACEMENT[rank]])
-        break
+    for block, whole in zip(find_moe_blocks(model), find_moe_blocks(reference)):  # the experts the placement names
+        assert torch.equal(
+            base_experts(block.experts).down_proj, base_experts(whole.experts).down_proj[placements[block.layer][rank]]
+        )
     save_adapter(model, f"{out_dir}/placed")
     if rank == 0:
         save_adapter(reference, f"{out_dir}/single")
@@ -121,13 +121,18 @@ def _placed_on_rank(rank, world, out_dir):
         torch.testing.assert_close(single(**_batch(20 + rank)).logits, logits, rtol=1e-5, atol=1e-6)
 
 
-def test_a_placement_not_by_id_computes_what_one_process_does_and_its_checkpoint_moves(tmp_path):
-    run_ranks(_placed_on_rank, world=2, args=(str(tmp_path),))
+def _placed_like_one_process(tmp_path, placements, world=2, dora=False):
+    """Run ``_placed_on_rank``; the adapter saved under ``placements`` is one process's, tensor for tensor."""
+    run_ranks(_placed_on_rank, world=world, args=(str(tmp_path), placements, dora))
     placed, single = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("placed", "single"))
     assert placed.keys() == single.keys() and all(torch.equal(placed[k], single[k]) for k in single)
     config = json.loads((tmp_path / "placed" / "adapter_config.json").read_text())
-    assert config["expert_placement"] == {str(layer): PLACEMENT for layer in (0, 1)}
+    assert config["expert_placement"] == {str(layer): p for layer, p in placements.items()}
     assert json.loads((tmp_path / "single" / "adapter_config.json").read_text())["expert_placement"] == {}
+
+
+def test_a_placement_not_by_id_computes_what_one_process_does_and_its_checkpoint_moves(tmp_path):
+    _placed_like_one_process(tmp_path, {layer: PLACEMENT for layer in (0, 1)})
 
 
 def _partial_placed_on_rank(rank, world, path, placements):
@@ -278,42 +283,6 @@ def test_replicated_placements_lift_the_bound_of_whole_experts():
 REPLICATED_4 = {layer: [[0, 1, 5], [1, 2, 6], [3, 4, 7], [2, 6, 7]] for layer in (0, 1)}
 
 
-def _replicated_on_rank(rank, world, out_dir, dora, placements):
-    model = _sieve() if not dora else _sieve(use_dora=True)
-    reference = copy.deepcopy(model)
-    sum(reference(**_batch(10 + r)).loss for r in range(world)).backward()
-    shard_experts(model, dist.group.WORLD, placements)
-    loss = model(**_batch(10 + rank)).loss
-    loss.backward()
-    with torch.no_grad():
-        torch.testing.assert_close(loss, reference(**_batch(10 + rank)).loss, rtol=1e-6, atol=1e-6)
-    ref = dict(reference.named_parameters())
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        if ".local.adapters." in name:  # the adapters this rank owns get every copy's gradient
-            layer = int(name.split("layers.")[1].split(".")[0])
-            owned = [e for e, r in owners(placements[layer]).items() if r == rank and e in SELECTION]
-            mine = [SELECTION.index(e) for e in sorted(owned)]
-            torch.testing.assert_close(
-                p.grad, ref[name.replace(".local.adapters.", ".adapters.")].grad[mine], rtol=1e-5, atol=1e-6
-            )
-        else:
-            dist.all_reduce(p.grad)
-            torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-5, atol=1e-6)
-    save_adapter(model, f"{out_dir}/replicated")
-    dist.barrier()
-    with torch.no_grad():  # the adapter loads by id at EP=2 and at EP=1
-        logits = model(**_batch(20 + rank)).logits
-        by_id = shard_experts(load_adapter(tiny_model("mixtral"), f"{out_dir}/replicated"), dist.group.WORLD)
-        torch.testing.assert_close(by_id(**_batch(20 + rank)).logits, logits, rtol=1e-5, atol=1e-6)
-        single = load_adapter(tiny_model("mixtral"), f"{out_dir}/replicated")
-        torch.testing.assert_close(single(**_batch(20 + rank)).logits, logits, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("world,dora", [(2, False), (2, True), (4, False)], ids=["ep2-lora", "ep2-dora", "ep4-lora"])
 def test_redundant_expert_copies_compute_what_one_process_does(tmp_path, world, dora):
-    placements = REPLICATED if world == 2 else REPLICATED_4
-    run_ranks(_replicated_on_rank, world=world, args=(str(tmp_path), dora, placements))
-    config = json.loads((tmp_path / "replicated" / "adapter_config.json").read_text())
-    assert config["expert_placement"] == {str(layer): p for layer, p in placements.items()}
+    _placed_like_one_process(tmp_path, REPLICATED if world == 2 else REPLICATED_4, world, dora)
