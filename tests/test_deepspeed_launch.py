@@ -247,13 +247,24 @@ def test_qwen2_moe_with_replicated_adapters_ep2_zero2_equals_data_parallel(tmp_p
 def test_four_ranks_expert_and_expert_data_parallel_train_the_adapter_of_one_process(tmp_path):
     """4 ranks = 2 expert-parallel x 2 expert-data-parallel: expert gradients are averaged over
     the expert-data-parallel pair, replicated ones over all 4, the clipping norm counts every
-    expert once (ZeRO-2 computes it; under ZeRO-0 this project does)."""
+    expert once (ZeRO-2 computes it; under ZeRO-0 this project does). The ZeRO-2 run also holds a
+    copy of a hot expert per rank (the owners' adapters gather their copies' gradients first)."""
     single = launch(tmp_path / "single", None, 1, 0, "--batch-size", "8", *CLIP)
-    for i, preset in enumerate(("zero2_fp32.json", "zero0_fp32.json")):
+    for i, (preset, copies) in enumerate((("zero2_fp32.json", "1"), ("zero0_fp32.json", "0"))):
         run = launch(
-            tmp_path / preset, ROOT / "ds_configs" / preset, 2, 29581 + i, "--batch-size", "2", *CLIP, ranks=4
+            tmp_path / preset,
+            ROOT / "ds_configs" / preset,
+            2,
+            29581 + i,
+            "--batch-size",
+            "2",
+            *CLIP,
+            "--redundant-experts",
+            copies,
+            ranks=4,
         )
         assert run["log"]["world_size"] == 4
+        assert all(len(held) == 8 + int(copies) for p in run["config"]["expert_placement"].values() for held in p)
         assert_same_adapter(run, single, f"EP=2 x EDP=2 {preset}")
 
 

@@ -286,3 +286,20 @@ REPLICATED_4 = {layer: [[0, 1, 5], [1, 2, 6], [3, 4, 7], [2, 6, 7]] for layer in
 @pytest.mark.parametrize("world,dora", [(2, False), (2, True), (4, False)], ids=["ep2-lora", "ep2-dora", "ep4-lora"])
 def test_redundant_expert_copies_compute_what_one_process_does(tmp_path, world, dora):
     _placed_like_one_process(tmp_path, REPLICATED if world == 2 else REPLICATED_4, world, dora)
+
+
+def test_redundant_slots_that_do_not_fit_or_a_mixlora_pool_are_refused_in_one_line():
+    from moe_peft_ds.config import ConfigError
+
+    model = _sieve()
+    counts = {layer: SKEWED[:8] for layer in (0, 1)}
+    with pytest.raises(
+        ConfigError, match=r"--redundant-experts: 5 redundant expert slots per rank: must be in \[0, 4\]"
+    ):
+        plan_placements(model, counts, 2, "balanced", model.moe_peft_config, None, 5)
+    assert all(
+        len(p[0]) == 6 for p in plan_placements(model, counts, 2, "balanced", model.moe_peft_config, None, 2).values()
+    )
+    mixlora = apply_mixlora(tiny_model("llama"), copy.deepcopy(MIX), fast=False)
+    with pytest.raises(ConfigError, match="MixLoRA"):
+        plan_placements(mixlora, {0: [1, 1, 1, 1]}, 2, "balanced", mixlora.moe_peft_config, None, 1)
