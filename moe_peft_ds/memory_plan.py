@@ -21,7 +21,7 @@ from torch import nn
 
 from .backends.hf import ExpertsLayout, find_moe_blocks, weight_out_in
 from .config import AdapterConfig, ConfigError, SieveConfig
-from .placement import check_redundant
+from .placement import check_redundant, max_redundant
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32
@@ -137,10 +137,7 @@ def expert_slots(shapes: ModelShapes, layout: Layout, run: Run) -> int:
     share = shapes.num_experts // layout.ep
     if layout.ep == 1:
         return share
-    try:
-        check_redundant(shapes.num_experts, layout.ep, run.redundant_experts)
-    except ValueError as err:
-        raise ConfigError(f"--redundant-experts: {err}") from None
+    check_redundant(shapes.num_experts, layout.ep, run.redundant_experts)
     return share + run.redundant_experts
 
 
@@ -201,7 +198,11 @@ def smallest_fit(shapes: ModelShapes, run: Run, budget: int, max_world: int = 40
     world = 1
     while world <= max_world:
         for ep in range(1, world + 1):
-            if world % ep or shapes.num_experts % ep or (ep > 1 and run.redundant_experts > shapes.num_experts // ep):
+            if (
+                world % ep
+                or shapes.num_experts % ep
+                or (ep > 1 and run.redundant_experts > max_redundant(shapes.num_experts, ep))
+            ):
                 continue
             for zero in (0, 1, 2):
                 layout = Layout(world, ep, zero)

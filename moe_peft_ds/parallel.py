@@ -57,10 +57,7 @@ def plan_placements(
     if mixlora:
         return {layer: balanced(counts[layer], ep_size, pool_groups(ffn)) for layer, ffn in mixlora.items()}
     num_experts = len(next(iter(counts.values())))
-    try:
-        check_redundant(num_experts, ep_size, redundant)
-    except ValueError as err:
-        raise ConfigError(f"--redundant-experts: {err}") from None
+    check_redundant(num_experts, ep_size, redundant)
     share = adapter_flops_share(model, cfg) if isinstance(cfg, AdapterConfig) else 0.0
     selection = selection or {}
     return {

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .config import ConfigError
+
 PLACEMENTS = ("contiguous", "balanced")
 
 
@@ -99,13 +101,18 @@ def _improve_by_swaps(held: list[list[int]], total: list[float], loads, group_of
         total[r] += delta
 
 
-def check_redundant(num_experts: int, ep_size: int, redundant: int) -> None:
-    """Raise unless ``redundant`` extra slots per rank fit: at most E/N (a rank holds at most twice its
-    share) and no more than the experts it does not hold."""
+def max_redundant(num_experts: int, ep_size: int) -> int:
+    """The most redundant slots per rank: E/N (a rank holds at most twice its share), and no more
+    than the experts it does not hold."""
     share = num_experts // ep_size
-    if not 0 <= redundant <= min(share, num_experts - share):
-        raise ValueError(
-            f"{redundant} redundant expert slots per rank: must be in [0, {min(share, num_experts - share)}] "
+    return min(share, num_experts - share)
+
+
+def check_redundant(num_experts: int, ep_size: int, redundant: int) -> None:
+    """Raise (one line, a ``ConfigError``) unless ``redundant`` extra slots per rank fit."""
+    if not 0 <= redundant <= max_redundant(num_experts, ep_size):
+        raise ConfigError(
+            f"--redundant-experts {redundant}: must be in [0, {max_redundant(num_experts, ep_size)}] "
             f"with {num_experts} experts over {ep_size} ranks (at most E/N, and only experts a rank does not hold)"
         )
 
@@ -145,6 +152,12 @@ def copies(placement: list[list[int]]) -> dict[int, int]:
         for e in held:
             count[e] = count.get(e, 0) + 1
     return count
+
+
+def owned_by(placement: list[list[int]], rank: int) -> list[int]:
+    """The experts ``rank`` holds whose adapters live there (``owners``), ascending."""
+    owner = owners(placement)
+    return [e for e in placement[rank] if owner[e] == rank]
 
 
 def owners(placement: list[list[int]]) -> dict[int, int]:

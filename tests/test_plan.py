@@ -102,7 +102,7 @@ def test_the_cli_prints_a_plan_and_the_smallest_fit_as_json():
         (["--gpu-memory", "0"], "error: --gpu-memory 0.0 must be > 0 (GiB)"),
         (
             ["--world-size", "2", "--ep-size", "2", "--redundant-experts", "9"],
-            "error: --redundant-experts: 9 redundant expert slots per rank: must be in [0, 8]",
+            "error: --redundant-experts 9: must be in [0, 8] with 16 experts over 2 ranks",
         ),
         (["--redundant-experts", "-1"], "error: --redundant-experts=-1 must be >= 0"),
     ],

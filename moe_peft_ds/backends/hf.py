@@ -25,7 +25,7 @@ from ..config import ATTENTION_TARGETS, AdapterConfig, ConfigError
 from ..dispatch import ExpertParallelDispatch, copy_expert_slots, gather_expert_state, tag_expert_local
 from ..lora import ExpertLoRA, LoRALinear, apply_expert_update, grouped_mm
 from ..modules import UnsupportedModelError, layer_index, read_in_forward, wrap_linears
-from ..placement import check_placement, contiguous, owners, rank_major
+from ..placement import check_placement, contiguous, owned_by, rank_major
 from ..routes import Routes
 from .hf_replicas import ReplicaAdapters
 
@@ -274,8 +274,7 @@ class ExpertParallelExperts(ExpertParallelDispatch):
     @property
     def owned(self) -> list[int]:
         """The experts this rank holds whose adapters live here (all it holds, without redundant slots)."""
-        rank, owner = dist.get_rank(self.group), owners(self.placement)
-        return [e for e in self.local.held if owner[e] == rank]
+        return owned_by(self.placement, dist.get_rank(self.group))
 
     def plan_replicas(self, selected: list[int], cfg: AdapterConfig | None) -> None:
         """Which adapters go to which copies, for the layer's ``selected`` experts (after each change)."""
@@ -392,7 +391,7 @@ def shard_moe_blocks(model: nn.Module, cfg: AdapterConfig, group, placements: di
             raise ValueError(f"{num_experts} experts per layer cannot be split over ep_size={ep_size}")
         placement = placements.get(block.layer) or contiguous(num_experts, ep_size)
         check_placement(placement, num_experts, ep_size, redundant=True)
-        owned = [e for e, r in owners(placement).items() if r == rank]
+        owned = owned_by(placement, rank)
         selected = experts.expert_ids if isinstance(experts, FusedExpertsWithLoRA) else []
         local = _shard_block(experts, cfg, placement[rank], owned)
         # Expert-local, frozen base included: DeepSpeed must neither average these gradients over

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..dispatch import all_to_all_v
 from ..lora import ExpertLoRA, adapter_dtype, apply_expert_update, stacked_lora_update
-from ..placement import copies, owners
+from ..placement import copies, owned_by, owners
 
 
 class ReplicaAdapters(nn.Module):
@@ -44,7 +44,7 @@ class ReplicaAdapters(nn.Module):
         self.tensors, self.shapes, self.base_dtype = list(shapes), dict(shapes), base_dtype
         owner, count, held = owners(placement), copies(placement), placement[rank]
         chosen = set(selected)
-        owned = [e for e in held if e in chosen and owner[e] == rank]  # this rank's adapter slots, ascending
+        owned = [e for e in owned_by(placement, rank) if e in chosen]  # this rank's adapter slots, ascending
         # Slots of the owned adapters each rank holds a copy of; ids of the copies arriving from each owner.
         self.send = [[i for i, e in enumerate(owned) if e in other and r != rank] for r, other in enumerate(placement)]
         self.recv = [[e for e in held if e in chosen and owner[e] == r != rank] for r in range(len(placement))]
