@@ -118,22 +118,58 @@ def stacked_lora_update(
     num_local: int,
     dropout=None,
     base: torch.Tensor | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``ExpertLoRA.forward``'s update of rows ``x [S, in]`` sorted by expert, from the ``stacked``
     adapters ``(A [n, r, in], B [n, out, r], scaling [n], magnitude [n, out] or None)`` of the
     experts at local indices ``slots [n]`` (None: every one of the ``num_local``, in order); ``base``
-    ``[n, out, in]``: their base weights (DoRA only)."""
+    ``[n, out, in]``: their base weights (DoRA only). ``groups``: ``lora_groups`` of ascending
+    ``slots`` (the GEMMs then run over those groups; default one group per expert)."""
     A, B, scaling, magnitude = stacked
-    # The scaling goes into B (a small [n, out, r] product), not onto the [S, out] output.
-    A_all, B_all = _spread(A, slots, num_local), _spread(B * scaling[:, None, None], slots, num_local)
-    offsets = counts.cumsum(0).to(torch.int32)
+    # Unadapted experts get zero A and B. With ``groups`` a run of them between two adapted experts is
+    # one group: fewer, larger products (a CPU's grouped GEMM is a loop of one matrix product per group).
+    offsets = counts.cumsum(0)
+    g_slots, g_num = slots, num_local
+    if groups is not None:
+        g_slots, ends = groups
+        offsets, g_num = offsets[ends], len(ends)
+    offsets = offsets.to(torch.int32)
+    # The scaling goes into A (a small [n, r, in] product), not onto the [S, out] output. B enters
+    # the GEMM as a row-major [n, r, out] copy (adapter-sized, made by the spread or the transpose):
+    # with B's own column-major view autograd computes B's gradient as [out, S] x [S, r] products,
+    # which a CPU runs several times slower than the [r, S] x [S, out] it computes for a row-major
+    # operand (docs/results.md#step-time; on a GPU, cuBLAS takes either layout).
+    A_g = _spread(A * scaling[:, None, None], g_slots, g_num)
+    B_g = _spread(B.transpose(1, 2), g_slots, g_num).contiguous()  # [groups, r, out]
     x = dropout(x) if dropout is not None else x
-    hidden = grouped_mm(x.to(A_all.dtype), A_all.transpose(1, 2), offsets)  # [S, r]
-    delta = grouped_mm(hidden, B_all.transpose(1, 2), offsets)  # [S, out]
+    hidden = grouped_mm(x.to(A_g.dtype), A_g.transpose(1, 2), offsets)  # [S, r]
+    delta = grouped_mm(hidden, B_g, offsets)  # [S, out]
     if magnitude is None:
         return delta, None
     scale = dora_scale(base, A, B, scaling, magnitude)  # [n, out]
     return delta, _spread(scale, slots, num_local, fill=1.0)[expert_of_row]
+
+
+def lora_groups(slots: list[int], num_local: int) -> tuple[list[int], list[int]]:
+    """The groups ``stacked_lora_update`` runs its GEMMs over for adapters at the ascending local
+    indices ``slots`` among ``num_local`` experts: each adapted expert alone, each run of experts
+    without an adapter as one group. Returns (the group of each slot, the last expert of each group).
+
+    >>> lora_groups([2, 3, 7], 10)
+    ([1, 2, 4], [1, 2, 3, 6, 7, 9])
+    """
+    if any(b <= a for a, b in zip(slots, slots[1:])):
+        raise ValueError(f"slots must ascend: {slots}")
+    group_of, ends, prev = [], [], -1
+    for slot in slots:
+        if slot > prev + 1:
+            ends.append(slot - 1)  # the run of unadapted experts before this one
+        group_of.append(len(ends))
+        ends.append(slot)
+        prev = slot
+    if prev < num_local - 1:
+        ends.append(num_local - 1)
+    return group_of, ends
 
 
 def _spread(t: torch.Tensor, slots: torch.Tensor | None, num_local: int, fill: float = 0.0) -> torch.Tensor:
@@ -248,11 +284,13 @@ class ExpertLoRA(nn.Module):
             held = f"[{local_experts[0]}, {local_experts[-1]}]" if local_experts else "none"
             raise ValueError(f"expert ids {self.expert_ids} are not all among the base tensor's experts {held}")
         device = self.lora_A.device
-        ids = torch.tensor([local[e] for e in self.expert_ids], dtype=torch.long, device=device)  # local indices
+        slots = [local[e] for e in self.expert_ids]  # local indices, ascending with the ids
+        group_of, ends = lora_groups(slots, len(local))
         self.num_local = len(local)
-        self.all_experts = len(ids) == len(local)  # then the adapter's slots are the base tensor's experts, in order
+        self.all_experts = len(slots) == len(local)  # then the adapter's slots are the base tensor's experts, in order
         # Derived from expert_ids: not saved, but moved with the module.
-        self.register_buffer("ids", ids, persistent=False)
+        for name, values in (("ids", slots), ("group_of", group_of), ("group_ends", ends)):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.long, device=device), persistent=False)
 
     def forward(
         self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, weight_out_in: torch.Tensor
@@ -266,10 +304,11 @@ class ExpertLoRA(nn.Module):
         ``x`` enters here with a gradient, so ZeRO-3 keeps this module's parameters gathered
         until its whole backward has run.
 
-        The two LoRA GEMMs run on ``x`` itself, with the base GEMM's offsets, over adapters laid
-        out for every expert (``_spread``): no host sync (how many rows the selected experts have
-        is never read) and no copy of ``x`` kept for backward. Picking the selected experts' rows
-        instead would need either their count on the host or a gathered copy of the rows.
+        The two LoRA GEMMs run on ``x`` itself, with offsets from the base GEMM's, over adapters laid
+        out for every expert (``_spread``; a run of experts without an adapter is one zero group,
+        ``lora_groups``): no host sync (how many rows the selected experts have is never read) and
+        no copy of ``x`` kept for backward. Picking the selected experts' rows instead would need
+        either their count on the host or a gathered copy of the rows.
         """
         return stacked_lora_update(
             x,
@@ -280,6 +319,7 @@ class ExpertLoRA(nn.Module):
             self.num_local,
             self.dropout,
             self._base(weight_out_in) if self.dora else None,
+            None if self.all_experts else (self.group_of, self.group_ends),
         )
 
     @property

@@ -273,3 +273,78 @@ def test_grouped_gemm_alignment_rule_accepts_transposed_expert_weights():
     assert not _aligned(torch.randn(4, 16, 2))  # row-major rows of 8 bytes
     assert _aligned(torch.randn(4, 2, 16).transpose(1, 2))  # column-major, columns of 64 bytes
     assert not _aligned(torch.randn(65)[1:].view(4, 16))  # start not 16-byte aligned
+
+
+def test_lora_groups_merge_each_run_of_unadapted_experts():
+    from moe_peft_ds.lora import lora_groups
+
+    assert lora_groups([2, 3, 7], 10) == ([1, 2, 4], [1, 2, 3, 6, 7, 9])
+    assert lora_groups([0, 1, 2], 3) == ([0, 1, 2], [0, 1, 2])  # every expert: one group each
+    assert lora_groups([0], 4) == ([0], [0, 3])
+    assert lora_groups([3], 4) == ([1], [2, 3])
+    with pytest.raises(ValueError, match="ascend"):
+        lora_groups([3, 1], 4)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("slots", [[1, 4, 6], [0, 1, 7], [3], [0, 2, 4]])
+def test_grouped_update_equals_one_group_per_expert(slots, dora):
+    """Running the LoRA GEMMs over ``lora_groups`` (runs of unadapted experts merged into one zero
+    group) gives the update, DoRA scale and every gradient of one group per expert; an expert with no
+    rows (count 0) included. fp32, tight tolerances."""
+    from moe_peft_ds.lora import dora_scale, lora_groups, stacked_lora_update
+
+    torch.manual_seed(0)
+    num, n, r, out_f, in_f = 8, len(slots), 4, 12, 16
+    counts = torch.tensor([3, 0, 5, 2, 4, 1, 6, 2])
+    expert_of_row = torch.repeat_interleave(torch.arange(num), counts)
+    base = torch.randn(n, out_f, in_f)
+    leaves = [torch.randn(n, r, in_f), torch.randn(n, out_f, r), torch.rand(n) + 0.5]
+    magnitude = dora_scale(base, leaves[0], leaves[1], leaves[2], torch.ones(n, out_f)).detach() if dora else None
+    x0 = torch.randn(int(counts.sum()), in_f)
+    grad_out = torch.randn(len(x0), out_f)
+    group_of, ends = lora_groups(slots, num)
+    results = []
+    for groups in (None, (torch.tensor(group_of), torch.tensor(ends))):
+        A, B = (t.clone().requires_grad_(True) for t in leaves[:2])
+        m = magnitude.clone().requires_grad_(True) if dora else None
+        x = x0.clone().requires_grad_(True)
+        stacked = (A, B, leaves[2], m)
+        delta, scale = stacked_lora_update(
+            x, expert_of_row, counts, stacked, torch.tensor(slots), num, None, base, groups
+        )
+        y = (
+            delta
+            if scale is None
+            else (x0 @ torch.randn(in_f, out_f, generator=torch.Generator().manual_seed(1)) + delta) * scale
+        )
+        (y * grad_out).sum().backward()
+        results.append([y.detach(), x.grad, A.grad, B.grad] + ([m.grad] if dora else []))
+    assert len(ends) < num  # the case merges groups
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_trainable_grouped_gemm_operands_are_contiguous_along_their_long_side(family, monkeypatch):
+    """Autograd computes a grouped GEMM operand's gradient in the operand's own layout: for LoRA's B
+    (``[r, out]`` per group) stored column-major, that is ``[out, S] x [S, r]`` products, several times
+    slower on a CPU than the ``[r, S] x [S, out]`` of a row-major copy. Every trainable operand must
+    therefore be contiguous along its long side (A: ``in``, B: ``out``)."""
+    import moe_peft_ds.lora as lora_mod
+
+    calls = []
+    real = lora_mod.grouped_mm
+
+    def recording(x, weight, offsets):
+        if weight.requires_grad:
+            calls.append((tuple(weight.shape), weight.stride()))
+        return real(x, weight, offsets)
+
+    monkeypatch.setattr(lora_mod, "grouped_mm", recording)
+    model = apply_sieve_lora(tiny_model(family), selection_for(tiny_model(family)), AdapterConfig(r=4, alpha=8))
+    randomize_adapters(model)
+    model(input_ids=torch.randint(1, 30, (2, 12))).logits.sum().backward()
+    assert calls and any(shape[-1] > shape[-2] for shape, _ in calls)  # B's GEMMs are among them
+    for (_, k, n), (_, s_k, s_n) in calls:
+        assert (s_n == 1) if n > k else (s_k == 1), (k, n, s_k, s_n)
