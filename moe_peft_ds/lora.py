@@ -138,7 +138,7 @@ def stacked_lora_update(
     # the GEMM as a row-major [n, r, out] copy (adapter-sized, made by the spread or the transpose):
     # with B's own column-major view autograd computes B's gradient as [out, S] x [S, r] products,
     # which a CPU runs several times slower than the [r, S] x [S, out] it computes for a row-major
-    # operand (docs/results.md#step-time; on a GPU, cuBLAS takes either layout).
+    # operand (docs/design.md, "one training step"; on a GPU, cuBLAS takes either layout).
     A_g = _spread(A * scaling[:, None, None], g_slots, g_num)
     B_g = _spread(B.transpose(1, 2), g_slots, g_num).contiguous()  # [groups, r, out]
     x = dropout(x) if dropout is not None else x

@@ -67,9 +67,13 @@ def test_step_time_profiles_one_cell_and_measures_memory(tmp_path):
     cell = json.loads(out.read_text())["cells"]["e16k2/fp32"]
     assert set(cell["profile"]["tables"]) == {"sieve25", "ours_all"}
     assert all("Self CPU" in table for table in cell["profile"]["tables"].values())
-    assert cell["config"]["memory_kind"].startswith("cpu_peak_rss_delta")
-    if Path("/proc/self/clear_refs").exists():  # Linux: the peak memory of a step is measured
-        assert isinstance(cell["ratios"]["peak_memory sieve25/ours_all"]["pass"], bool)
+    assert cell["config"]["memory_kind"].startswith("cpu_tensor_peak_delta")
+    assert isinstance(cell["ratios"]["peak_memory sieve25/ours_all"]["pass"], bool)
+    for v in cell["variants"].values():  # weights and optimizer state, plus a step that allocates
+        assert v["peak_step_memory_bytes"] > 0
+        assert v["peak_memory_bytes"] == v["resident_bytes"] + v["peak_step_memory_bytes"]
+    per = cell["variants"]  # the sieve's 4x smaller optimizer state and gradients, exactly counted
+    assert per["sieve25"]["resident_bytes"] < per["ours_all"]["resident_bytes"]
     assert "<details><summary>e16k2/fp32 <code>sieve25</code>" in (tmp_path / "step_time_profile.md").read_text()
     assert "<details>" not in out.with_suffix(".md").read_text()  # the report (quoted by the README) stays short
 
