@@ -36,7 +36,8 @@ are for fp32; bf16 cells report the same ratios for information only.
 Measured on 2 CPU cores (AVX2, no native bf16), 2026-12-01: the full grid took 12 min 17 s, the
 fp32 cells 2 min 22 s. bf16 matrix products take a slow path on such a CPU (a frozen-base bf16
 step at full size takes 8-10 s against 0.3 s in fp32), so bf16 cells on a CPU run a quarter of
-the rounds (``rounds_of``); run them on a GPU for numbers that matter.
+the rounds (``rounds_of``); run them on a GPU for numbers that matter. On 2 cores with AVX512-BF16
+(2026-12-02) a bf16 step takes about what an fp32 one does, and the full grid about 4 minutes.
 
 Writes ``benchmarks/results/step_time.json`` and a Markdown report next to it (``.md``).
 Absolute times on a shared machine mean little; read the ratios.
