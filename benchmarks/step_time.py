@@ -881,7 +881,7 @@ def variant_table(c: dict) -> list[str]:
         lines.append(
             f"| `{name}` | {v['median_step_s'] * 1000:.0f} ms | {rel} | {v['trainable_params']:,} | {v['adapter_dtype'] or 'n/a'} | "
             f"{_fmt_bytes(v['optimizer_state_bytes'])} | {_fmt_bytes(v['adapter_file_bytes'])} | "
-            f"{_fmt_bytes(v['peak_step_memory_bytes'])} | {_fmt_bytes(v.get('peak_memory_bytes'))} |"
+            f"{_fmt_bytes(v['peak_step_memory_bytes'])} | {_fmt_bytes(v['peak_memory_bytes'])} |"
         )
     return lines
 

@@ -342,7 +342,8 @@ def test_trainable_grouped_gemm_operands_are_contiguous_along_their_long_side(fa
         return real(x, weight, offsets)
 
     monkeypatch.setattr(lora_mod, "grouped_mm", recording)
-    model = apply_sieve_lora(tiny_model(family), selection_for(tiny_model(family)), AdapterConfig(r=4, alpha=8))
+    model = tiny_model(family)
+    model = apply_sieve_lora(model, selection_for(model), AdapterConfig(r=4, alpha=8))
     randomize_adapters(model)
     model(input_ids=torch.randint(1, 30, (2, 12))).logits.sum().backward()
     assert calls and any(shape[-1] > shape[-2] for shape, _ in calls)  # B's GEMMs are among them
