@@ -123,16 +123,20 @@ def stacked_lora_update(
     """``ExpertLoRA.forward``'s update of rows ``x [S, in]`` sorted by expert, from the ``stacked``
     adapters ``(A [n, r, in], B [n, out, r], scaling [n], magnitude [n, out] or None)`` of the
     experts at local indices ``slots [n]`` (None: every one of the ``num_local``, in order); ``base``
-    ``[n, out, in]``: their base weights (DoRA only). ``groups``: ``lora_groups`` of ascending
-    ``slots`` (the GEMMs then run over those groups; default one group per expert)."""
+    ``[n, out, in]``: their base weights (DoRA only). ``groups``: ``(lora_groups(slots), adapted)``
+    for ascending ``slots``, ``adapted [num_local]`` 1 at the slots and 0 elsewhere: the GEMMs then
+    run over n groups, one per adapter (default: one group per local expert, zero adapters spread
+    to the unadapted ones)."""
     A, B, scaling, magnitude = stacked
-    # Unadapted experts get zero A and B. With ``groups`` a run of them between two adapted experts is
-    # one group: fewer, larger products (a CPU's grouped GEMM is a loop of one matrix product per group).
     offsets = counts.cumsum(0)
     g_slots, g_num = slots, num_local
     if groups is not None:
-        g_slots, ends = groups
-        offsets, g_num = offsets[ends], len(ends)
+        # Each adapter's group also holds the rows of the unadapted experts after it (before the first,
+        # the first's): n products instead of one per expert (a CPU's grouped GEMM is a loop of one
+        # matrix product per group). Those rows' hidden LoRA activations are masked to zero, so their
+        # update and every gradient they feed (A's, B's, x's) is exactly zero.
+        ends, adapted = groups
+        offsets, g_slots, g_num = offsets[ends], None, len(ends)
     offsets = offsets.to(torch.int32)
     # The scaling goes into A (a small [n, r, in] product), not onto the [S, out] output. B enters
     # the GEMM as a row-major [n, r, out] copy (adapter-sized, made by the spread or the transpose):
@@ -143,6 +147,8 @@ def stacked_lora_update(
     B_g = _spread(B.transpose(1, 2), g_slots, g_num).contiguous()  # [groups, r, out]
     x = dropout(x) if dropout is not None else x
     hidden = grouped_mm(x.to(A_g.dtype), A_g.transpose(1, 2), offsets)  # [S, r]
+    if groups is not None:
+        hidden = hidden * adapted[expert_of_row, None].to(hidden.dtype)
     delta = grouped_mm(hidden, B_g, offsets)  # [S, out]
     if magnitude is None:
         return delta, None
@@ -150,26 +156,18 @@ def stacked_lora_update(
     return delta, _spread(scale, slots, num_local, fill=1.0)[expert_of_row]
 
 
-def lora_groups(slots: list[int], num_local: int) -> tuple[list[int], list[int]]:
+def lora_groups(slots: list[int], num_local: int) -> list[int]:
     """The groups ``stacked_lora_update`` runs its GEMMs over for adapters at the ascending local
-    indices ``slots`` among ``num_local`` experts: each adapted expert alone, each run of experts
-    without an adapter as one group. Returns (the group of each slot, the last expert of each group).
+    indices ``slots`` among ``num_local`` experts, as the last local expert of each: one group per
+    adapter, holding its expert and the unadapted experts up to the next adapter's (those before
+    the first adapter's join the first group).
 
     >>> lora_groups([2, 3, 7], 10)
-    ([1, 2, 4], [1, 2, 3, 6, 7, 9])
+    [2, 6, 9]
     """
-    if any(b <= a for a, b in zip(slots, slots[1:])):
-        raise ValueError(f"slots must ascend: {slots}")
-    group_of, ends, prev = [], [], -1
-    for slot in slots:
-        if slot > prev + 1:
-            ends.append(slot - 1)  # the run of unadapted experts before this one
-        group_of.append(len(ends))
-        ends.append(slot)
-        prev = slot
-    if prev < num_local - 1:
-        ends.append(num_local - 1)
-    return group_of, ends
+    if not slots or any(b <= a for a, b in zip(slots, slots[1:])) or slots[-1] >= num_local:
+        raise ValueError(f"slots must be ascending local indices below {num_local}: {slots}")
+    return [s - 1 for s in slots[1:]] + [num_local - 1]
 
 
 def _spread(t: torch.Tensor, slots: torch.Tensor | None, num_local: int, fill: float = 0.0) -> torch.Tensor:
@@ -285,12 +283,14 @@ class ExpertLoRA(nn.Module):
             raise ValueError(f"expert ids {self.expert_ids} are not all among the base tensor's experts {held}")
         device = self.lora_A.device
         slots = [local[e] for e in self.expert_ids]  # local indices, ascending with the ids
-        group_of, ends = lora_groups(slots, len(local))
         self.num_local = len(local)
         self.all_experts = len(slots) == len(local)  # then the adapter's slots are the base tensor's experts, in order
         # Derived from expert_ids: not saved, but moved with the module.
-        for name, values in (("ids", slots), ("group_of", group_of), ("group_ends", ends)):
-            self.register_buffer(name, torch.tensor(values, dtype=torch.long, device=device), persistent=False)
+        long = dict(dtype=torch.long, device=device)
+        self.register_buffer("ids", torch.tensor(slots, **long), persistent=False)
+        self.register_buffer("group_ends", torch.tensor(lora_groups(slots, len(local)), **long), persistent=False)
+        adapted = torch.zeros(len(local), dtype=self.lora_A.dtype, device=device).index_fill_(0, self.ids, 1.0)
+        self.register_buffer("adapted", adapted, persistent=False)
 
     def forward(
         self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, weight_out_in: torch.Tensor
@@ -304,11 +304,11 @@ class ExpertLoRA(nn.Module):
         ``x`` enters here with a gradient, so ZeRO-3 keeps this module's parameters gathered
         until its whole backward has run.
 
-        The two LoRA GEMMs run on ``x`` itself, with offsets from the base GEMM's, over adapters laid
-        out for every expert (``_spread``; a run of experts without an adapter is one zero group,
-        ``lora_groups``): no host sync (how many rows the selected experts have is never read) and
-        no copy of ``x`` kept for backward. Picking the selected experts' rows instead would need
-        either their count on the host or a gathered copy of the rows.
+        The two LoRA GEMMs run on ``x`` itself, with offsets from the base GEMM's, one group per
+        adapter (``lora_groups``; the rows of experts without an adapter ride in a neighbour's group,
+        their hidden activations masked to zero): no host sync (how many rows the selected experts
+        have is never read) and no copy of ``x`` kept for backward. Picking the selected experts'
+        rows instead would need either their count on the host or a gathered copy of the rows.
         """
         return stacked_lora_update(
             x,
@@ -319,7 +319,7 @@ class ExpertLoRA(nn.Module):
             self.num_local,
             self.dropout,
             self._base(weight_out_in) if self.dora else None,
-            None if self.all_experts else (self.group_of, self.group_ends),
+            None if self.all_experts else (self.group_ends, self.adapted),
         )
 
     @property

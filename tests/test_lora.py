@@ -275,23 +275,25 @@ def test_grouped_gemm_alignment_rule_accepts_transposed_expert_weights():
     assert not _aligned(torch.randn(65)[1:].view(4, 16))  # start not 16-byte aligned
 
 
-def test_lora_groups_merge_each_run_of_unadapted_experts():
+def test_lora_groups_one_per_adapter_covering_every_expert():
     from moe_peft_ds.lora import lora_groups
 
-    assert lora_groups([2, 3, 7], 10) == ([1, 2, 4], [1, 2, 3, 6, 7, 9])
-    assert lora_groups([0, 1, 2], 3) == ([0, 1, 2], [0, 1, 2])  # every expert: one group each
-    assert lora_groups([0], 4) == ([0], [0, 3])
-    assert lora_groups([3], 4) == ([1], [2, 3])
-    with pytest.raises(ValueError, match="ascend"):
-        lora_groups([3, 1], 4)
+    assert lora_groups([2, 3, 7], 10) == [2, 6, 9]  # groups 0-2, 3-6, 7-9
+    assert lora_groups([0, 1, 2], 3) == [0, 1, 2]  # every expert: one group each
+    assert lora_groups([0], 4) == [3]
+    assert lora_groups([3], 4) == [3]
+    for bad in ([3, 1], [], [4]):
+        with pytest.raises(ValueError, match="ascending"):
+            lora_groups(bad, 4)
 
 
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("slots", [[1, 4, 6], [0, 1, 7], [3], [0, 2, 4]])
 def test_grouped_update_equals_one_group_per_expert(slots, dora):
-    """Running the LoRA GEMMs over ``lora_groups`` (runs of unadapted experts merged into one zero
-    group) gives the update, DoRA scale and every gradient of one group per expert; an expert with no
-    rows (count 0) included. fp32, tight tolerances."""
+    """Running the LoRA GEMMs over ``lora_groups`` (one group per adapter, the unadapted experts'
+    rows in it masked) gives the update, DoRA scale and every gradient of one group per expert with
+    zero adapters spread to the unadapted ones; an expert with no rows (count 0) included. fp32,
+    tight tolerances."""
     from moe_peft_ds.lora import dora_scale, lora_groups, stacked_lora_update
 
     torch.manual_seed(0)
@@ -303,9 +305,9 @@ def test_grouped_update_equals_one_group_per_expert(slots, dora):
     magnitude = dora_scale(base, leaves[0], leaves[1], leaves[2], torch.ones(n, out_f)).detach() if dora else None
     x0 = torch.randn(int(counts.sum()), in_f)
     grad_out = torch.randn(len(x0), out_f)
-    group_of, ends = lora_groups(slots, num)
+    adapted = torch.zeros(num).index_fill_(0, torch.tensor(slots), 1.0)
     results = []
-    for groups in (None, (torch.tensor(group_of), torch.tensor(ends))):
+    for groups in (None, (torch.tensor(lora_groups(slots, num)), adapted)):
         A, B = (t.clone().requires_grad_(True) for t in leaves[:2])
         m = magnitude.clone().requires_grad_(True) if dora else None
         x = x0.clone().requires_grad_(True)
@@ -320,7 +322,7 @@ def test_grouped_update_equals_one_group_per_expert(slots, dora):
         )
         (y * grad_out).sum().backward()
         results.append([y.detach(), x.grad, A.grad, B.grad] + ([m.grad] if dora else []))
-    assert len(ends) < num  # the case merges groups
+    assert n < num  # the case merges unadapted experts into the adapters' groups
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
