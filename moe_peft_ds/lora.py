@@ -123,33 +123,31 @@ def stacked_lora_update(
     """``ExpertLoRA.forward``'s update of rows ``x [S, in]`` sorted by expert, from the ``stacked``
     adapters ``(A [n, r, in], B [n, out, r], scaling [n], magnitude [n, out] or None)`` of the
     experts at local indices ``slots [n]`` (None: every one of the ``num_local``, in order); ``base``
-    ``[n, out, in]``: their base weights (DoRA only). ``groups``: ``(lora_groups(slots), adapted)``
-    for ascending ``slots``, ``adapted [num_local]`` 1 at the slots and 0 elsewhere: the GEMMs then
-    run over n groups, one per adapter (default: one group per local expert, zero adapters spread
-    to the unadapted ones)."""
+    ``[n, out, in]``: their base weights (DoRA only). ``groups``: ``(lora_groups(slots), scalings)``
+    for ascending ``slots``, ``scalings [num_local]`` each local expert's scaling, 0 without an
+    adapter: the GEMMs then run over n groups, one per adapter (default: one group per local
+    expert, zero adapters spread to the unadapted ones, which unsorted ``slots`` need)."""
     A, B, scaling, magnitude = stacked
     offsets = counts.cumsum(0)
-    g_slots, g_num = slots, num_local
-    if groups is not None:
+    if groups is None:
+        A_g, B_g, scalings = (_spread(t, slots, num_local) for t in (A, B, scaling))
+    else:
         # Each adapter's group also holds the rows of the unadapted experts after it (before the first,
         # the first's): n products instead of one per expert (a CPU's grouped GEMM is a loop of one
-        # matrix product per group). Those rows' hidden LoRA activations are masked to zero, so their
-        # update and every gradient they feed (A's, B's, x's) is exactly zero.
-        ends, adapted = groups
-        offsets, g_slots, g_num = offsets[ends], None, len(ends)
+        # matrix product per group). Their scaling is 0, so their update and every gradient they feed
+        # (A's, B's, x's) is exactly zero.
+        (ends, scalings), A_g, B_g = groups, A, B
+        offsets = offsets[ends]
     offsets = offsets.to(torch.int32)
-    # The scaling goes into A (a small [n, r, in] product), not onto the [S, out] output. B enters
-    # the GEMM as a row-major [n, r, out] copy (adapter-sized, made by the spread or the transpose):
-    # with B's own column-major view autograd computes B's gradient as [out, S] x [S, r] products,
-    # which a CPU runs several times slower than the [r, S] x [S, out] it computes for a row-major
-    # operand (docs/design.md, "one training step"; on a GPU, cuBLAS takes either layout).
-    A_g = _spread(A * scaling[:, None, None], g_slots, g_num)
-    B_g = _spread(B.transpose(1, 2), g_slots, g_num).contiguous()  # [groups, r, out]
     x = dropout(x) if dropout is not None else x
     hidden = grouped_mm(x.to(A_g.dtype), A_g.transpose(1, 2), offsets)  # [S, r]
-    if groups is not None:
-        hidden = hidden * adapted[expert_of_row, None].to(hidden.dtype)
-    delta = grouped_mm(hidden, B_g, offsets)  # [S, out]
+    # Each row's scaling multiplies its [S, r] hidden activations, so A enters the GEMM as it is. B
+    # enters as a row-major [n, r, out] copy (adapter-sized): with B's own column-major view
+    # autograd computes B's gradient as [out, S] x [S, r] products, which a CPU runs several times
+    # slower than the [r, S] x [S, out] it computes for a row-major operand (docs/design.md, "one
+    # training step"; on a GPU, cuBLAS takes either layout).
+    hidden = hidden * scalings[expert_of_row, None].to(hidden.dtype)
+    delta = grouped_mm(hidden, B_g.transpose(1, 2).contiguous(), offsets)  # [S, out]
     if magnitude is None:
         return delta, None
     scale = dora_scale(base, A, B, scaling, magnitude)  # [n, out]
@@ -263,15 +261,15 @@ class ExpertLoRA(nn.Module):
         init_lora_pair(self.lora_A, self.lora_B, ranks)
         self.ranks = ranks
         self.magnitude = None
+        self.register_buffer(
+            "scaling", torch.tensor([cfg.scaling_of(e) for e in self.expert_ids], **kw), persistent=False
+        )
         self.set_layout(list(range(first_expert, first_expert + num_experts)) if held is None else held)
         if cfg.use_dora:
             # [n, out]: ||W|| as the forward computes it (B = 0); a shared weight is not copied per expert
             self.magnitude = nn.Parameter(
                 merged_row_norm(self._base(weight_out_in).detach(), self.lora_A, self.lora_B, 1.0).detach()
             )
-        self.register_buffer(
-            "scaling", torch.tensor([cfg.scaling_of(e) for e in self.expert_ids], **kw), persistent=False
-        )
 
     def set_layout(self, local_experts) -> None:
         """Derive the index helpers for a base tensor whose experts are the global ids
@@ -289,8 +287,10 @@ class ExpertLoRA(nn.Module):
         long = dict(dtype=torch.long, device=device)
         self.register_buffer("ids", torch.tensor(slots, **long), persistent=False)
         self.register_buffer("group_ends", torch.tensor(lora_groups(slots, len(local)), **long), persistent=False)
-        adapted = torch.zeros(len(local), dtype=self.lora_A.dtype, device=device).index_fill_(0, self.ids, 1.0)
-        self.register_buffer("adapted", adapted, persistent=False)
+        scalings = torch.zeros(len(local), dtype=self.scaling.dtype, device=device).index_copy_(
+            0, self.ids, self.scaling
+        )
+        self.register_buffer("scalings", scalings, persistent=False)  # each local expert's, 0 without an adapter
 
     def forward(
         self, x: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor, weight_out_in: torch.Tensor
@@ -319,7 +319,7 @@ class ExpertLoRA(nn.Module):
             self.num_local,
             self.dropout,
             self._base(weight_out_in) if self.dora else None,
-            None if self.all_experts else (self.group_ends, self.adapted),
+            (self.group_ends, self.scalings),
         )
 
     @property

@@ -291,7 +291,7 @@ def test_lora_groups_one_per_adapter_covering_every_expert():
 @pytest.mark.parametrize("slots", [[1, 4, 6], [0, 1, 7], [3], [0, 2, 4]])
 def test_grouped_update_equals_one_group_per_expert(slots, dora):
     """Running the LoRA GEMMs over ``lora_groups`` (one group per adapter, the unadapted experts'
-    rows in it masked) gives the update, DoRA scale and every gradient of one group per expert with
+    rows in it scaled by 0) gives the update, DoRA scale and every gradient of one group per expert with
     zero adapters spread to the unadapted ones; an expert with no rows (count 0) included. fp32,
     tight tolerances."""
     from moe_peft_ds.lora import dora_scale, lora_groups, stacked_lora_update
@@ -305,9 +305,9 @@ def test_grouped_update_equals_one_group_per_expert(slots, dora):
     magnitude = dora_scale(base, leaves[0], leaves[1], leaves[2], torch.ones(n, out_f)).detach() if dora else None
     x0 = torch.randn(int(counts.sum()), in_f)
     grad_out = torch.randn(len(x0), out_f)
-    adapted = torch.zeros(num).index_fill_(0, torch.tensor(slots), 1.0)
+    scalings = torch.zeros(num).index_copy_(0, torch.tensor(slots), leaves[2])
     results = []
-    for groups in (None, (torch.tensor(lora_groups(slots, num)), adapted)):
+    for groups in (None, (torch.tensor(lora_groups(slots, num)), scalings)):
         A, B = (t.clone().requires_grad_(True) for t in leaves[:2])
         m = magnitude.clone().requires_grad_(True) if dora else None
         x = x0.clone().requires_grad_(True)
