@@ -20,7 +20,9 @@ One invocation measures a grid of cells, each a (shape, dtype) pair:
 
 In each cell the variants run in ONE process and are timed interleaved (round robin, one step
 of each variant per round, the order rotated every round) so that the noise of a shared
-machine hits all of them alike. Reported per cell: median step time per variant and all raw
+machine hits all of them alike. 60 timed rounds by default: on this 2-core VM one step's time
+varies by 10-15% (coefficient of variation, 2026-12-02), so the median of 20 rounds moved a ratio
+by about 0.05 from run to run, as much as the targets' margins. Reported per cell: median step time per variant and all raw
 times, trainable parameters, optimizer-state bytes, the peak memory of one step (what the
 variant holds between steps, its weights and optimizer state, plus the step's own peak increase:
 on CPU from torch.profiler's memory timeline, on CUDA ``max_memory_allocated``), the adapter file
@@ -28,16 +30,17 @@ size, the target ratios with pass/MISS, and with ``--profile`` the top 12 ops by
 2 steps of ``sieve25`` and ``ours_all`` (where the remaining time goes). The step-time targets
 are for fp32; bf16 cells report the same ratios for information only.
 
-    python benchmarks/step_time.py                 # full grid: 4 cells, about 12 minutes on 2 CPU cores
-    python benchmarks/step_time.py --dtypes fp32   # the fp32 cells only, about 2.5 minutes on 2 CPU cores
+    python benchmarks/step_time.py                 # full grid: 4 cells, 7.4 minutes on 2 CPU cores (native bf16)
+    python benchmarks/step_time.py --dtypes fp32   # the fp32 cells only, about 5 minutes on 2 CPU cores
     python benchmarks/step_time.py --device cuda   # on a GPU (timers synchronize first)
     python benchmarks/step_time.py --quick         # tiny models, one thread, no profile (about 25 s)
 
-Measured on 2 CPU cores (AVX2, no native bf16), 2026-12-01: the full grid took 12 min 17 s, the
-fp32 cells 2 min 22 s. bf16 matrix products take a slow path on such a CPU (a frozen-base bf16
+Measured on 2 CPU cores (AVX2, no native bf16), 2026-12-01, at 20 rounds: the full grid took
+12 min 17 s, the fp32 cells 2 min 22 s. bf16 matrix products take a slow path on such a CPU (a frozen-base bf16
 step at full size takes 8-10 s against 0.3 s in fp32), so bf16 cells on a CPU run a quarter of
 the rounds (``rounds_of``); run them on a GPU for numbers that matter. On 2 cores with AVX512-BF16
-(2026-12-02) a bf16 step takes about what an fp32 one does, and the full grid about 4 minutes.
+(2026-12-02) a bf16 step takes about what an fp32 one does, and the full grid (60 rounds) took
+7.4 minutes.
 
 Writes ``benchmarks/results/step_time.json`` and a Markdown report next to it (``.md``).
 Absolute times on a shared machine mean little; read the ratios.
@@ -73,7 +76,7 @@ from measure import fill_defaults  # noqa: E402
 # --quick is a smoke run on one thread: with two threads on a shared 2-core machine, every
 # parallel region waits for a descheduled thread and a tiny bf16 step goes from 0.04 s to 1 s.
 DEFAULTS = dict(
-    layers=4, hidden=256, heads=4, vocab=1024, batch=4, seq=256, steps=20, warmup=3, calib_batches=4, threads=2
+    layers=4, hidden=256, heads=4, vocab=1024, batch=4, seq=256, steps=60, warmup=3, calib_batches=4, threads=2
 )
 QUICK = dict(layers=2, hidden=64, heads=4, vocab=256, batch=2, seq=64, steps=3, warmup=1, calib_batches=2, threads=1)
 
@@ -791,7 +794,7 @@ def cell_config(cell: Cell, args: argparse.Namespace, variants: list[Variant]) -
 def rounds_of(cell: Cell, args: argparse.Namespace) -> tuple[int, int]:
     """(timed, warm-up) rounds of a cell. A CPU without native bf16 runs bf16 GEMMs about 15x slower
     than fp32 (measured here): its bf16 cells take a quarter of the rounds (at least 3, at most all) and one warm-up,
-    so that the whole grid fits in about a quarter of an hour."""
+    so that the whole grid fits in about half an hour there (at 60 rounds; 7.4 minutes with native bf16)."""
     if cell.device == "cpu" and cell.dtype != "fp32":
         return min(args.steps, max(3, args.steps // 4)), min(args.warmup, 1)
     return args.steps, args.warmup
