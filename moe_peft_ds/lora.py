@@ -306,7 +306,7 @@ class ExpertLoRA(nn.Module):
 
         The two LoRA GEMMs run on ``x`` itself, with offsets from the base GEMM's, one group per
         adapter (``lora_groups``; the rows of experts without an adapter ride in a neighbour's group,
-        their hidden activations masked to zero): no host sync (how many rows the selected experts
+        their hidden activations scaled by 0): no host sync (how many rows the selected experts
         have is never read) and no copy of ``x`` kept for backward. Picking the selected experts'
         rows instead would need either their count on the host or a gathered copy of the rows.
         """
