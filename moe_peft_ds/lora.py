@@ -65,9 +65,10 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     no group, and torch's kernel leaves their output (and their input gradient) uninitialised:
     callers that pass such rows mask them. Delegates to transformers' dispatcher, which uses
     torch's grouped GEMM kernel where the device supports it. That kernel needs operands laid out
-    as ``_aligned`` says; others (a LoRA rank below 16 bytes, e.g. r=2 in fp32) take transformers'
-    per-expert loop, which reads ``offsets`` on the host (a device sync) and also computes the
-    gradient of a frozen weight.
+    as ``_aligned`` says; others (a LoRA rank below 16 bytes: r < 8 in bf16, r < 4 in fp32) take
+    transformers' per-expert loop, which reads ``offsets`` on the host (a device sync) and also
+    computes the gradient of a frozen weight. On a GPU torch's kernel itself takes bf16 operands
+    only (sm90/sm100): other dtypes loop over the groups after the same sync.
     """
     # The output [S, out] is an operand of the backward too: its rows must be 16-byte multiples.
     if _aligned(x) and _aligned(weight) and weight.shape[-1] * weight.element_size() % 16 == 0:
@@ -140,18 +141,29 @@ def stacked_lora_update(
         offsets = offsets[ends]
     offsets = offsets.to(torch.int32)
     x = dropout(x) if dropout is not None else x
-    hidden = grouped_mm(x.to(A_g.dtype), A_g.transpose(1, 2), offsets)  # [S, r]
+    # torch's grouped GEMM has a GPU kernel for bf16 operands only; any other dtype takes a loop of
+    # one product per group that first copies the offsets to the host (a sync). So fp32 adapters over
+    # bf16 activations run their GEMMs in bf16, as under autocast: the parameters and their gradients
+    # stay fp32, and the casts are adapter-sized.
+    dtype = x.dtype if x.dtype == torch.bfloat16 else A_g.dtype
+    hidden = grouped_mm(x.to(dtype), A_g.to(dtype).transpose(1, 2), offsets)  # [S, r]
     # Each row's scaling multiplies its [S, r] hidden activations, so A enters the GEMM as it is. B
     # enters as a row-major [n, r, out] copy (adapter-sized): with B's own column-major view
     # autograd computes B's gradient as [out, S] x [S, r] products, which a CPU runs several times
     # slower than the [r, S] x [S, out] it computes for a row-major operand (docs/design.md, "one
     # training step"; on a GPU, cuBLAS takes either layout).
-    hidden = hidden * scalings[expert_of_row, None].to(hidden.dtype)
-    delta = grouped_mm(hidden, B_g.transpose(1, 2).contiguous(), offsets)  # [S, out]
+    hidden = hidden * scalings[expert_of_row, None].to(dtype)
+    delta = grouped_mm(hidden, _row_major(B_g.transpose(1, 2), dtype), offsets)  # [S, out]
     if magnitude is None:
         return delta, None
     scale = dora_scale(base, A, B, scaling, magnitude)  # [n, out]
     return delta, _spread(scale, slots, num_local, fill=1.0)[expert_of_row]
+
+
+def _row_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous ``dtype`` tensor, in one copy (``.to`` ignores the memory format when the
+    dtype is already right)."""
+    return t.contiguous() if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
 
 
 def lora_groups(slots: list[int], num_local: int) -> list[int]:

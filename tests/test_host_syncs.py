@@ -211,3 +211,51 @@ def test_base_experts_and_lora_take_the_grouped_gemm_and_frozen_experts_get_no_g
     )  # per layer: base + 2 LoRA GEMMs for each of the two expert tensors (and more in backward)
     experts = [m.base for m in model.modules() if isinstance(m, FusedExpertsWithLoRA)]
     assert all(p.grad is None for e in experts for p in e.parameters())
+
+
+class GroupedGemms(TorchDispatchMode):
+    """The operand dtypes of every grouped GEMM, and the names of all ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes, self.names = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.names.append(name)
+        if name == "_grouped_mm":
+            self.dtypes.append((args[0].dtype, args[1].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def _bf16_model(build: str) -> torch.nn.Module:
+    """A bf16 base with the default fp32 adapters."""
+    if build.startswith("mixlora"):
+        model = mp.apply_mixlora(_llama().to(torch.bfloat16), MixLoRAConfig(num_experts=4, top_k=2, r=8))
+        set_fast_path(model, build == "mixlora-fast")
+        return model
+    family, _, dora = build.partition("-")
+    selection = {0: [1, 5], 1: [0, 2, 7]}
+    return mp.apply_sieve_lora(
+        tiny_model(family).to(torch.bfloat16), selection, mp.AdapterConfig(r=8, use_dora=bool(dora))
+    )
+
+
+@pytest.mark.parametrize("build", ["mixtral", "mixtral-dora", "gpt_oss", "mixlora-fast", "mixlora-reference"])
+def test_a_bf16_step_runs_every_grouped_gemm_on_bf16_operands(build):
+    """torch's grouped GEMM has a GPU kernel for bf16 x bf16 only (sm90 and later); any other dtype
+    takes a loop of one product per group that copies the offsets to the host first: a sync per
+    GEMM. In fp32 every grouped GEMM takes it, transformers' own included, so the counts above (fp32
+    models) leave it out; in bf16, the dtype a GPU trains in, the fp32 adapters must not bring it
+    back: their GEMMs run on bf16 casts, forward and backward."""
+    model = _bf16_model(build)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    ids, mask = _padded_batch(model.config.vocab_size)
+    with GroupedGemms() as seen:
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    assert len(seen.dtypes) >= 2 * 2 * 2, seen.dtypes  # forward alone: 2 layers x 2 tensors x 2 LoRA GEMMs
+    assert all(d == (torch.bfloat16, torch.bfloat16) for d in seen.dtypes), seen.dtypes
+    assert not [n for n in seen.names if "fallback" in n]
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)

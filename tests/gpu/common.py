@@ -31,10 +31,11 @@ SELECTED = [0, 2, 5, 7]  # 4 of the 8 experts of every MoE layer
 MIXLORA = {"num_experts": 4, "top_k": 2, "router_z_loss_coef": 1e-3}
 
 
-def sieve_model(family: str) -> torch.nn.Module:
-    """A tiny fp32 CPU model of ``family`` with LoRA (r=8) on 4 experts per layer, adapters
-    randomized (B is zero after init: every adapter tensor then gets a gradient)."""
-    model = tiny_model(family)
+def sieve_model(family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny CPU model of ``family``, its base in ``dtype``, with LoRA (r=8, fp32 whatever ``dtype``)
+    on 4 experts per layer, adapters randomized (B is zero after init: every adapter tensor then
+    gets a gradient)."""
+    model = tiny_model(family).to(dtype)
     layers = {b.layer for b in find_moe_blocks(model)}
     apply_sieve_lora(model, {layer: SELECTED for layer in layers}, AdapterConfig(r=8, **SIEVE_FAMILIES[family]))
     randomize_adapters(model)  # CPU generator: before the model moves to the GPU
