@@ -141,13 +141,9 @@ def stacked_lora_update(
         offsets = offsets[ends]
     offsets = offsets.to(torch.int32)
     x = dropout(x) if dropout is not None else x
-    # torch's grouped GEMM has a GPU kernel for bf16 operands only; any other dtype takes a loop of
-    # one product per group that first copies the offsets to the host (a sync). So fp32 adapters over
-    # bf16 activations run their GEMMs in bf16, as under autocast: the parameters and their gradients
-    # stay fp32, and the casts are adapter-sized.
-    dtype = x.dtype if x.dtype == torch.bfloat16 else A_g.dtype
+    dtype = lora_gemm_dtype(x.dtype, A_g.dtype, x.device)
     hidden = grouped_mm(x.to(dtype), A_g.to(dtype).transpose(1, 2), offsets)  # [S, r]
-    # Each row's scaling multiplies its [S, r] hidden activations, so A enters the GEMM as it is. B
+    # Each row's scaling multiplies its [S, r] hidden activations, so A needs no scaled copy. B
     # enters as a row-major [n, r, out] copy (adapter-sized): with B's own column-major view
     # autograd computes B's gradient as [out, S] x [S, r] products, which a CPU runs several times
     # slower than the [r, S] x [S, out] it computes for a row-major operand (docs/design.md, "one
@@ -158,6 +154,16 @@ def stacked_lora_update(
         return delta, None
     scale = dora_scale(base, A, B, scaling, magnitude)  # [n, out]
     return delta, _spread(scale, slots, num_local, fill=1.0)[expert_of_row]
+
+
+def lora_gemm_dtype(activations: torch.dtype, adapter: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the LoRA's grouped GEMMs run in: the adapter's, except over bf16 activations on a
+    GPU, where they run on bf16 casts of A and B (as under autocast; the parameters and their
+    gradients stay in the adapter's dtype). torch's GPU grouped GEMM has a kernel for bf16 only: any
+    other dtype loops over the groups after copying the offsets to the host, a sync per GEMM. A CPU
+    loops either way, without a sync, and there the fp32 products were faster in a training step
+    (docs/design.md, "fp32 adapters over a bf16 base")."""
+    return torch.bfloat16 if activations == torch.bfloat16 and device.type == "cuda" else adapter
 
 
 def _row_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -351,3 +351,17 @@ def test_trainable_grouped_gemm_operands_are_contiguous_along_their_long_side(fa
     assert calls and any(shape[-1] > shape[-2] for shape, _ in calls)  # B's GEMMs are among them
     for (_, k, n), (_, s_k, s_n) in calls:
         assert (s_n == 1) if n > k else (s_k == 1), (k, n, s_k, s_n)
+
+
+def test_lora_gemms_run_in_bf16_over_bf16_activations_on_a_gpu_only():
+    """torch's GPU grouped GEMM has a kernel for bf16 only (other dtypes sync on the offsets); a CPU
+    keeps the adapter's dtype. ``tests/gpu`` checks every grouped GEMM of a CUDA bf16 step."""
+    from moe_peft_ds.lora import lora_gemm_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert lora_gemm_dtype(bf16, f32, cuda) == bf16
+    assert lora_gemm_dtype(bf16, f32, cpu) == f32
+    assert lora_gemm_dtype(f32, f32, cuda) == f32
+    assert lora_gemm_dtype(torch.float16, f32, cuda) == f32
+    assert lora_gemm_dtype(bf16, bf16, cpu) == bf16
