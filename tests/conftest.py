@@ -3,11 +3,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
 
 from tiny_models import FAMILY_NAMES  # noqa: E402
+
+
+class OpNames(TorchDispatchMode):
+    """The name of every aten op run inside it, and each grouped GEMM's operand dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.grouped_mm_dtypes = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        if self.names[-1] == "_grouped_mm":
+            self.grouped_mm_dtypes.append((args[0].dtype, args[1].dtype))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(params=FAMILY_NAMES)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import OpNames
 from tiny_models import tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -182,16 +183,6 @@ def test_expert_parallel_dispatch_syncs_once_per_layer(method):
     from distributed import run_ranks
 
     run_ranks(_ep_syncs, world=2, args=(method,))
-
-
-class OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])

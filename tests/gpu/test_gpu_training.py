@@ -25,7 +25,7 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import OpNames
 
 from moe_peft_ds.backends.hf import find_moe_blocks
 from moe_peft_ds.mixlora import mixlora_layers, set_fast_path
@@ -201,20 +201,6 @@ def test_forward_host_syncs_per_layer():
     )
 
 
-class GroupedGemmDtypes(TorchDispatchMode):
-    """The operand dtypes of every grouped GEMM, and the names of all ops."""
-
-    def __init__(self):
-        super().__init__()
-        self.dtypes, self.names = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        if self.names[-1] == "_grouped_mm":
-            self.dtypes.append((args[0].dtype, args[1].dtype))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("build", [*SIEVE_FAMILIES, "mixlora", "mixdora"])
 def test_a_bf16_base_with_fp32_adapters_runs_every_grouped_gemm_in_bf16(build):
     """torch's GPU grouped GEMM has a kernel for bf16 x bf16 only; any other dtype loops over the
@@ -227,10 +213,10 @@ def test_a_bf16_base_with_fp32_adapters_runs_every_grouped_gemm_in_bf16(build):
     trainable = [p for p in low.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     batch = to(make_batch(3), CUDA)
-    with GroupedGemmDtypes() as seen:
+    with OpNames() as seen:
         got = run(low, batch)
-    assert len(seen.dtypes) >= 4, seen.dtypes  # the LoRA GEMMs of one layer's forward alone
-    assert all(d == (BF16, BF16) for d in seen.dtypes), seen.dtypes
+    assert len(seen.grouped_mm_dtypes) >= 4, seen.grouped_mm_dtypes  # the LoRA GEMMs of one layer's forward alone
+    assert all(d == (BF16, BF16) for d in seen.grouped_mm_dtypes), seen.grouped_mm_dtypes
     assert not [n for n in seen.names if "fallback" in n]
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
     assert_bf16_follows_fp32(got, run(ref, batch), f"{build}: bf16 base, fp32 adapters vs fp32", cosine=False)
